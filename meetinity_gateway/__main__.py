@@ -1,0 +1,3 @@
+from meetinity_gateway.cli import main
+
+raise SystemExit(main())

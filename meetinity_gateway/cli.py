@@ -1,0 +1,148 @@
+"""``meetinity-gateway serve | check | routes`` (also ``python -m meetinity_gateway``)."""
+from __future__ import annotations
+
+import argparse
+import configparser
+import logging
+import os
+import sys
+from pathlib import Path
+
+from meetinity_gateway import __version__
+from meetinity_gateway.config import ConfigError, as_positive_int, expand, load_env
+
+log = logging.getLogger("meetinity_gateway")
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_THREADS = 8
+
+
+def _server_settings(config: Path) -> dict[str, str]:
+    """``[server:main]`` values, expanded (only ``listen`` and ``threads`` are used)."""
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(config, encoding="utf-8")
+    except configparser.Error:
+        return {}  # load_pipeline reports the file's problems with more detail
+    if not parser.has_section("server:main"):
+        return {}
+    load_env({"here": str(config.parent)})
+    out = {}
+    for key in ("listen", "threads"):
+        if parser.has_option("server:main", key):
+            try:
+                out[key] = expand(parser.get("server:main", key), key=key)
+            except ConfigError as exc:
+                raise exc.locate(file=str(config), section="server:main")
+    return out
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _print_pipeline(pipeline) -> None:
+    print(f"config: {pipeline.file}")
+    print("pipeline (outermost first):")
+    for position, name in enumerate(pipeline.names, 1):
+        print(f"  {position}. {name}")
+    if pipeline.router is not None:
+        print("routes:")
+        for line in pipeline.router.describe():
+            print(f"  {line}")
+
+
+def _load(config: Path):
+    from meetinity_gateway.assembly import load_pipeline
+
+    return load_pipeline(config)
+
+
+def cmd_check(args) -> int:
+    pipeline = _load(args.config)
+    _print_pipeline(pipeline)
+    print("configuration OK")
+    return 0
+
+
+def cmd_routes(args) -> int:
+    pipeline = _load(args.config)
+    for line in pipeline.router.describe() if pipeline.router else []:
+        print(line)
+    return 0
+
+
+def create_server(app, *, listen: str = DEFAULT_LISTEN, threads: int = DEFAULT_THREADS, **kw):
+    """A waitress server for ``app`` with the settings the gateway needs."""
+    import waitress
+
+    return waitress.create_server(
+        app,
+        listen=listen,
+        threads=threads,
+        ident="meetinity-gateway",
+        # waitress would strip X-Forwarded-* from every peer it does not trust; the gateway
+        # applies its own TRUSTED_PROXIES rule, which needs to see them.
+        clear_untrusted_proxy_headers=False,
+        **kw,
+    )
+
+
+def cmd_serve(args) -> int:
+    settings = _server_settings(args.config)
+    if args.threads is not None:
+        # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
+        os.environ["GATEWAY_THREADS"] = str(args.threads)
+    threads = args.threads or as_positive_int(settings.get("threads") or str(DEFAULT_THREADS))
+    listen = args.listen or settings.get("listen") or DEFAULT_LISTEN
+    pipeline = _load(args.config)
+    log.info("meetinity-gateway %s: %s", __version__, " -> ".join(pipeline.names))
+    server = create_server(pipeline.app, listen=listen, threads=threads)
+    server.print_listen("Serving on http://{}:{}")
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl+C / Ctrl+Break on Windows: stop quietly
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meetinity-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", type=Path, default=Path(
+            os.environ.get("GATEWAY_CONFIG", "gateway.ini")), help="ini file (gateway.ini)")
+        command.set_defaults(func=func)
+        return command
+
+    serve = add("serve", cmd_serve, "serve the gateway with waitress")
+    serve.add_argument("--listen", help="HOST:PORT (default: [server:main] listen, "
+                                        f"else {DEFAULT_LISTEN})")
+    serve.add_argument("--threads", type=int, help="worker threads (default: [server:main] "
+                                                   f"threads, else {DEFAULT_THREADS})")
+    add("check", cmd_check, "validate the configuration, print pipeline and routes")
+    add("routes", cmd_routes, "print the route table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

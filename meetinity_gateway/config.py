@@ -1,0 +1,245 @@
+"""Configuration helpers shared by every ``filter_factory`` / ``app_factory``.
+
+The factories receive strings, whoever loaded the ini file (our :mod:`assembly` loader or
+PasteDeploy), and turn them into typed keyword arguments here:
+
+* :func:`load_env` reads the ``.env`` file beside the ini file once (a real environment
+  variable always wins over ``.env``);
+* :func:`expand` replaces ``${VAR}`` and ``${VAR:-default}`` from the environment;
+* :func:`cast_settings` casts every key through a table of ``name -> caster`` (as waitress'
+  ``Adjustments`` does) and rejects unknown keys.
+
+Every problem is a :class:`ConfigError` naming file, section, key and value, raised when the
+gateway starts, never at the first request.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import typing as t
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+__all__ = [
+    "ConfigError",
+    "as_bool",
+    "as_list",
+    "as_non_negative_int",
+    "as_positive_float",
+    "as_positive_int",
+    "as_size",
+    "as_str",
+    "cast_settings",
+    "expand",
+    "load_env",
+    "prepare",
+]
+
+Caster = t.Callable[[str], t.Any]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, located as precisely as the caller knows it.
+
+    A ``ValueError``, so a middleware used alone can raise it for a bad keyword argument
+    (naming the argument as ``key``) and the factory adds file and section.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        section: str | None = None,
+        key: str | None = None,
+        value: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.section = section
+        self.key = key
+        self.value = value
+
+    def locate(self, *, file: str | None = None, section: str | None = None) -> ConfigError:
+        """Fill in the file and section where the raiser did not know them."""
+        self.file = self.file or file
+        self.section = self.section or section
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.file:
+            where.append(str(self.file))
+        if self.section:
+            where.append(f"[{self.section}]")
+        if self.key:
+            where.append(self.key if self.value is None else f"{self.key} = {self.value!r}")
+        prefix = " ".join(where)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+# -- environment -------------------------------------------------------------------------
+
+_loaded_env_files: set[Path] = set()
+_env_lock = threading.Lock()
+
+
+def load_env(global_conf: t.Mapping[str, str] | None = None) -> None:
+    """Read the ``.env`` beside the ini file (``here`` in ``global_conf``), once per file.
+
+    ``override=False``: a variable already in the real environment is never replaced.
+    """
+    here = (global_conf or {}).get("here") or os.getcwd()
+    path = (Path(here) / ".env").resolve()
+    with _env_lock:
+        if path in _loaded_env_files:
+            return
+        _loaded_env_files.add(path)
+        if path.is_file():
+            load_dotenv(path, override=False)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def expand(value: str, key: str | None = None, environ: t.Mapping[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in ``value``.
+
+    ``${VAR:-default}`` uses the default when VAR is unset *or empty* (as the shell does);
+    ``${VAR}`` with VAR unset is a ConfigError: a required variable is missing.
+    """
+    env = os.environ if environ is None else environ
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        current = env.get(name)
+        if default is not None:
+            return current if current else default
+        if current is None:
+            raise ConfigError(
+                f"environment variable {name} is required but not set", key=key, value=value
+            )
+        return current
+
+    if "${" not in value:
+        return value
+    return _VAR.sub(substitute, value)
+
+
+# -- casters: each takes the expanded string, raises ValueError with a readable reason -----
+
+def as_str(value: str) -> str:
+    return value.strip()
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def as_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+def as_list(value: str) -> list[str]:
+    """Comma- or newline-separated items, blanks dropped."""
+    return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+
+
+def _as_int(value: str) -> int:
+    try:
+        return int(value.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def as_positive_int(value: str) -> int:
+    number = _as_int(value)
+    if number < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return number
+
+
+def as_non_negative_int(value: str) -> int:
+    number = _as_int(value)
+    if number < 0:
+        raise ValueError("expected a whole number of at least 0")
+    return number
+
+
+def as_positive_float(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError("expected a positive number")
+    return number
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def as_size(value: str) -> int:
+    """A byte count: ``1048576``, ``512k``, ``10MB``, ``1GiB`` (binary multiples)."""
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError("expected a size in bytes, e.g. 10485760, 512k, 10M or 1G")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _UNITS[unit]
+
+
+# -- tables -----------------------------------------------------------------------------
+
+def prepare(
+    local_conf: t.Mapping[str, str], global_conf: t.Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Load ``.env`` and expand every value of ``local_conf`` (the strings a factory gets)."""
+    load_env(global_conf)
+    file = (global_conf or {}).get("__file__")
+    expanded = {}
+    for key, value in local_conf.items():
+        try:
+            expanded[key] = expand(value, key=key)
+        except ConfigError as exc:
+            raise exc.locate(file=file) from None
+    return expanded
+
+
+def cast_settings(
+    local_conf: t.Mapping[str, str],
+    table: t.Mapping[str, Caster],
+    global_conf: t.Mapping[str, str] | None = None,
+    section: str | None = None,
+) -> dict[str, t.Any]:
+    """Expand and cast ``local_conf`` through ``table``; unknown keys are a ConfigError.
+
+    Returns keyword arguments named as the ini keys; keys left out keep the class defaults.
+    """
+    file = (global_conf or {}).get("__file__")
+    values = prepare(local_conf, global_conf)
+    kwargs: dict[str, t.Any] = {}
+    for key, value in values.items():
+        caster = table.get(key)
+        if caster is None:
+            known = ", ".join(sorted(table))
+            raise ConfigError(
+                f"unknown key (known keys: {known})",
+                file=file, section=section, key=key, value=value,
+            )
+        try:
+            kwargs[key] = caster(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                str(exc) or "bad value", file=file, section=section, key=key, value=value
+            ) from None
+    return kwargs

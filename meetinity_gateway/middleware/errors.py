@@ -1,0 +1,197 @@
+"""The error edge: request ids, path hygiene, and the JSON 500.
+
+The outermost layer of the gateway. For every request it
+
+1. keeps a sane client ``X-Request-ID`` (1–128 characters of ``A-Z a-z 0-9 . _ : = + / -``)
+   or generates one, puts it in the environ (``meetinity_gateway.request_id``, and as the
+   ``X-Request-ID`` request header, so the proxy sends it upstream) and on the response;
+2. rejects with 400, before any inner layer matches paths, a path that could escape its
+   route: dot-segments (``.``/``..``), encoded slashes or backslashes (``%2F``, ``%5C``) —
+   checked on the raw request URI and again after percent-decoding, so
+   ``/api/auth/../users/1`` and ``/api/auth/..%2Fusers%2F1`` never reach an upstream — as
+   well as backslashes, control characters and percent-escapes left after decoding (double
+   encoding);
+3. turns any exception raised by the inner app into the standard JSON 500, logged with the
+   request id; the client never sees a traceback. If the response had already started, the
+   error is logged and re-raised so the server drops the connection: a truncated body must
+   not look complete.
+
+Use alone around any WSGI app::
+
+    from meetinity_gateway.middleware.errors import ErrorMiddleware
+    app = ErrorMiddleware(app)
+
+:param app: the WSGI application to wrap.
+:param request_id_header: the header carrying the request id (``X-Request-ID``).
+:param check_paths: reject unsafe paths (default ``True``). Only turn this off if an outer
+    layer already does the same.
+
+In gateway.ini::
+
+    [filter:errors]
+    use = egg:meetinity_gateway#errors
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import typing as t
+import uuid
+from urllib.parse import unquote
+
+from meetinity_gateway.config import as_bool, as_str, cast_settings
+from meetinity_gateway.problems import REQUEST_ID_KEY, error_response
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ErrorMiddleware", "filter_factory", "unsafe_path_reason"]
+
+log = logging.getLogger("meetinity_gateway.errors")
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+# In the raw URI: an encoded "/", "\" or "." would become a separator or a dot-segment for
+# some layer that decodes once more.
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+def unsafe_path_reason(path_info: str, raw_uri: str | None = None) -> str | None:
+    """Why this path must be refused, or ``None`` when it is safe to route.
+
+    ``path_info`` is the decoded WSGI ``PATH_INFO``; ``raw_uri`` the request target as sent
+    (``REQUEST_URI``/``RAW_URI``) when the server provides it.
+    """
+    if raw_uri is not None:
+        raw_path = raw_uri.split("?", 1)[0]
+        if _ENCODED_SEPARATOR.search(raw_path):
+            return "encoded slash in path"
+        if _has_dot_segment(raw_path) or _has_dot_segment(unquote(raw_path)):
+            return "dot-segment in path"
+    if _has_dot_segment(path_info):
+        return "dot-segment in path"
+    if "\\" in path_info:
+        return "backslash in path"
+    if _CONTROL.search(path_info):
+        return "control character in path"
+    if "%" in path_info and unquote(path_info) != path_info:
+        # Still percent-encoded after the server decoded it once: double encoding, which an
+        # upstream decoding again would read as something else.
+        return "double-encoded path"
+    return None
+
+
+class _GuardedBody:
+    """The inner body iterable; an exception before the first byte still becomes the JSON 500.
+
+    After the first byte has gone out the status cannot change any more: the error is logged
+    and re-raised, so the server aborts the connection instead of ending the body cleanly.
+    """
+
+    __slots__ = ("_inner", "_edge", "_environ", "_start_response")
+
+    def __init__(self, inner, edge, environ, start_response) -> None:
+        self._inner = inner
+        self._edge = edge
+        self._environ = environ
+        self._start_response = start_response
+
+    def __iter__(self):
+        body_started = False
+        try:
+            for chunk in self._inner:
+                if chunk:
+                    body_started = True
+                yield chunk
+        except Exception:
+            if body_started:
+                self._edge.log_exception(self._environ, "error while streaming the response")
+                raise
+            self._edge.log_exception(self._environ, "unhandled error")
+            yield from error_response(
+                self._environ, self._start_response, 500, "internal error",
+                exc_info=sys.exc_info(),
+            )
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                self._edge.log_exception(self._environ, "error while closing the response")
+
+
+class ErrorMiddleware:
+    """Request ids, path hygiene and the JSON 500 (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        request_id_header: str = "X-Request-ID",
+        check_paths: bool = True,
+    ) -> None:
+        self.app = app
+        self.request_id_header = request_id_header
+        self._environ_key = "HTTP_" + request_id_header.upper().replace("-", "_")
+        self.check_paths = check_paths
+
+    def log_exception(self, environ: WSGIEnvironment, what: str) -> None:
+        log.exception(
+            "%s (request_id=%s, %s %s)",
+            what,
+            environ.get(REQUEST_ID_KEY),
+            environ.get("REQUEST_METHOD"),
+            environ.get("PATH_INFO"),
+            extra={"request_id": environ.get(REQUEST_ID_KEY)},
+        )
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
+        request_id = environ.get(self._environ_key)
+        if not request_id or not _SANE_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        environ[self._environ_key] = request_id
+        environ[REQUEST_ID_KEY] = request_id
+        id_header = (self.request_id_header, request_id)
+        header_name = self.request_id_header.lower()
+
+        def start_with_id(status, headers, exc_info=None):
+            headers = [h for h in headers if h[0].lower() != header_name]
+            headers.append(id_header)
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
+
+        if self.check_paths:
+            raw_uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+            reason = unsafe_path_reason(environ.get("PATH_INFO", ""), raw_uri)
+            if reason is not None:
+                return error_response(environ, start_with_id, 400, reason)
+
+        try:
+            inner = self.app(environ, start_with_id)
+        except Exception:
+            self.log_exception(environ, "unhandled error")
+            return error_response(
+                environ, start_with_id, 500, "internal error", exc_info=sys.exc_info()
+            )
+        return _GuardedBody(inner, self, environ, start_with_id)
+
+
+_PARAMS = {"request_id_header": as_str, "check_paths": as_bool}
+
+
+def filter_factory(global_conf, **local_conf):
+    """``paste.filter_factory`` for ``egg:meetinity_gateway#errors``."""
+    kwargs = cast_settings(local_conf, _PARAMS, global_conf)
+
+    def make_filter(app):
+        return ErrorMiddleware(app, **kwargs)
+
+    return make_filter

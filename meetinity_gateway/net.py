@@ -1,0 +1,53 @@
+"""Who is the client? The one place that reads ``X-Forwarded-For``.
+
+A client can put anything in ``X-Forwarded-For``; only the entries appended by proxies we
+run are trustworthy. With ``trusted_hops=N`` the gateway trusts the last N proxies in front
+of it: the client is the address N hops back from the peer address (``REMOTE_ADDR``).
+``trusted_hops=0`` (the default everywhere) ignores the header completely.
+"""
+from __future__ import annotations
+
+import typing as t
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import WSGIEnvironment
+
+__all__ = ["client_address", "forwarded_chain", "trusted_chain", "trusted_value"]
+
+
+def _split(header: str | None) -> list[str]:
+    if not header:
+        return []
+    return [item.strip() for item in header.split(",") if item.strip()]
+
+
+def forwarded_chain(environ: WSGIEnvironment) -> list[str]:
+    """Every address the request claims to have passed, client first, peer last."""
+    return _split(environ.get("HTTP_X_FORWARDED_FOR")) + [environ.get("REMOTE_ADDR") or ""]
+
+
+def trusted_chain(environ: WSGIEnvironment, trusted_hops: int = 0) -> list[str]:
+    """The part of the chain vouched for by us and our ``trusted_hops`` proxies.
+
+    Its first item is the client address; it is what the gateway forwards upstream as
+    ``X-Forwarded-For``.
+    """
+    chain = forwarded_chain(environ)
+    return chain[-(trusted_hops + 1):]
+
+
+def client_address(environ: WSGIEnvironment, trusted_hops: int = 0) -> str:
+    """The client's address as far as it can be trusted."""
+    if not trusted_hops:
+        return environ.get("REMOTE_ADDR") or ""
+    return trusted_chain(environ, trusted_hops)[0]
+
+
+def trusted_value(header: str | None, trusted_hops: int) -> str | None:
+    """For ``X-Forwarded-Proto``/``-Host``: the value set by the outermost trusted proxy."""
+    if not trusted_hops:
+        return None
+    values = _split(header)
+    if not values:
+        return None
+    return values[-trusted_hops] if len(values) >= trusted_hops else values[0]

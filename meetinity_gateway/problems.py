@@ -1,0 +1,128 @@
+"""The one JSON error shape of every response the gateway itself makes.
+
+Upstream answers pass through untouched; everything the gateway says on its own (401, 404,
+413, 429, 502, 504, the 500 of the error edge) looks the same as the platform's services::
+
+    {"error": {"code": 401, "message": "invalid token", "request_id": "…"}}
+
+Any layer can answer with :func:`error_response` (a WSGI call) or raise a
+:class:`GatewayError` subclass, which is itself a tiny WSGI app rendering that shape.
+"""
+from __future__ import annotations
+
+import json
+import typing as t
+from http import HTTPStatus
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+#: environ key under which the error edge stores the request id.
+REQUEST_ID_KEY = "meetinity_gateway.request_id"
+
+Headers = t.Iterable[t.Tuple[str, str]]
+
+
+def request_id_of(environ: WSGIEnvironment) -> str | None:
+    """The request id set by the error edge, else the client's header, else ``None``."""
+    return environ.get(REQUEST_ID_KEY) or environ.get("HTTP_X_REQUEST_ID") or None
+
+
+def status_line(code: int) -> str:
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Error"
+
+
+def error_body(code: int, message: str, request_id: str | None = None) -> bytes:
+    """The JSON body of a gateway-made error."""
+    return json.dumps(
+        {"error": {"code": code, "message": message, "request_id": request_id}},
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def error_response(
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    code: int,
+    message: str,
+    headers: Headers = (),
+    exc_info: t.Any = None,
+) -> list[bytes]:
+    """Answer ``code`` with the standard JSON body; returns the WSGI body iterable.
+
+    ``headers`` are extra response headers (``WWW-Authenticate``, ``Retry-After``, ``Allow``).
+    Pass ``exc_info`` when replacing a response whose ``start_response`` was already called.
+    """
+    payload = error_body(code, message, request_id_of(environ))
+    response_headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(payload))),
+        ("Cache-Control", "no-store"),
+        *headers,
+    ]
+    if exc_info is not None:
+        start_response(status_line(code), response_headers, exc_info)
+    else:
+        start_response(status_line(code), response_headers)
+    # A HEAD answer keeps the Content-Length of the GET answer but carries no body.
+    return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else payload]
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself; a WSGI app that renders the JSON shape.
+
+    Subclasses fix ``code`` and a default ``message``; ``headers`` adds response headers.
+    """
+
+    code = 500
+    message = "internal error"
+
+    def __init__(self, message: str | None = None, headers: Headers = ()) -> None:
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+        self.headers = list(headers)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        return error_response(environ, start_response, self.code, self.message, self.headers)
+
+
+class BadRequest(GatewayError):
+    code = 400
+    message = "bad request"
+
+
+class NotFound(GatewayError):
+    code = 404
+    message = "not found"
+
+
+class MethodNotAllowed(GatewayError):
+    code = 405
+    message = "method not allowed"
+
+    def __init__(self, allowed: t.Iterable[str], message: str | None = None) -> None:
+        super().__init__(message, headers=[("Allow", ", ".join(sorted(allowed)))])
+
+
+class PayloadTooLarge(GatewayError):
+    code = 413
+    message = "request body too large"
+
+
+class BadGateway(GatewayError):
+    code = 502
+    message = "upstream unavailable"
+
+
+class ServiceUnavailable(GatewayError):
+    code = 503
+    message = "service unavailable"
+
+
+class GatewayTimeout(GatewayError):
+    code = 504
+    message = "upstream timed out"

@@ -1,0 +1,121 @@
+"""Header rules of an HTTP proxy (RFC 9110 §7.6): hop-by-hop removal, X-Forwarded-*, Via."""
+from __future__ import annotations
+
+import typing as t
+
+from meetinity_gateway.net import trusted_chain, trusted_value
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import WSGIEnvironment
+
+__all__ = [
+    "HOP_BY_HOP",
+    "VIA",
+    "request_headers",
+    "response_headers",
+]
+
+#: Headers that describe one connection, never the message: removed in both directions,
+#: together with every header named in ``Connection``. (WSGI servers refuse an application
+#: response carrying them: the old gateway answered 500 to every proxied request for this.)
+HOP_BY_HOP = frozenset({
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+})
+
+#: Request headers the gateway sets itself (or must not forward): the client's copies go.
+#: ``Host`` is the upstream's; ``Expect`` was already answered by the WSGI server, which has
+#: read the body; ``Forwarded`` is replaced by the X-Forwarded-* family.
+_REQUEST_OWN = frozenset({
+    "host",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "content-length",
+})
+
+#: The gateway owns CORS: whatever an upstream says about it is dropped.
+_CORS_PREFIX = "access-control-"
+
+VIA = "1.1 meetinity-gateway"
+
+
+def _connection_named(value: str | None) -> set[str]:
+    if not value:
+        return set()
+    return {token.strip().lower() for token in value.split(",") if token.strip()}
+
+
+def _header_name(environ_key: str) -> str:
+    return environ_key[5:].replace("_", "-").title()
+
+
+def request_headers(
+    environ: WSGIEnvironment,
+    trusted_hops: int = 0,
+    drop: t.Container[str] = (),
+) -> dict[str, str]:
+    """The headers to send upstream for this WSGI request.
+
+    ``drop`` holds extra lower-case header names to leave out.
+    """
+    named = _connection_named(environ.get("HTTP_CONNECTION"))
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        name = _header_name(key)
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in _REQUEST_OWN or lowered in named:
+            continue
+        if lowered in drop:
+            continue
+        headers[name] = value
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        headers["Content-Type"] = content_type
+
+    chain = trusted_chain(environ, trusted_hops)
+    headers["X-Forwarded-For"] = ", ".join(address for address in chain if address)
+    headers["X-Forwarded-Proto"] = (
+        trusted_value(environ.get("HTTP_X_FORWARDED_PROTO"), trusted_hops)
+        or environ.get("wsgi.url_scheme", "http")
+    )
+    host = trusted_value(environ.get("HTTP_X_FORWARDED_HOST"), trusted_hops) or environ.get(
+        "HTTP_HOST"
+    )
+    if host:
+        headers["X-Forwarded-Host"] = host
+    via = environ.get("HTTP_VIA")
+    headers["Via"] = f"{via}, {VIA}" if via else VIA
+    return headers
+
+
+def response_headers(items: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Filter an upstream's response headers (order and duplicates kept) for the client."""
+    items = list(items)
+    named: set[str] = set()
+    for name, value in items:
+        if name.lower() == "connection":
+            named |= _connection_named(value)
+    out = []
+    via = None
+    for name, value in items:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in named or lowered.startswith(_CORS_PREFIX):
+            continue
+        if lowered == "via":
+            via = value if via is None else f"{via}, {value}"
+            continue
+        out.append((name, value))
+    out.append(("Via", f"{via}, {VIA}" if via else VIA))
+    return out
