@@ -219,7 +219,10 @@ class ProxyApp:
                     f"request body of {size} bytes is over the limit of {self.max_body_size}"
                 )
             return _RequestBody(stream, size, self.chunk_size) if size else None
-        if environ.get("wsgi.input_terminated") and stream is not None:
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked and environ.get("wsgi.input_terminated") and stream is not None:
+            # A server streaming a chunked upload to us (waitress de-chunks and sets
+            # CONTENT_LENGTH instead): stream it on, chunked.
             return _UnsizedBody(stream, self.max_body_size, self.chunk_size)
         return None
 

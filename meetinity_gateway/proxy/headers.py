@@ -107,15 +107,14 @@ def response_headers(items: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]
     for name, value in items:
         if name.lower() == "connection":
             named |= _connection_named(value)
-    out = []
-    via = None
-    for name, value in items:
-        lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in named or lowered.startswith(_CORS_PREFIX):
-            continue
-        if lowered == "via":
-            via = value if via is None else f"{via}, {value}"
-            continue
-        out.append((name, value))
-    out.append(("Via", f"{via}, {VIA}" if via else VIA))
-    return out
+    # No Via of ours on the way back: waitress adds "Via: <ident>" itself whenever the
+    # upstream's Server header is kept, and a second one would only repeat it.
+    return [
+        (name, value)
+        for name, value in items
+        if not (
+            (lowered := name.lower()) in HOP_BY_HOP
+            or lowered in named
+            or lowered.startswith(_CORS_PREFIX)
+        )
+    ]

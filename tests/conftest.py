@@ -1,0 +1,61 @@
+"""Shared fixtures: a real loopback upstream and the shipped gateway under a real waitress."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.servers import shipped_gateway
+from tests.upstream import Upstream
+
+#: Set by .ci/run: a test that would skip for a missing system tool fails instead.
+STRICT = os.environ.get("MEETINITY_STRICT_SKIPS", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, why: str) -> str:
+    """The tool's path; skips (fails under MEETINITY_STRICT_SKIPS=1) when it is missing."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed ({why}); .ci/run installs it"
+    if STRICT:
+        pytest.fail(message + " — MEETINITY_STRICT_SKIPS=1 forbids skipping", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _clean_gateway_env(monkeypatch):
+    """Tests start from the shipped defaults, whatever the developer's shell exports."""
+    for key in list(os.environ):
+        if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
+                           "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE", "USER_SERVICE_URL",
+                           "EVENT_SERVICE_URL", "HEALTH_TIMEOUT")):
+            monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as server:
+        yield server
+
+
+@pytest.fixture
+def gateway_factory(monkeypatch, upstream):
+    """Start the shipped gateway.ini under waitress with extra environment variables."""
+    servers = []
+
+    def start(**env):
+        env.setdefault("USER_SERVICE_URL", upstream.url)
+        server = shipped_gateway(monkeypatch, env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory):
+    return gateway_factory()

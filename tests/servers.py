@@ -1,0 +1,143 @@
+"""Real servers for end-to-end tests: the gateway under waitress, in a thread or a process."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from meetinity_gateway.assembly import load_pipeline
+from meetinity_gateway.cli import create_server
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_INI = ROOT / "gateway.ini"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0, process=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class WaitressServer:
+    """A WSGI app served by a real waitress in a background thread, on a free loopback port."""
+
+    def __init__(self, app, threads: int = 4, host: str = "127.0.0.1", **adjustments) -> None:
+        self._server = create_server(app, listen=f"{host}:0", threads=threads, **adjustments)
+        self.port = self._server.effective_port
+        self.url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stopping = False
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except OSError:
+            if not self._stopping:
+                raise
+
+    def stop(self) -> None:
+        self._stopping = True
+        # Close every channel, then the dispatcher: run() returns once its map is empty.
+        while self._server._map:
+            for channel in list(self._server._map.values()):
+                channel.handle_close()
+        self._server.task_dispatcher.shutdown()
+        self._thread.join(5)
+
+    def __enter__(self) -> "WaitressServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def write_ini(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def shipped_gateway(monkeypatch, env: dict[str, str], threads: int = 4) -> WaitressServer:
+    """The shipped gateway.ini, with ``env`` set, under waitress in this process."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return WaitressServer(load_pipeline(SHIPPED_INI).app, threads=threads)
+
+
+class GatewayProcess:
+    """``python -m meetinity_gateway serve`` in a child process (for memory and multi-process
+    tests). Environment: this process's, plus ``env``."""
+
+    def __init__(self, config: Path = SHIPPED_INI, env: dict[str, str] | None = None,
+                 threads: int = 4) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        child_env = dict(os.environ)
+        child_env.update(env or {})
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "meetinity_gateway", "serve", "--config", str(config),
+             "--listen", f"127.0.0.1:{self.port}", "--threads", str(threads)],
+            env=child_env, cwd=str(ROOT),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout=15, process=self.process)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"gateway did not start: {self.stderr()}") from None
+
+    def stderr(self) -> str:
+        if self.process.poll() is None:
+            return ""
+        return (self.process.stderr.read() or b"").decode(errors="replace")
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """Resident memory of the process from /proc (Linux)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def __enter__(self) -> "GatewayProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def session() -> requests.Session:
+    """A client session that ignores proxy variables (tests talk to loopback only)."""
+    client = requests.Session()
+    client.trust_env = False
+    return client
