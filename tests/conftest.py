@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.servers import shipped_gateway
+from tests.servers import TEST_JWT_SECRET, shipped_gateway
 from tests.upstream import Upstream
 
 #: Set by .ci/run: a test that would skip for a missing system tool fails instead.
@@ -46,7 +46,11 @@ def gateway_factory(monkeypatch, upstream):
     servers = []
 
     def start(**env):
+        """Shipped gateway.ini with ``env``; defaults: this test's upstream, the test JWT
+        secret, and an auth rate limit high enough never to trigger by accident."""
         env.setdefault("USER_SERVICE_URL", upstream.url)
+        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
+        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
         server = shipped_gateway(monkeypatch, env)
         servers.append(server)
         return server

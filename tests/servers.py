@@ -141,3 +141,23 @@ def session() -> requests.Session:
     client = requests.Session()
     client.trust_env = False
     return client
+
+
+#: The HS256 secret every test gateway is started with (tests only, never a real secret).
+TEST_JWT_SECRET = "test-only-secret-0123456789abcdef0123456789abcdef"
+
+
+def make_token(secret: str = TEST_JWT_SECRET, lifetime: int = 300, **claims) -> str:
+    """An HS256 token shaped like the user service's (integer ``sub``, email, provider)."""
+    import jwt
+
+    now = int(time.time())
+    payload = {"sub": 42, "email": "ada@example.com", "provider": "google",
+               "iat": now, "exp": now + lifetime}
+    payload.update(claims)
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def auth_headers(**claims) -> dict[str, str]:
+    """``Authorization: Bearer <valid token>`` for protected routes."""
+    return {"Authorization": "Bearer " + make_token(**claims)}
