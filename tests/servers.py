@@ -1,6 +1,7 @@
 """Real servers for end-to-end tests: the gateway under waitress, in a thread or a process."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -57,6 +58,8 @@ class WaitressServer:
 
     def stop(self) -> None:
         self._stopping = True
+        # Closing live channels from this thread makes waitress log "unhandled close event".
+        logging.getLogger("waitress").setLevel(logging.ERROR)
         # Close every channel, then the dispatcher: run() returns once its map is empty.
         while self._server._map:
             for channel in list(self._server._map.values()):
