@@ -55,6 +55,16 @@ class Pipeline:
     router: Router | None
     file: str
 
+    @property
+    def max_body_size(self) -> int | None:
+        """The largest request body any proxy endpoint accepts (None: no proxy endpoint)."""
+        sizes = [
+            endpoint.max_body_size
+            for endpoint in (self.router.endpoints.values() if self.router else ())
+            if isinstance(endpoint, ProxyApp)
+        ]
+        return max(sizes) if sizes else None
+
 
 # -- the app factory ------------------------------------------------------------------------
 

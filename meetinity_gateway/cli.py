@@ -76,10 +76,25 @@ def cmd_routes(args) -> int:
     return 0
 
 
-def create_server(app, *, listen: str = DEFAULT_LISTEN, threads: int = DEFAULT_THREADS, **kw):
-    """A waitress server for ``app`` with the settings the gateway needs."""
+def create_server(
+    app,
+    *,
+    listen: str = DEFAULT_LISTEN,
+    threads: int = DEFAULT_THREADS,
+    max_body_size: int | None = None,
+    **kw,
+):
+    """A waitress server for ``app`` with the settings the gateway needs.
+
+    waitress reads (and spools to disk) a whole request body before the app sees it. Its own
+    cap is set to twice the gateway's ``max_body_size``: a body somewhat over the limit still
+    reaches the proxy and gets the JSON 413, an absurd one is refused by waitress (plain-text
+    413) before it fills the disk.
+    """
     import waitress
 
+    if max_body_size is not None:
+        kw.setdefault("max_request_body_size", 2 * max_body_size + 1)
     return waitress.create_server(
         app,
         listen=listen,
@@ -101,7 +116,9 @@ def cmd_serve(args) -> int:
     listen = args.listen or settings.get("listen") or DEFAULT_LISTEN
     pipeline = _load(args.config)
     log.info("meetinity-gateway %s: %s", __version__, " -> ".join(pipeline.names))
-    server = create_server(pipeline.app, listen=listen, threads=threads)
+    server = create_server(
+        pipeline.app, listen=listen, threads=threads, max_body_size=pipeline.max_body_size
+    )
     server.print_listen("Serving on http://{}:{}")
     try:
         server.run()

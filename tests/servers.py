@@ -83,7 +83,8 @@ def shipped_gateway(monkeypatch, env: dict[str, str], threads: int = 4) -> Waitr
     """The shipped gateway.ini, with ``env`` set, under waitress in this process."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return WaitressServer(load_pipeline(SHIPPED_INI).app, threads=threads)
+    pipeline = load_pipeline(SHIPPED_INI)
+    return WaitressServer(pipeline.app, threads=threads, max_body_size=pipeline.max_body_size)
 
 
 class GatewayProcess:
