@@ -122,17 +122,17 @@ class Router:
     def __init__(self, routes: t.Sequence[Route], endpoints: t.Mapping[str, WSGIApplication]):
         self.routes = list(routes)
         self.endpoints = dict(endpoints)
-        seen: dict[tuple[str, bool], str] = {}
+        seen: dict[str, str] = {}
         rules = []
         for route in self.routes:
             if route.target not in self.endpoints:
                 raise ValueError(f"route {route.name}: unknown target {route.target!r}")
-            if (route.path, route.prefix) in seen:
+            # A prefix route covers its own path too: the same path twice is ambiguous.
+            if route.path in seen:
                 raise ValueError(
-                    f"route {route.name}: {route.path} already routed by "
-                    f"{seen[(route.path, route.prefix)]}"
+                    f"route {route.name}: {route.path} already routed by {seen[route.path]}"
                 )
-            seen[(route.path, route.prefix)] = route.name
+            seen[route.path] = route.name
             methods = sorted(route.methods) if route.methods else None
             rules.append(Rule(route.path, endpoint=route, methods=methods))
             if route.prefix:

@@ -160,8 +160,10 @@ class ErrorMiddleware:
         environ[REQUEST_ID_KEY] = request_id
         id_header = (self.request_id_header, request_id)
         header_name = self.request_id_header.lower()
+        started = []
 
         def start_with_id(status, headers, exc_info=None):
+            started.append(True)
             headers = [h for h in headers if h[0].lower() != header_name]
             headers.append(id_header)
             if exc_info is not None:
@@ -179,7 +181,10 @@ class ErrorMiddleware:
         except Exception:
             self.log_exception(environ, "unhandled error")
             return error_response(
-                environ, start_with_id, 500, "internal error", exc_info=sys.exc_info()
+                environ, start_with_id, 500, "internal error",
+                # exc_info only to replace a started response: some servers re-raise it
+                # whenever it is given.
+                exc_info=sys.exc_info() if started else None,
             )
         return _GuardedBody(inner, self, environ, start_with_id)
 
