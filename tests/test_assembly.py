@@ -113,13 +113,13 @@ APP = "[app:gateway]\nuse = egg:meetinity_gateway#main\nroute.x = /x -> @live\n"
     ("[pipeline:main]\npipeline =\n", "empty pipeline"),
     ("[other]\nx = 1\n", "no [pipeline:main] or [app:main]"),
     ("[pipeline:main]\npipeline = x gateway\n[filter:x]\nuse = egg:no_such_dist#x\n"
-     APP, "'no_such_dist' is not installed"),
+     + APP, "'no_such_dist' is not installed"),
     ("[pipeline:main]\npipeline = x gateway\n[filter:x]\nuse = egg:meetinity_gateway#nope\n"
-     APP, "no paste.filter_factory entry point"),
+     + APP, "no paste.filter_factory entry point"),
     ("[pipeline:main]\npipeline = x gateway\n[filter:x]\nuse = somewhere\n"
-     APP, "expected egg:DIST#NAME"),
+     + APP, "expected egg:DIST#NAME"),
     ("[pipeline:main]\npipeline = x gateway\n[filter:x]\nuse = call:no.such:thing\n"
-     APP, "cannot import call:no.such:thing"),
+     + APP, "cannot import call:no.such:thing"),
     ("[pipeline:main]\npipeline = gateway\n[app:gateway]\nroute.x = /x -> @live\n",
      "missing 'use"),
     ("not an ini file", "not a valid ini file"),
