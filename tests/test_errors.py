@@ -101,6 +101,7 @@ def test_head_error_has_no_body():
     response = Client(LintMiddleware(ErrorMiddleware(boom_app))).head("/x")
     assert response.status_code == 500
     assert response.data == b""
+    response.close()
 
 
 @pytest.mark.parametrize("path, raw, reason", [

@@ -48,6 +48,7 @@ def test_live_is_always_200():
     assert app.get("/health/live").json == {"status": "ok", "service": "api-gateway"}
     head = Client(LintMiddleware(LiveApp())).head("/health/live")
     assert head.status_code == 200 and head.data == b""
+    head.close()
 
 
 def test_through_the_gateway(gateway_factory, upstream):
