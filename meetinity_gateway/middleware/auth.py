@@ -249,15 +249,16 @@ class JwksKeys:
         """
         now = self.clock()
         key = self._keys.get(kid)
-        if key is not None and not self._stale(now):
+        if key is not None and (not self._stale(now) or not self._due(now)):
             return key
-        if self._due(now):
-            with self._lock:
-                # Re-check under the lock: the thread we waited for may have just fetched.
-                now = self.clock()
-                if self._due(now) and (kid not in self._keys or self._stale(now)):
-                    self._fetch()
-                key = self._keys.get(kid)
+        # Unknown, or stale with a refresh due: through the lock, so that a request arriving
+        # while a fetch is in flight waits for its result instead of giving up.
+        with self._lock:
+            # Re-check under the lock: the thread we waited for may have just fetched.
+            now = self.clock()
+            if self._due(now) and (kid not in self._keys or self._stale(now)):
+                self._fetch()
+            key = self._keys.get(kid)
         if key is not None:
             return key
         if self._failed:
