@@ -256,7 +256,8 @@ def test_missing_required_claims():
     assert_401(client().get("/api/users", headers=bearer(no_sub), status=401),
                "token has no sub claim")
     # exp can be made optional.
-    assert client(require=["sub"]).get("/api/users", headers=bearer(no_exp)).status_int == 200
+    lenient = client(required_claims=["sub"])
+    assert lenient.get("/api/users", headers=bearer(no_exp)).status_int == 200
 
 
 @pytest.mark.parametrize("sub", [4.2, True, [42], {"id": 42}, "", "42\r\nX-Admin: 1"])
@@ -454,7 +455,7 @@ def test_short_secret_is_logged_never_printed(caplog):
 def test_filter_factory_casts_and_builds():
     make = filter_factory({"__file__": "gateway.ini"}, prefixes="/api/users, /api/profile",
                           secret=SECRET, algorithms="HS256", jwks_url="", issuer="",
-                          audience="a, b", leeway="5", require="exp, sub",
+                          audience="a, b", leeway="5", required_claims="exp, sub",
                           identity_headers="sub=X-User-ID, email=X-User-Email",
                           forward_authorization="no", realm="meetinity")
     middleware = make(echo_app)
@@ -759,3 +760,31 @@ def test_e2e_garbage_header_is_a_clean_401(gateway_factory, upstream):
         # The server is still fine afterwards.
         assert http.get(gateway.url + "/api/users", headers=auth_headers()).status_code == 200
     assert len(upstream.requests) == 1
+
+
+def test_shipped_ini_variables_reach_the_middleware(monkeypatch, upstream):
+    monkeypatch.setenv("USER_SERVICE_URL", upstream.url)
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("JWT_LEEWAY", "0")
+    monkeypatch.setenv("JWT_REQUIRED_CLAIMS", "sub")
+    monkeypatch.setenv("JWT_FORWARD_AUTHORIZATION", "false")
+    app = webtest.TestApp(load_pipeline(SHIPPED_INI).app)
+    just_expired = make_token(exp=int(time.time()) - 5)
+    response = app.get("/api/users/1", headers=bearer(just_expired), status=401)
+    assert response.json["error"]["message"] == "token expired"
+    no_exp = jwt.encode({"sub": 42}, SECRET, algorithm="HS256")
+    response = app.get("/api/users/1", headers=bearer(no_exp))
+    headers = {name.lower(): value for name, value in response.json["headers"]}
+    assert headers["x-user-id"] == "42"
+    assert "authorization" not in headers
+
+
+def test_shipped_ini_loads_with_pastedeploy(monkeypatch):
+    """``gunicorn --paste gateway.ini`` reads the same file (no PasteDeploy-reserved keys)."""
+    from paste.deploy import loadapp
+
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    app = webtest.TestApp(loadapp(f"config:{SHIPPED_INI}"))
+    response = app.get("/api/profile", status=401)
+    assert response.json["error"]["message"] == "missing bearer token"
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="meetinity"'

@@ -10,7 +10,7 @@ On the protected path prefixes, every request must carry ``Authorization: Bearer
   their ``kid`` in the key set at ``jwks_url``. The two never mix: the secret is never used
   for an asymmetric algorithm, a JWKS key never as an HMAC secret (so an HS256 token "signed"
   with the RSA public key is rejected), and a PEM/SSH key as ``secret`` is a ConfigError;
-* **claims**: the ``require``\\ d claims (``exp`` and ``sub`` by default) must be present;
+* **claims**: the ``required_claims`` (``exp`` and ``sub`` by default) must be present;
   ``exp``, ``nbf`` and ``iat`` are checked with ``leeway`` seconds of clock skew; ``iss`` and
   ``aud`` exactly when ``issuer`` / ``audience`` are set. A token carrying an ``aud`` while no
   audience is configured is refused: it was minted for some other service. ``sub`` may be a
@@ -64,7 +64,7 @@ Use alone around any WSGI app::
 :param audience: the accepted ``aud`` values (a string or a list; the token must name one),
     or ``None``: then a token carrying ``aud`` is refused.
 :param leeway: seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat`` (default 30).
-:param require: claims that must be present (default ``["exp", "sub"]``).
+:param required_claims: claims that must be present (default ``["exp", "sub"]``).
 :param identity_headers: claim → request header for the upstream (default ``{"sub":
     "X-User-ID", "email": "X-User-Email"}``).
 :param forward_authorization: keep the ``Authorization`` header for the upstream (default
@@ -297,7 +297,7 @@ class AuthMiddleware:
         issuer: str | None = None,
         audience: str | t.Iterable[str] | None = None,
         leeway: float = 30.0,
-        require: t.Iterable[str] = ("exp", "sub"),
+        required_claims: t.Iterable[str] = ("exp", "sub"),
         identity_headers: t.Mapping[str, str] | None = None,
         forward_authorization: bool = True,
         realm: str = "meetinity",
@@ -366,9 +366,9 @@ class AuthMiddleware:
         if isinstance(audience, str):
             audience = [audience]
         self.audience = [a for a in (audience or ()) if a] or None
-        self.require = [claim for claim in require if claim]
+        self.required_claims = [claim for claim in required_claims if claim]
         self._options = {
-            "require": self.require,
+            "require": self.required_claims,
             "verify_iss": self.issuer is not None,
             "verify_aud": True,  # with no audience configured, a token with aud is refused
             # We check sub ourselves: an integer sub is fine here (PyJWT ≥ 2.10 says no).
@@ -582,7 +582,8 @@ _PARAMS = {
     "issuer": _optional_str,
     "audience": _optional_list,
     "leeway": _seconds,
-    "require": as_list,
+    # Not "require": PasteDeploy reads that key as a distribution to install.
+    "required_claims": as_list,
     "identity_headers": _claim_headers,
     "forward_authorization": as_bool,
     "realm": as_str,
