@@ -286,6 +286,9 @@ LONG = "A" * (64 * 1024)
     ("Bearer " + b64(b'{"alg":"HS256"}') + "." + b64(b"[42]") + ".x", "malformed token",
      True),
     ("Bearer " + b64(b'{"alg":123}') + "." + b64(b"{}") + ".", "algorithm not allowed", True),
+    ("Bearer " + b64(b"[" * 11000) + "." + b64(b"{}") + ".", "malformed token", True),
+    ("Bearer " + hs256_by_hand({"alg": "HS256"}, {"sub": 1, "exp": 1e400}, SECRET.encode()),
+     "bad exp claim", True),
     ("Bearer " + LONG, "authorization header too long", True),
     ("Bearer " + LONG[:16000], "malformed token", True),
     ("\u00e9\u00e8 Bearer", "authorization scheme must be Bearer", False),
@@ -295,6 +298,13 @@ def test_garbage_authorization_headers(value, message, token_given):
     assert_401(response, message, token_given)
     if len(value) > 20:
         assert value.split()[-1] not in response.text
+
+
+def test_huge_integer_sub_is_a_clean_401():
+    signing_input = b64(b'{"alg":"HS256"}') + "." + b64(b'{"sub":' + b"9" * 5000 + b"}")
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    token = signing_input + "." + b64(signature)
+    assert_401(client().get("/api/users", headers=bearer(token), status=401), "malformed token")
 
 
 def test_header_length_limit_is_checked_before_decoding():

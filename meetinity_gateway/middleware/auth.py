@@ -88,6 +88,7 @@ least 32 bytes long (a shorter one is logged as a warning at start). Fetch keys 
 """
 from __future__ import annotations
 
+import http.client
 import logging
 import math
 import re
@@ -218,7 +219,8 @@ class JwksKeys:
             data = self._client.fetch_data()
             if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
                 raise ValueError("the response is not a JSON Web Key Set")
-        except (jwt.PyJWTError, ValueError, OSError) as exc:
+        except (jwt.PyJWTError, ValueError, OSError, http.client.HTTPException) as exc:
+            # Older PyJWT lets some of these through unwrapped; all mean "no key set now".
             self._failed = True
             log.warning("cannot fetch signing keys from %s: %s", self.url, exc)
             return
