@@ -1,0 +1,608 @@
+"""JWT authentication: who is calling, proven by a signed token, told to the services.
+
+On the protected path prefixes, every request must carry ``Authorization: Bearer <JWT>``
+(scheme case-insensitive, exactly one token). The token is verified with PyJWT:
+
+* **algorithms** come from the configuration, never from the token: ``alg: none`` and any
+  algorithm not listed are refused before a key is even looked up;
+* **HMAC** (``HS256``/``HS384``/``HS512``) tokens are checked with the shared ``secret`` (the
+  Meetinity user service signs HS256); **RS*/PS*/ES*/EdDSA** tokens with the key named by
+  their ``kid`` in the key set at ``jwks_url``. The two never mix: the secret is never used
+  for an asymmetric algorithm, a JWKS key never as an HMAC secret (so an HS256 token "signed"
+  with the RSA public key is rejected), and a PEM/SSH key as ``secret`` is a ConfigError;
+* **claims**: the ``required_claims`` (``exp`` and ``sub`` by default) must be present;
+  ``exp``, ``nbf`` and ``iat`` are checked with ``leeway`` seconds of clock skew; ``iss`` and
+  ``aud`` exactly when ``issuer`` / ``audience`` are set. A token carrying an ``aud`` while no
+  audience is configured is refused: it was minted for some other service. ``sub`` may be a
+  string or an integer (the user service issues ``"sub": 42``).
+
+A failure answers 401 in the standard JSON shape with ``WWW-Authenticate: Bearer
+realm="meetinity"`` — plus ``error="invalid_token"`` and a short ``error_description`` when a
+bearer token was given (RFC 6750 §3). The message says what is wrong (``token expired``,
+``bad signature``, ``missing bearer token``) and never echoes the token. When the key set
+cannot be fetched and the token's key is not cached, the answer is 503 with ``Retry-After``:
+the caller is not at fault.
+
+On success the verified claims are put in ``environ["meetinity_gateway.claims"]`` and the
+``identity_headers`` claims become request headers for the upstream (``sub`` → ``X-User-ID``,
+``email`` → ``X-User-Email`` by default; an integer becomes its decimal text, a value that is
+neither a string nor an integer, or holds control characters, is left out — and such a
+``sub`` is refused). Client-sent copies of those headers are deleted from **every** request,
+protected or not, before anything else: a client can never forge an identity.
+
+Requests outside the prefixes pass untouched (minus forged identity headers), and so do CORS
+preflights (``OPTIONS`` with ``Access-Control-Request-Method``): browsers send them without
+credentials.
+
+JWKS keys are cached (:class:`JwksKeys`): the set is refetched after ``jwks_ttl`` seconds; an
+unknown ``kid`` triggers at most one refetch per ``jwks_cooldown`` seconds, whoever asks (a
+flood of random ``kid``\\ s costs one fetch per window, not one per request); concurrent
+refetches are collapsed into one behind a lock; while the key server is unreachable, cached
+keys keep working, even past their TTL.
+
+Use alone around any WSGI app::
+
+    from meetinity_gateway.middleware.auth import AuthMiddleware
+    app = AuthMiddleware(app, prefixes=["/api"], secret=os.environ["JWT_SECRET"])
+    # or asymmetric keys from an identity provider:
+    app = AuthMiddleware(app, prefixes=["/api"], algorithms=["RS256"],
+                         jwks_url="https://id.example.com/.well-known/jwks.json",
+                         issuer="https://id.example.com/", audience=["meetinity"])
+
+:param app: the WSGI application to wrap.
+:param prefixes: path prefixes that require a token, on segment boundaries (``/api/users``
+    covers ``/api/users/7``, not ``/api/usersX``). Default ``["/"]``: everything.
+:param secret: the HMAC secret; required (non-empty) when an ``HS*`` algorithm is allowed.
+:param algorithms: the accepted ``alg`` values (default ``["HS256"]``).
+:param jwks_url: the ``http(s)`` URL of the JSON Web Key Set; required when an asymmetric
+    algorithm is allowed.
+:param jwks_ttl: seconds a fetched key set is trusted before it is refetched (default 300).
+:param jwks_cooldown: minimum seconds between two fetches caused by unknown ``kid``\\ s or by
+    a failed fetch (default 30).
+:param jwks_timeout: seconds allowed to one key set fetch (default 5).
+:param issuer: the exact ``iss`` required, or ``None`` not to check it.
+:param audience: the accepted ``aud`` values (a string or a list; the token must name one),
+    or ``None``: then a token carrying ``aud`` is refused.
+:param leeway: seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat`` (default 30).
+:param required_claims: claims that must be present (default ``["exp", "sub"]``).
+:param identity_headers: claim → request header for the upstream (default ``{"sub":
+    "X-User-ID", "email": "X-User-Email"}``).
+:param forward_authorization: keep the ``Authorization`` header for the upstream (default
+    ``True``: the user service's ``/auth/profile`` reads it). ``False`` removes it from every
+    request after verification.
+:param realm: the ``realm`` of ``WWW-Authenticate`` (default ``meetinity``).
+
+In gateway.ini (``identity_headers`` as ``claim=Header`` pairs, lists comma-separated)::
+
+    [filter:auth]
+    use = egg:meetinity_gateway#auth
+    prefixes = /api/users, /api/profile
+    secret = ${JWT_SECRET:-}
+    algorithms = ${JWT_ALGORITHMS:-HS256}
+    jwks_url = ${JWT_JWKS_URL:-}
+    identity_headers = sub=X-User-ID, email=X-User-Email
+
+Security notes: the identity headers are only trustworthy if the upstreams can be reached
+through the gateway alone. Keep ``secret`` out of the ini file (use ``${JWT_SECRET}``) and at
+least 32 bytes long (a shorter one is logged as a warning at start). Fetch keys over https.
+"""
+from __future__ import annotations
+
+import http.client
+import logging
+import math
+import re
+import threading
+import time
+import typing as t
+from urllib.parse import urlsplit
+
+import jwt
+from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
+
+from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
+from meetinity_gateway.paths import PrefixMatcher
+from meetinity_gateway.problems import GatewayError
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["AuthMiddleware", "CLAIMS_KEY", "JwksKeys", "KeysUnavailable", "filter_factory"]
+
+log = logging.getLogger("meetinity_gateway.auth")
+
+#: environ key holding the verified claims of the request's token.
+CLAIMS_KEY = "meetinity_gateway.claims"
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+# Asymmetric algorithm → the JWK key type (kty) its keys must have.
+_KEY_TYPES = {
+    **dict.fromkeys(["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"], "RSA"),
+    **dict.fromkeys(["ES256", "ES256K", "ES384", "ES512", "ES521"], "EC"),
+    "EdDSA": "OKP",
+}
+# Longer than any sane JWT; refusing early keeps a 64 KiB header from being base64-decoded.
+MAX_TOKEN_LENGTH = 16 * 1024
+# RFC 6750 b64token.
+_B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MIN_SECRET_BYTES = 32
+
+
+class Unauthorized(GatewayError):
+    """401 with the RFC 6750 challenge; ``token_given`` adds ``error="invalid_token"``."""
+
+    code = 401
+    message = "invalid token"
+
+    def __init__(self, message: str, *, token_given: bool = True, realm: str = "meetinity"):
+        challenge = f'Bearer realm="{realm}"'
+        if token_given:
+            # Messages are fixed strings of ours (no quotes), never token content.
+            challenge += f', error="invalid_token", error_description="{message}"'
+        super().__init__(message, headers=[("WWW-Authenticate", challenge)])
+
+
+class KeysUnavailable(GatewayError):
+    """The key set could not be fetched and the token's key is not cached: 503."""
+
+    code = 503
+    message = "signing keys unavailable, try again later"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(headers=[("Retry-After", str(retry_after))])
+        self.retry_after = retry_after
+
+
+class JwksKey(t.NamedTuple):
+    """One usable key of the set: its type, the algorithm it declares (if any), the key."""
+
+    kty: str
+    alg: str | None
+    key: t.Any
+
+
+class UnknownKey(Exception):
+    """The (freshly fetched or recently fetched) key set has no such ``kid``."""
+
+
+class JwksKeys:
+    """The signing keys of one JWKS URL, cached; PyJWT's ``PyJWKClient`` does the fetching.
+
+    PyJWKClient alone would refetch the whole set for every unknown ``kid`` (older versions)
+    and drop to an error when the server is down; here the policy is ours:
+
+    * a set is fresh for ``ttl`` seconds after a successful fetch;
+    * a fetch is *due* only if none was attempted in the last ``cooldown`` seconds, and is
+      made only when needed (the key is unknown or the set is stale);
+    * one lock collapses concurrent fetches: whoever waited for it finds the new set;
+    * a failed fetch keeps the previous keys (served even when stale) and makes unknown
+      ``kid``\\ s answer :class:`KeysUnavailable` until the cooldown is over.
+
+    ``fetches`` counts fetch attempts; ``clock`` (monotonic seconds) can be replaced.
+    """
+
+    def __init__(self, url: str, *, ttl: float = 300.0, cooldown: float = 30.0,
+                 timeout: float = 5.0) -> None:
+        # The client's own caching is off: the policy above replaces it (and its cooldown is
+        # bypassed without its cache, in the PyJWT versions that have one).
+        self._client = jwt.PyJWKClient(
+            url, cache_jwk_set=False, timeout=timeout,
+            headers={"User-Agent": "meetinity-gateway", "Accept": "application/json"},
+        )
+        self.url = url
+        self.ttl = ttl
+        self.cooldown = cooldown
+        self.clock: t.Callable[[], float] = time.monotonic
+        self.fetches = 0
+        self._lock = threading.Lock()
+        self._keys: dict[str, t.Any] = {}
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._failed = False
+
+    def _stale(self, now: float) -> bool:
+        return self._fetched_at is None or now - self._fetched_at >= self.ttl
+
+    def _due(self, now: float) -> bool:
+        return self._attempted_at is None or now - self._attempted_at >= self.cooldown
+
+    def _retry_after(self, now: float) -> int:
+        waited = now - (self._attempted_at or now)
+        return max(1, math.ceil(self.cooldown - waited))
+
+    def _fetch(self) -> None:
+        self.fetches += 1
+        self._attempted_at = self.clock()
+        try:
+            data = self._client.fetch_data()
+            if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+                raise ValueError("the response is not a JSON Web Key Set")
+        except (jwt.PyJWTError, ValueError, OSError, http.client.HTTPException) as exc:
+            # Older PyJWT lets some of these through unwrapped; all mean "no key set now".
+            self._failed = True
+            log.warning("cannot fetch signing keys from %s: %s", self.url, exc)
+            return
+        keys = {}
+        for entry in data["keys"]:
+            # Symmetric ("oct") keys from a URL are never used: HMAC takes the secret.
+            if (not isinstance(entry, dict) or not isinstance(entry.get("kid"), str)
+                    or entry.get("use", "sig") != "sig"
+                    or entry.get("kty") not in ("RSA", "EC", "OKP")):
+                continue
+            try:
+                key = jwt.PyJWK(entry).key
+            except (jwt.PyJWTError, ValueError, TypeError):
+                log.warning("ignoring unusable key %r from %s", entry["kid"], self.url)
+                continue
+            alg = entry.get("alg")
+            keys[entry["kid"]] = JwksKey(entry["kty"], alg if isinstance(alg, str) else None,
+                                         key)
+        self._keys = keys
+        self._fetched_at = self._attempted_at
+        self._failed = False
+        log.info("fetched %d signing keys from %s", len(keys), self.url)
+
+    def get(self, kid: str) -> t.Any:
+        """The :class:`JwksKey` for ``kid``.
+
+        Raises :class:`UnknownKey`, or :class:`KeysUnavailable` when the last fetch failed.
+        """
+        now = self.clock()
+        key = self._keys.get(kid)
+        if key is not None and (not self._stale(now) or not self._due(now)):
+            return key
+        # Unknown, or stale with a refresh due: through the lock, so that a request arriving
+        # while a fetch is in flight waits for its result instead of giving up.
+        with self._lock:
+            # Re-check under the lock: the thread we waited for may have just fetched.
+            now = self.clock()
+            if self._due(now) and (kid not in self._keys or self._stale(now)):
+                self._fetch()
+            key = self._keys.get(kid)
+        if key is not None:
+            return key
+        if self._failed:
+            raise KeysUnavailable(self._retry_after(self.clock()))
+        raise UnknownKey(kid)
+
+
+def _claim_header_value(value: t.Any) -> str | None:
+    """A claim as header text (WSGI: UTF-8 bytes as latin-1), or ``None`` when unfit."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    if not text or _CONTROL.search(text) or text != text.strip():
+        return None
+    return text.encode("utf-8").decode("latin-1")
+
+
+def _environ_key(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+class AuthMiddleware:
+    """Bearer JWT verification on protected prefixes (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        prefixes: t.Iterable[str] = ("/",),
+        secret: str | bytes | None = None,
+        algorithms: t.Iterable[str] = ("HS256",),
+        jwks_url: str | None = None,
+        jwks_ttl: float = 300.0,
+        jwks_cooldown: float = 30.0,
+        jwks_timeout: float = 5.0,
+        issuer: str | None = None,
+        audience: str | t.Iterable[str] | None = None,
+        leeway: float = 30.0,
+        required_claims: t.Iterable[str] = ("exp", "sub"),
+        identity_headers: t.Mapping[str, str] | None = None,
+        forward_authorization: bool = True,
+        realm: str = "meetinity",
+    ) -> None:
+        self.app = app
+        try:
+            self._matcher = PrefixMatcher(prefixes)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="prefixes") from None
+
+        self.algorithms = self._check_algorithms(list(algorithms))
+        hmac_allowed = sorted(self.algorithms & HMAC_ALGORITHMS)
+        asymmetric_allowed = sorted(self.algorithms - HMAC_ALGORITHMS)
+
+        # The secret's value never goes into an error message or a log line.
+        self._secret: bytes | None = None
+        if hmac_allowed:
+            secret_bytes = secret.encode("utf-8") if isinstance(secret, str) else secret
+            if not secret_bytes:
+                raise ConfigError(
+                    f"{', '.join(hmac_allowed)} is allowed but the secret is empty: set the "
+                    "shared HMAC secret, or allow only asymmetric algorithms with a jwks_url",
+                    key="secret",
+                )
+            try:
+                HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret_bytes)
+            except jwt.InvalidKeyError:
+                raise ConfigError(
+                    "the secret looks like a public/private key, not an HMAC secret",
+                    key="secret",
+                ) from None
+            if len(secret_bytes) < _MIN_SECRET_BYTES:
+                log.warning("the JWT secret is %d bytes long; use at least %d random bytes",
+                            len(secret_bytes), _MIN_SECRET_BYTES)
+            self._secret = secret_bytes
+
+        self.jwks: JwksKeys | None = None
+        if jwks_url:
+            parts = urlsplit(jwks_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("expected an http(s) URL", key="jwks_url", value=jwks_url)
+            if not asymmetric_allowed:
+                raise ConfigError(
+                    "a jwks_url is set but only HMAC algorithms are allowed: add RS256, "
+                    "ES256 or EdDSA to algorithms", key="jwks_url", value=jwks_url,
+                )
+            for name, value in (("jwks_ttl", jwks_ttl), ("jwks_timeout", jwks_timeout)):
+                if not value > 0:
+                    raise ConfigError("expected a positive number", key=name, value=str(value))
+            if not jwks_cooldown >= 0:
+                raise ConfigError("expected a number of at least 0", key="jwks_cooldown",
+                                  value=str(jwks_cooldown))
+            self.jwks = JwksKeys(jwks_url, ttl=jwks_ttl, cooldown=jwks_cooldown,
+                                 timeout=jwks_timeout)
+        elif asymmetric_allowed:
+            raise ConfigError(
+                f"{', '.join(asymmetric_allowed)} needs the signing keys: set jwks_url",
+                key="jwks_url",
+            )
+
+        if not (leeway >= 0 and math.isfinite(leeway)):
+            raise ConfigError("expected a number of seconds of at least 0", key="leeway",
+                              value=str(leeway))
+        self.leeway = leeway
+        self.issuer = issuer or None
+        if isinstance(audience, str):
+            audience = [audience]
+        self.audience = [a for a in (audience or ()) if a] or None
+        self.required_claims = [claim for claim in required_claims if claim]
+        self._options = {
+            "require": self.required_claims,
+            "verify_iss": self.issuer is not None,
+            "verify_aud": True,  # with no audience configured, a token with aud is refused
+            # We check sub ourselves: an integer sub is fine here (PyJWT ≥ 2.10 says no).
+            "verify_sub": False,
+        }
+
+        if identity_headers is None:
+            identity_headers = {"sub": "X-User-ID", "email": "X-User-Email"}
+        for claim, header in identity_headers.items():
+            if not claim or not _HEADER_NAME.match(header or ""):
+                raise ConfigError(f"{claim}={header} is not claim=Header-Name",
+                                  key="identity_headers")
+        self.identity_headers = dict(identity_headers)
+        self._identity_keys = [(claim, _environ_key(header))
+                               for claim, header in self.identity_headers.items()]
+        self.forward_authorization = forward_authorization
+
+        if not realm or '"' in realm or "\\" in realm or _CONTROL.search(realm):
+            raise ConfigError("expected a realm without quotes, backslashes or control "
+                              "characters", key="realm", value=realm)
+        self.realm = realm
+
+    @staticmethod
+    def _check_algorithms(names: list[str]) -> frozenset[str]:
+        known = set(get_default_algorithms()) - {"none"}
+        if not names:
+            raise ConfigError("no algorithm allowed", key="algorithms")
+        for name in names:
+            if name.lower() == "none":
+                raise ConfigError("unsigned tokens (none) can never be allowed",
+                                  key="algorithms", value=name)
+            if name not in known:
+                hint = "" if has_crypto else " (install cryptography for RSA/EC/EdDSA)"
+                raise ConfigError(f"unknown algorithm (known: {', '.join(sorted(known))}){hint}",
+                                  key="algorithms", value=name)
+        return frozenset(names)
+
+    # -- the request ------------------------------------------------------------------------
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
+        # Forged identities go first, on every request, whatever happens next.
+        for _, environ_key in self._identity_keys:
+            environ.pop(environ_key, None)
+        environ.pop(CLAIMS_KEY, None)
+
+        path = environ.get("PATH_INFO") or "/"
+        preflight = (environ.get("REQUEST_METHOD") == "OPTIONS"
+                     and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ)
+        if preflight or not self._matcher.covers(path):
+            if not self.forward_authorization:
+                environ.pop("HTTP_AUTHORIZATION", None)
+            return self.app(environ, start_response)
+
+        try:
+            token = self._bearer_token(environ.get("HTTP_AUTHORIZATION"))
+            claims = self.verify(token)
+        except GatewayError as error:
+            log.debug("refused %s %s: %s", environ.get("REQUEST_METHOD"), path, error.message)
+            return error(environ, start_response)
+
+        environ[CLAIMS_KEY] = claims
+        for claim, environ_key in self._identity_keys:
+            value = _claim_header_value(claims.get(claim))
+            if value is not None:
+                environ[environ_key] = value
+        if not self.forward_authorization:
+            environ.pop("HTTP_AUTHORIZATION", None)
+        return self.app(environ, start_response)
+
+    def _unauthorized(self, message: str, token_given: bool = True) -> Unauthorized:
+        return Unauthorized(message, token_given=token_given, realm=self.realm)
+
+    def _bearer_token(self, header: str | None) -> str:
+        if not header or not header.strip():
+            raise self._unauthorized("missing bearer token", token_given=False)
+        if len(header) > MAX_TOKEN_LENGTH + 16:
+            raise self._unauthorized("authorization header too long")
+        parts = header.split()
+        if parts[0].lower() != "bearer":
+            raise self._unauthorized("authorization scheme must be Bearer", token_given=False)
+        if len(parts) == 1:
+            raise self._unauthorized("missing bearer token", token_given=False)
+        if len(parts) > 2:
+            raise self._unauthorized("expected exactly one bearer token")
+        token = parts[1]
+        if not _B64TOKEN.match(token):
+            raise self._unauthorized("malformed token")
+        return token
+
+    def verify(self, token: str) -> dict[str, t.Any]:
+        """The verified claims of ``token``; raises :class:`Unauthorized` or
+        :class:`KeysUnavailable`."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise self._unauthorized("malformed token") from None
+        alg = header.get("alg")
+        # The token names its algorithm; only the configured list decides what is accepted.
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise self._unauthorized("algorithm not allowed")
+        key = self._secret if alg in HMAC_ALGORITHMS else self._public_key(alg, header)
+
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[alg], options=self._options, leeway=self.leeway,
+                issuer=self.issuer, audience=self.audience,
+            )
+        except jwt.PyJWTError as exc:
+            raise self._unauthorized(self._reason(exc)) from None
+        except (ValueError, TypeError):
+            # cryptography may object to a garbled signature or key before PyJWT does.
+            raise self._unauthorized("malformed token") from None
+
+        if "sub" in claims:
+            sub = claims["sub"]
+            if isinstance(sub, bool) or not isinstance(sub, (str, int)):
+                raise self._unauthorized("subject must be a string or an integer")
+            if _claim_header_value(sub) is None:
+                raise self._unauthorized("malformed subject")
+        return claims
+
+    def _public_key(self, alg: str, header: dict[str, t.Any]) -> t.Any:
+        kid = header.get("kid")
+        if not kid or not isinstance(kid, str):
+            raise self._unauthorized("token has no key id (kid)")
+        assert self.jwks is not None  # __init__ guarantees it for asymmetric algorithms
+        try:
+            jwk = self.jwks.get(kid)
+        except UnknownKey:
+            raise self._unauthorized("unknown signing key") from None
+        if jwk.kty != _KEY_TYPES[alg] or (jwk.alg and jwk.alg != alg):
+            raise self._unauthorized("signing key does not match the algorithm")
+        return jwk.key
+
+    def _reason(self, exc: Exception) -> str:
+        """A fixed, token-free message for a PyJWT error."""
+        if isinstance(exc, jwt.ExpiredSignatureError):
+            return "token expired"
+        if isinstance(exc, jwt.ImmatureSignatureError):
+            return "token not yet valid"
+        if isinstance(exc, jwt.InvalidSignatureError):
+            return "bad signature"
+        if isinstance(exc, jwt.MissingRequiredClaimError):
+            return f"token has no {exc.claim} claim"
+        if isinstance(exc, jwt.InvalidAudienceError):
+            return "wrong audience" if self.audience else "token audience not accepted"
+        if isinstance(exc, jwt.InvalidIssuerError):
+            return "wrong issuer"
+        if isinstance(exc, jwt.InvalidIssuedAtError):
+            return "bad iat claim"
+        if isinstance(exc, jwt.InvalidAlgorithmError):
+            return "algorithm not allowed"
+        if isinstance(exc, jwt.InvalidKeyError):
+            return "signing key does not match the algorithm"
+        if isinstance(exc, jwt.DecodeError):
+            text = str(exc)
+            for claim in ("exp", "nbf"):
+                if f"({claim})" in text:
+                    return f"bad {claim} claim"
+            return "malformed token"
+        return "invalid token"
+
+
+# -- ini ------------------------------------------------------------------------------------
+
+def _optional_str(value: str) -> str | None:
+    return value.strip() or None
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not (number >= 0 and math.isfinite(number)):
+        raise ValueError("expected a number of seconds of at least 0")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    number = _seconds(value)
+    if number <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return number
+
+
+def _optional_list(value: str) -> list[str] | None:
+    return as_list(value) or None
+
+
+def _claim_headers(value: str) -> dict[str, str]:
+    """``sub=X-User-ID, email=X-User-Email`` → ``{"sub": "X-User-ID", …}``."""
+    mapping = {}
+    for item in as_list(value):
+        claim, sep, header = item.partition("=")
+        claim, header = claim.strip(), header.strip()
+        if not sep or not claim or not _HEADER_NAME.match(header):
+            raise ValueError(f"expected claim=Header-Name pairs, got {item!r}")
+        mapping[claim] = header
+    return mapping
+
+
+_PARAMS = {
+    "prefixes": as_list,
+    "secret": as_str,
+    "algorithms": as_list,
+    "jwks_url": _optional_str,
+    "jwks_ttl": _positive_seconds,
+    "jwks_cooldown": _seconds,
+    "jwks_timeout": _positive_seconds,
+    "issuer": _optional_str,
+    "audience": _optional_list,
+    "leeway": _seconds,
+    # Not "require": PasteDeploy reads that key as a distribution to install.
+    "required_claims": as_list,
+    "identity_headers": _claim_headers,
+    "forward_authorization": as_bool,
+    "realm": as_str,
+}
+
+
+def filter_factory(global_conf, **local_conf):
+    """``paste.filter_factory`` for ``egg:meetinity_gateway#auth``."""
+    kwargs = cast_settings(local_conf, _PARAMS, global_conf)
+
+    def make_filter(app):
+        try:
+            return AuthMiddleware(app, **kwargs)
+        except ConfigError as exc:
+            if exc.key == "secret":
+                # Show the ini text (e.g. ${JWT_SECRET:-}), never the secret itself.
+                exc.value = local_conf.get("secret")
+            raise
+
+    return make_filter
