@@ -544,7 +544,10 @@ def filter_factory(global_conf, **local_conf):
 
     def make_filter(app):
         # Built when the pipeline is assembled, i.e. at start: a bad storage URI or strategy
-        # stops the gateway there, located by the loader.
-        return RateLimitMiddleware(app, **kwargs)
+        # stops the gateway there.
+        try:
+            return RateLimitMiddleware(app, **kwargs)
+        except ConfigError as exc:
+            raise exc.locate(file=file) from None
 
     return make_filter
