@@ -282,7 +282,7 @@ def test_concurrent_hits_never_over_admit(strategy):
 
 def test_storage_down_fails_open_with_one_warning(caplog):
     pytest.importorskip("redis")
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    url = f"redis://:pw-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
     app = app_with(storage_uri=url, retry_interval=0.01, warn_interval=3600)
     with caplog.at_level(logging.WARNING, logger="meetinity_gateway.ratelimit"):
         for _ in range(5):
@@ -294,6 +294,7 @@ def test_storage_down_fails_open_with_one_warning(caplog):
             time.sleep(0.02)  # past retry_interval: the storage is tried again each time
     warnings = [r for r in caplog.records if r.name == "meetinity_gateway.ratelimit"]
     assert len(warnings) == 1 and "failing open" in warnings[0].getMessage()
+    assert "pw-secret" not in warnings[0].getMessage()  # the password is masked
 
 
 def test_storage_down_fails_closed_with_503():

@@ -225,6 +225,19 @@ class _Count:
         return (self.remaining, -self.reset_in) < (other.remaining, -other.reset_in)
 
 
+def redact(uri: str) -> str:
+    """The URI with its password masked, for logs and error messages."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    except ValueError:
+        return "(unparsable URI)"
+
+
 def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
     """Timeouts for the storage families that take them: a storage call never hangs."""
     scheme = urlsplit(uri).scheme.lower()
@@ -311,7 +324,7 @@ class RateLimitMiddleware:
         try:
             self.limiter: RateLimiter = STRATEGIES[strategy](storage)
         except NotImplementedError:
-            raise ConfigError(f"the storage {storage_uri!r} cannot do {strategy}",
+            raise ConfigError(f"the storage {redact(storage_uri)!r} cannot do {strategy}",
                               key="strategy", value=strategy) from None
 
         self._build_matchers()
@@ -354,13 +367,14 @@ class RateLimitMiddleware:
             hint = ""
             if urlsplit(uri).scheme.startswith(("redis", "rediss")):
                 hint = " (for redis:// install the extra: pip install meetinity_gateway[redis])"
-            raise ConfigError(f"{exc}{hint}", key="storage_uri", value=uri) from None
+            raise ConfigError(str(exc).replace(uri, redact(uri)) + hint, key="storage_uri",
+                              value=redact(uri)) from None
         except Exception as exc:  # a malformed URI fails in the backend's own parser
-            raise ConfigError(f"unusable storage URI: {exc}", key="storage_uri",
-                              value=uri) from None
+            raise ConfigError(f"unusable storage URI ({type(exc).__name__})",
+                              key="storage_uri", value=redact(uri)) from None
         if not isinstance(storage, Storage):
             raise ConfigError("an async storage cannot serve a WSGI gateway",
-                              key="storage_uri", value=uri)
+                              key="storage_uri", value=redact(uri))
         return storage
 
     def _all_rules(self) -> list[Rule]:
@@ -443,7 +457,8 @@ class RateLimitMiddleware:
             self._next_warning = now + self.warn_interval
         log.warning(
             "rate limit storage %s failed (%s: %s); failing %s%s",
-            self.storage_uri or "(custom)", type(exc).__name__, exc, self.on_error,
+            redact(self.storage_uri) if self.storage_uri else "(custom)",
+            type(exc).__name__, exc, self.on_error,
             f" ({suppressed} more failures since the last warning)" if suppressed else "",
         )
 
