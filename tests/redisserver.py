@@ -11,8 +11,9 @@ from tests.servers import free_port, wait_for_port
 class RedisServer:
     """``redis-server`` on 127.0.0.1, no persistence; ``stop()`` kills it (also mid-test)."""
 
-    def __init__(self, executable: str) -> None:
-        self.port = free_port()
+    def __init__(self, executable: str, port: int | None = None) -> None:
+        self.executable = executable
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
             [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",

@@ -444,6 +444,22 @@ def test_redis_killed_mid_run(redis_server, gateway_factory, on_error, upstream)
     assert _get(gateway.url + "/health/live", client).status_code == 200
 
 
+def test_counting_resumes_when_redis_comes_back(redis_server, gateway_factory):
+    gateway = gateway_factory(RATELIMIT_STORAGE_URI=redis_server.url, RATE_LIMIT_AUTH="50/minute")
+    client = session()
+    assert "RateLimit" in _get(gateway.url + "/api/auth/x", client).headers
+    redis_server.stop()
+    assert "RateLimit" not in _get(gateway.url + "/api/auth/x", client).headers
+    with RedisServer(redis_server.executable, port=redis_server.port):
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while time.monotonic() < deadline:  # the storage is retried after retry_interval
+            response = _get(gateway.url + "/api/auth/x", client)
+            if "RateLimit" in response.headers:
+                break
+            time.sleep(0.1)
+        assert ratelimit_of(response)[1] == 49  # a fresh Redis: a fresh count
+
+
 @pytest.mark.parametrize("on_error, status", [("open", 200), ("closed", 503)])
 def test_silent_redis_costs_a_timeout_not_a_hang(gateway_factory, on_error, status):
     pytest.importorskip("redis")

@@ -12,7 +12,8 @@ For every request the middleware
    hops back in ``X-Forwarded-For``), or the value of ``key_header`` when configured and
    sent — with one atomic ``hit`` per limit of the rule (never a check-then-increment race);
 4. refuses with 429 in the standard JSON shape and ``Retry-After`` (delta-seconds, at least
-   1) when a limit is exhausted, else calls the wrapped app.
+   1) when a limit is exhausted, else calls the wrapped app, leaving
+   ``{"rule", "allowed", "storage_failed"}`` in ``environ["meetinity_gateway.ratelimit"]``.
 
 Every response of a limited path, allowed or not, carries the headers of
 draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` lists the rule's limits
