@@ -1,0 +1,569 @@
+"""Rate limiting per path prefix, on the ``limits`` library, shared through Redis if needed.
+
+For every request the middleware
+
+1. lets CORS preflights through uncounted (``OPTIONS`` with ``Origin`` and
+   ``Access-Control-Request-Method``: they are the browser's question, not the caller's call);
+2. picks the one rule covering the request: the longest path prefix (on segment boundaries,
+   ``/api/auth`` covers ``/api/auth/login``, never ``/api/authX``), a rule naming the method
+   winning over one for any method at the same prefix; the ``default`` limits apply to the
+   paths no rule covers; no rule and no default → the request passes untouched;
+3. counts the caller — the client address (``REMOTE_ADDR``, or the address ``trusted_proxies``
+   hops back in ``X-Forwarded-For``), or the value of ``key_header`` when configured and
+   sent — with one atomic ``hit`` per limit of the rule (never a check-then-increment race);
+4. refuses with 429 in the standard JSON shape and ``Retry-After`` (delta-seconds, at least
+   1) when a limit is exhausted, else calls the wrapped app, leaving
+   ``{"rule", "allowed", "storage_failed"}`` in ``environ["meetinity_gateway.ratelimit"]``.
+
+Every response of a limited path, allowed or not, carries the headers of
+draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` lists the rule's limits
+(``"auth";q=10;w=60``: quota, window in seconds) and ``RateLimit`` reports the most
+restrictive one (``"auth";r=3;t=42``: remaining, seconds until it resets; the lowest
+remaining, the longest wait at a tie). With ``legacy_headers`` the same numbers go out as
+``X-RateLimit-Limit``, ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset`` (Unix time, UTC
+seconds, as GitHub sends it). Copies of these headers coming from the wrapped app are
+replaced. A rule with one limit names its policy after the rule; with several, each policy
+is ``NAME-<window>s`` (``"auth-60s"``, ``"auth-3600s"``).
+
+Use alone around any WSGI app::
+
+    from meetinity_gateway.middleware.ratelimit import RateLimitMiddleware
+    app = RateLimitMiddleware(
+        app,
+        rules={"auth": "/api/auth 10/minute; 100/hour",
+               "signup": "POST /api/auth/signup 3/hour"},
+        default="600/minute",
+        storage_uri="redis://127.0.0.1:6379/0",   # every process shares one budget
+    )
+
+A rule is ``[METHODS] PREFIX LIMITS``: ``METHODS`` comma-separated (``GET,POST``; left out,
+every method; ``HEAD`` comes with ``GET``), ``PREFIX`` a path prefix (a trailing ``/*`` is
+accepted, as in routes), ``LIMITS`` in ``limits`` notation, several separated by ``;``
+(``10/minute; 100/hour``, ``5 per 10 seconds``); ``off`` (or nothing) disables the rule.
+
+:param app: the WSGI application to wrap.
+:param rules: ``{name: "[METHODS] PREFIX LIMITS"}`` (or :class:`Rule` objects). Names are
+    letters, digits, ``_ . -``; they name the counters and the policies.
+:param default: limits for the paths no rule covers (``None`` or ``"off"``: none).
+:param strategy: ``sliding-window-counter`` (default: smooth, two counters per key),
+    ``fixed-window`` (one counter, bursts of twice the quota around a window edge) or
+    ``moving-window`` (exact, one entry per hit: memory grows with the quota).
+:param storage_uri: a ``limits`` storage URI: ``memory://`` (default; this process only),
+    ``redis://host:6379/0`` (shared by every process and host using it; needs the ``redis``
+    package: ``pip install meetinity_gateway[redis]``); other ``limits`` URIs
+    (``rediss://``, ``redis+sentinel://``, ``redis+cluster://``, ``memcached://``…) are
+    passed through untouched.
+:param storage_timeout: seconds a storage operation may take (connect and each read) before
+    it counts as a failure; applied to the Redis and memcached families (default 0.5). Query
+    options in the URI (``?socket_timeout=…``) win.
+:param on_error: when the storage fails — ``open`` (default): let the request through and
+    log a warning at most once per ``warn_interval``; ``closed``: answer 503 with
+    ``Retry-After``. Never a 500, never longer than the timeouts. After a failure the storage
+    is left alone for ``retry_interval`` seconds, so an unreachable Redis does not cost every
+    request a timeout.
+:param retry_interval: seconds to skip the storage after a failure (default 1).
+:param warn_interval: seconds between two warnings about the failing storage (default 60).
+:param trusted_proxies: proxies in front of the gateway trusted to append to
+    ``X-Forwarded-For`` (default 0: the header is ignored).
+:param key_header: count callers by this request header (e.g. ``X-API-Key``) when they send
+    it, by address otherwise. The value is hashed before it reaches the storage.
+:param legacy_headers: also send ``X-RateLimit-Limit/-Remaining/-Reset`` (default off).
+:param storage: a ready ``limits`` storage object, instead of ``storage_uri``.
+
+In gateway.ini::
+
+    [filter:ratelimit]
+    use = egg:meetinity_gateway#ratelimit
+    rule.auth = /api/auth ${RATE_LIMIT_AUTH:-10/minute}
+    default = ${RATE_LIMIT_DEFAULT:-off}
+    storage_uri = ${RATELIMIT_STORAGE_URI:-memory://}
+
+Security: with ``trusted_proxies=0`` behind a load balancer every client shares the
+balancer's address (one budget for all); with more hops than really exist a client picks its
+own address by sending ``X-Forwarded-For``. A ``key_header`` is chosen by the client: a new
+value is a new budget, so key by a header only when something in front rejects unknown
+keys, and keep address-keyed rules (such as ``/api/auth``) for brute-force protection.
+``memory://`` counts per process: N processes allow N times the quota — use Redis when the
+gateway runs in several processes or hosts. ``on_error=open`` trades protection for
+availability while the storage is down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+import typing as t
+from urllib.parse import urlsplit
+
+from limits import RateLimitItem, parse_many
+from limits.errors import ConfigurationError
+from limits.storage import Storage, storage_from_string
+from limits.strategies import STRATEGIES, RateLimiter
+
+from meetinity_gateway.config import (
+    ConfigError,
+    as_bool,
+    as_non_negative_int,
+    as_positive_float,
+    as_str,
+    cast_settings,
+    prepare,
+)
+from meetinity_gateway.net import client_address
+from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
+from meetinity_gateway.problems import error_response
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["RATELIMIT_KEY", "RateLimitMiddleware", "Rule", "filter_factory", "parse_rule"]
+
+log = logging.getLogger("meetinity_gateway.ratelimit")
+
+#: environ key where the middleware leaves its decision for inner layers and logs.
+RATELIMIT_KEY = "meetinity_gateway.ratelimit"
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_RULE = re.compile(
+    r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?"
+    r"(?P<prefix>/\S*)(?:\s+(?P<limits>.*?))?\s*$"
+)
+_OFF = {"", "off", "none"}
+_ON_ERROR = ("open", "closed")
+# Response headers this layer owns: the wrapped app's copies are dropped.
+_OWN_HEADERS = frozenset(
+    {"ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining",
+     "x-ratelimit-reset"}
+)
+# Identifiers are joined with "/" by limits; the namespace keeps our keys apart from other
+# users of a shared Redis.
+_NAMESPACE = "meetinity_gateway"
+
+
+def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
+    """``10/minute; 100/hour`` → limits, shortest window first; ``off`` → ``()``.
+
+    Raises ValueError with the reason for a bad notation, a zero quota or window, or two
+    limits on the same window (the larger one could never trigger).
+    """
+    text = (text or "").strip()
+    if text.lower() in _OFF:
+        return ()
+    try:
+        items = parse_many(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not in limits notation (e.g. '10/minute' or '10/minute; 100/hour')"
+        ) from None
+    windows: set[int] = set()
+    for item in items:
+        if item.amount < 1 or item.get_expiry() < 1:
+            raise ValueError(f"{text!r}: quota and window must be at least 1")
+        if item.get_expiry() in windows:
+            raise ValueError(f"{text!r}: two limits on the same {item.get_expiry()}s window")
+        windows.add(item.get_expiry())
+    return tuple(sorted(items, key=lambda item: item.get_expiry()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One rule: the requests under ``prefix`` (with one of ``methods``) share ``limits``."""
+
+    name: str
+    prefix: str
+    limits: tuple[RateLimitItem, ...]
+    methods: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"rule name {self.name!r}: use letters, digits, '_', '.', '-'")
+        object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+        if self.methods is not None:
+            methods = {m.upper() for m in self.methods}
+            if "GET" in methods:
+                methods.add("HEAD")
+            object.__setattr__(self, "methods", frozenset(methods))
+
+    def policy_names(self) -> list[str]:
+        if len(self.limits) == 1:
+            return [self.name]
+        return [f"{self.name}-{item.get_expiry()}s" for item in self.limits]
+
+    def describe(self) -> str:
+        methods = ",".join(sorted(self.methods)) if self.methods else "*"
+        limits = "; ".join(str(item) for item in self.limits) or "off"
+        return f"{self.name}: {methods} {self.prefix} {limits}"
+
+
+def parse_rule(name: str, spec: str) -> Rule:
+    """Parse ``[METHODS] PREFIX LIMITS``; raises ValueError with the reason."""
+    match = _RULE.match(spec or "")
+    if not match:
+        raise ValueError("expected '[METHODS] PREFIX LIMITS', e.g. '/api/auth 10/minute'")
+    methods = None
+    if match.group("methods"):
+        methods = frozenset(m.strip().upper() for m in match.group("methods").split(","))
+    prefix = match.group("prefix")
+    if prefix.endswith("/*"):
+        prefix = prefix[:-2] or "/"
+    return Rule(name, prefix, parse_limits(match.group("limits") or ""), methods)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Count:
+    """Where one limit stands for one caller, after this request."""
+
+    item: RateLimitItem
+    policy: str
+    remaining: int
+    reset_in: int  # whole seconds, rounded up
+
+    def is_tighter_than(self, other: _Count) -> bool:
+        return (self.remaining, -self.reset_in) < (other.remaining, -other.reset_in)
+
+
+def redact(uri: str) -> str:
+    """The URI with its password masked, for logs and error messages."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    except ValueError:
+        return "(unparsable URI)"
+
+
+def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
+    """Timeouts for the storage families that take them: a storage call never hangs."""
+    scheme = urlsplit(uri).scheme.lower()
+    family, _, variant = scheme.partition("+")
+    if family in ("redis", "rediss", "valkey", "valkeys"):
+        options: dict[str, t.Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if variant in ("", "unix", "sentinel"):
+            # The clients' default retries (redis-py: 10, with backoff up to 1 s) would turn
+            # one failure into seconds of waiting; one immediate retry still absorbs a
+            # connection gone stale when the server restarted.
+            client = "valkey" if family.startswith("valkey") else "redis"
+            try:
+                retry = __import__(f"{client}.retry", fromlist=["Retry"])
+                backoff = __import__(f"{client}.backoff", fromlist=["NoBackoff"])
+            except ImportError:
+                return options  # limits reports the missing package itself
+            options["retry"] = retry.Retry(backoff.NoBackoff(), 1)
+        return options
+    if family == "memcached":
+        return {"connect_timeout": timeout, "timeout": timeout}
+    return {}
+
+
+class RateLimitMiddleware:
+    """Per-prefix rate limits on ``limits`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        rules: t.Mapping[str, str | Rule] | t.Iterable[Rule] = (),
+        default: str | None = None,
+        strategy: str = "sliding-window-counter",
+        storage_uri: str = "memory://",
+        storage_timeout: float = 0.5,
+        on_error: str = "open",
+        retry_interval: float = 1.0,
+        warn_interval: float = 60.0,
+        trusted_proxies: int = 0,
+        key_header: str | None = None,
+        legacy_headers: bool = False,
+        storage: Storage | None = None,
+    ) -> None:
+        self.app = app
+        parsed = self._parse_rules(rules)
+        if default is not None:
+            try:
+                default_limits = parse_limits(default)
+            except ValueError as exc:
+                raise ConfigError(str(exc), key="default", value=default) from None
+            self.default = Rule("default", "/", default_limits) if default_limits else None
+        else:
+            self.default = None
+        if self.default is not None and any(r.name == "default" for r in parsed):
+            raise ConfigError("the name 'default' is taken by the default limits",
+                              key="rules", value="default")
+        self.rules = [rule for rule in parsed if rule.limits]
+
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy (known: {', '.join(sorted(STRATEGIES))})",
+                              key="strategy", value=strategy)
+        if on_error not in _ON_ERROR:
+            raise ConfigError("expected 'open' or 'closed'", key="on_error", value=on_error)
+        for key, number in (("storage_timeout", storage_timeout),
+                            ("retry_interval", retry_interval),
+                            ("warn_interval", warn_interval)):
+            if not (number > 0 and math.isfinite(number)):
+                raise ConfigError("expected a positive number", key=key, value=str(number))
+        if trusted_proxies < 0:
+            raise ConfigError("expected a whole number of at least 0", key="trusted_proxies",
+                              value=str(trusted_proxies))
+        self.on_error = on_error
+        self.retry_interval = float(retry_interval)
+        self.warn_interval = float(warn_interval)
+        self.trusted_proxies = trusted_proxies
+        self.legacy_headers = legacy_headers
+        self._key_environ = None
+        if key_header:
+            self._key_environ = "HTTP_" + key_header.strip().upper().replace("-", "_")
+
+        self.storage_uri = storage_uri if storage is None else None
+        if storage is None:
+            storage = self._open_storage(storage_uri, storage_timeout)
+        try:
+            self.limiter: RateLimiter = STRATEGIES[strategy](storage)
+        except NotImplementedError:
+            raise ConfigError(f"the storage {redact(storage_uri)!r} cannot do {strategy}",
+                              key="strategy", value=strategy) from None
+
+        self._build_matchers()
+        self._policy_headers = {
+            rule.name: ", ".join(
+                f'"{policy}";q={item.amount};w={item.get_expiry()}'
+                for policy, item in zip(rule.policy_names(), rule.limits)
+            )
+            for rule in self._all_rules()
+        }
+        self._retry_at = 0.0  # time.monotonic() before which the storage is left alone
+        self._next_warning = 0.0
+        self._suppressed = 0
+        self._warn_lock = threading.Lock()
+
+    # -- setup --------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_rules(rules) -> list[Rule]:
+        items = rules.items() if isinstance(rules, t.Mapping) else ((None, r) for r in rules)
+        parsed: list[Rule] = []
+        names: set[str] = set()
+        for name, spec in items:
+            try:
+                rule = spec if isinstance(spec, Rule) else parse_rule(str(name), spec)
+            except ValueError as exc:
+                raise ConfigError(str(exc), key=f"rules[{name!r}]", value=str(spec)) from None
+            if rule.name in names:
+                raise ConfigError("two rules with the same name", key="rules", value=rule.name)
+            names.add(rule.name)
+            parsed.append(rule)
+        return parsed
+
+    @staticmethod
+    def _open_storage(uri: str, timeout: float) -> Storage:
+        try:
+            storage = storage_from_string(uri, **_storage_options(uri, timeout))
+        except ConfigurationError as exc:
+            # limits' message names the missing package or the unknown scheme.
+            hint = ""
+            if urlsplit(uri).scheme.startswith(("redis", "rediss")):
+                hint = " (for redis:// install the extra: pip install meetinity_gateway[redis])"
+            raise ConfigError(str(exc).replace(uri, redact(uri)) + hint, key="storage_uri",
+                              value=redact(uri)) from None
+        except Exception as exc:  # a malformed URI fails in the backend's own parser
+            raise ConfigError(f"unusable storage URI ({type(exc).__name__})",
+                              key="storage_uri", value=redact(uri)) from None
+        if not isinstance(storage, Storage):
+            raise ConfigError("an async storage cannot serve a WSGI gateway",
+                              key="storage_uri", value=redact(uri))
+        return storage
+
+    def _all_rules(self) -> list[Rule]:
+        return self.rules + ([self.default] if self.default else [])
+
+    def _build_matchers(self) -> None:
+        """Per method, a prefix matcher and ``prefix -> rule`` (method-specific first)."""
+        methods = {m for rule in self.rules if rule.methods for m in rule.methods}
+
+        def table(method: str | None) -> dict[str, Rule]:
+            chosen: dict[str, Rule] = {}
+            for rule in self.rules:
+                if rule.methods is None:
+                    chosen.setdefault(rule.prefix, rule)
+            for rule in self.rules:
+                if method is not None and rule.methods and method in rule.methods:
+                    if rule.prefix in chosen and chosen[rule.prefix].methods:
+                        raise ConfigError(
+                            f"rules {chosen[rule.prefix].name!r} and {rule.name!r} both cover "
+                            f"{method} {rule.prefix}", key="rules", value=rule.name)
+                    chosen[rule.prefix] = rule
+            return chosen
+
+        self._tables: dict[str | None, tuple[PrefixMatcher, dict[str, Rule]]] = {}
+        for method in [None, *methods]:
+            rules = table(method)
+            self._tables[method] = (PrefixMatcher(rules), rules)
+
+    def describe(self) -> list[str]:
+        """One line per active rule, as ``check``/``routes`` could print them."""
+        return [rule.describe() for rule in self._all_rules()]
+
+    # -- per request --------------------------------------------------------------------
+
+    def rule_for(self, method: str, path: str) -> Rule | None:
+        matcher, rules = self._tables.get(method) or self._tables[None]
+        prefix = matcher.match(path or "/")
+        if prefix is not None:
+            return rules[prefix]
+        return self.default
+
+    def key_for(self, environ: WSGIEnvironment) -> str:
+        """Who is counted: ``key:<sha256 of the header>`` or ``addr:<client address>``."""
+        if self._key_environ:
+            value = environ.get(self._key_environ)
+            if value:
+                # Hashed: raw API keys never sit in Redis, and a "/" in them cannot shift
+                # limits' "/"-joined storage keys.
+                return "key:" + hashlib.sha256(value.encode("latin-1")).hexdigest()
+        return "addr:" + (client_address(environ, self.trusted_proxies) or "unknown")
+
+    def _count(self, rule: Rule, key: str) -> tuple[bool, list[_Count]]:
+        """Hit each limit (shortest window first, stopping at the first refusal), then read
+        where each stands. The hit alone decides; the stats only feed the headers."""
+        allowed = True
+        refused_at = None
+        for index, item in enumerate(rule.limits):
+            if not self.limiter.hit(item, _NAMESPACE, rule.name, key):
+                allowed, refused_at = False, index
+                break
+        now = time.time()
+        counts = []
+        for index, (policy, item) in enumerate(zip(rule.policy_names(), rule.limits)):
+            stats = self.limiter.get_window_stats(item, _NAMESPACE, rule.name, key)
+            remaining = 0 if index == refused_at else max(0, int(stats.remaining))
+            reset_in = max(0, math.ceil(stats.reset_time - now))
+            if index == refused_at:
+                reset_in = max(1, reset_in)
+            counts.append(_Count(item, policy, remaining, reset_in))
+        return allowed, counts
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + self.retry_interval
+        with self._warn_lock:
+            now = time.monotonic()
+            if now < self._next_warning:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next_warning = now + self.warn_interval
+        log.warning(
+            "rate limit storage %s failed (%s: %s); failing %s%s",
+            redact(self.storage_uri) if self.storage_uri else "(custom)",
+            type(exc).__name__, exc, self.on_error,
+            f" ({suppressed} more failures since the last warning)" if suppressed else "",
+        )
+
+    def _headers(self, rule: Rule, counts: list[_Count] | None) -> list[tuple[str, str]]:
+        headers = [("RateLimit-Policy", self._policy_headers[rule.name])]
+        if not counts:
+            return headers
+        shown = counts[0]
+        for count in counts[1:]:
+            if count.is_tighter_than(shown):
+                shown = count
+        headers.append(("RateLimit", f'"{shown.policy}";r={shown.remaining};t={shown.reset_in}'))
+        if self.legacy_headers:
+            headers += [
+                ("X-RateLimit-Limit", str(shown.item.amount)),
+                ("X-RateLimit-Remaining", str(shown.remaining)),
+                ("X-RateLimit-Reset", str(int(time.time()) + shown.reset_in)),
+            ]
+        return headers
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
+        method = environ.get("REQUEST_METHOD", "GET")
+        if (method == "OPTIONS" and environ.get("HTTP_ORIGIN")
+                and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")):
+            return self.app(environ, start_response)
+        rule = self.rule_for(method, environ.get("PATH_INFO", ""))
+        if rule is None:
+            return self.app(environ, start_response)
+
+        counts: list[_Count] | None = None
+        allowed = True
+        if time.monotonic() >= self._retry_at:
+            try:
+                allowed, counts = self._count(rule, self.key_for(environ))
+            except Exception as exc:  # any backend, any failure: on_error decides, never a 500
+                self._storage_failed(exc)
+        failed = counts is None
+        environ[RATELIMIT_KEY] = {
+            "rule": rule.name, "allowed": allowed, "storage_failed": failed,
+        }
+        headers = self._headers(rule, counts)
+
+        if failed and self.on_error == "closed":
+            retry_after = str(max(1, math.ceil(self.retry_interval)))
+            return error_response(environ, start_response, 503,
+                                  "rate limiting unavailable, retry shortly",
+                                  headers + [("Retry-After", retry_after)])
+        if not allowed:
+            blocking = [c for c in counts or () if c.remaining == 0]
+            wait = max([c.reset_in for c in blocking] + [1])
+            return error_response(environ, start_response, 429, "too many requests",
+                                  headers + [("Retry-After", str(wait))])
+
+        def start_with_headers(status, response_headers, exc_info=None):
+            response_headers = [
+                h for h in response_headers if h[0].lower() not in _OWN_HEADERS
+            ] + headers
+            if exc_info is not None:
+                return start_response(status, response_headers, exc_info)
+            return start_response(status, response_headers)
+
+        return self.app(environ, start_with_headers)
+
+
+_PARAMS = {
+    "default": as_str,
+    "strategy": as_str,
+    "storage_uri": as_str,
+    "storage_timeout": as_positive_float,
+    "on_error": lambda value: value.strip().lower(),
+    "retry_interval": as_positive_float,
+    "warn_interval": as_positive_float,
+    "trusted_proxies": as_non_negative_int,
+    "key_header": lambda value: value.strip() or None,
+    "legacy_headers": as_bool,
+}
+
+
+def filter_factory(global_conf, **local_conf):
+    """``paste.filter_factory`` for ``egg:meetinity_gateway#ratelimit``.
+
+    Keys: ``rule.NAME = [METHODS] PREFIX LIMITS`` and the settings in ``_PARAMS``.
+    """
+    file = global_conf.get("__file__")
+    rule_conf = {k: v for k, v in local_conf.items() if k.startswith("rule.")}
+    settings = {k: v for k, v in local_conf.items() if k not in rule_conf}
+    table = dict(_PARAMS)
+    table["rule.NAME"] = as_str  # only so the "known keys" list mentions it
+    kwargs = cast_settings(settings, table, global_conf)
+    kwargs.pop("rule.NAME", None)
+    rules: list[Rule] = []
+    for key, spec in prepare(rule_conf, global_conf).items():
+        try:
+            rules.append(parse_rule(key[len("rule."):], spec))
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=file, key=key, value=spec) from None
+    kwargs["rules"] = rules
+
+    def make_filter(app):
+        # Built when the pipeline is assembled, i.e. at start: a bad storage URI or strategy
+        # stops the gateway there.
+        try:
+            return RateLimitMiddleware(app, **kwargs)
+        except ConfigError as exc:
+            raise exc.locate(file=file) from None
+
+    return make_filter
