@@ -26,12 +26,14 @@ def require_tool(name: str, why: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _clean_gateway_env(monkeypatch):
-    """Tests start from the shipped defaults, whatever the developer's shell exports."""
+    """Tests start from the shipped defaults, whatever the developer's shell exports, plus
+    the one variable the shipped gateway.ini requires: the (test-only) JWT secret."""
     for key in list(os.environ):
         if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
                            "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE", "USER_SERVICE_URL",
                            "EVENT_SERVICE_URL", "HEALTH_TIMEOUT")):
             monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from meetinity_gateway.middleware.cors import (
     parse_origin,
 )
 from meetinity_gateway.problems import error_response
-from tests.servers import SHIPPED_INI, auth_headers, free_port, session
+from tests.servers import TEST_JWT_SECRET, SHIPPED_INI, auth_headers, free_port, session
 
 APP = "https://app.meetinity.com"
 MOBILE_HEADERS = "authorization, content-type, x-client-version, x-client-platform"
@@ -330,6 +330,7 @@ def test_filter_factory_fails_at_start(conf, key):
 
 def test_shipped_ini_fails_at_start_on_star_with_credentials(monkeypatch):
     monkeypatch.setenv("CORS_ALLOW_CREDENTIALS", "true")
+    monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
     with pytest.raises(ConfigError) as info:
         load_pipeline(SHIPPED_INI)
     assert info.value.section == "filter:cors"
