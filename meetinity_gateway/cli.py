@@ -1,10 +1,11 @@
-"""``meetinity-gateway serve | check | routes`` (also ``python -m meetinity_gateway``)."""
+"""``meetinity-gateway serve | check | routes | init`` (also ``python -m meetinity_gateway``)."""
 from __future__ import annotations
 
 import argparse
 import configparser
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -107,6 +108,35 @@ def create_server(
     )
 
 
+def cmd_init(args) -> int:
+    """Write a ``.env`` beside the ini file with a fresh random ``JWT_SECRET``, once.
+
+    The shipped gateway.ini refuses to start without a JWT secret (never an empty or guessable
+    one); this gives a newcomer a working start without committing a secret anywhere.
+    """
+    env_file = args.config.resolve().parent / ".env"
+    existing = env_file.read_text(encoding="utf-8") if env_file.is_file() else ""
+    if os.environ.get("JWT_SECRET") or any(
+        line.split("=", 1)[0].strip() == "JWT_SECRET" and line.split("=", 1)[1].strip()
+        for line in existing.splitlines() if "=" in line and not line.lstrip().startswith("#")
+    ):
+        print(f"JWT_SECRET is already set ({env_file} or the environment): nothing to do")
+        return 0
+    secret = secrets.token_urlsafe(48)
+    block = (
+        "# Written by `meetinity-gateway init`: a random secret so the gateway can start.\n"
+        "# Set it to the user service's JWT secret to accept that service's tokens.\n"
+        "# Every other variable is documented in .env.example.\n"
+        f"JWT_SECRET={secret}\n"
+    )
+    with env_file.open("a", encoding="utf-8") as handle:
+        if existing and not existing.endswith("\n"):
+            handle.write("\n")
+        handle.write(block)
+    print(f"wrote a new random JWT_SECRET to {env_file}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     settings = _server_settings(args.config)
     if args.threads is not None:
@@ -147,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="worker threads (default: [server:main] "
                                                    f"threads, else {DEFAULT_THREADS})")
     add("check", cmd_check, "validate the configuration, print pipeline and routes")
+    add("init", cmd_init, "write .env beside the ini with a random JWT_SECRET (once)")
     add("routes", cmd_routes, "print the route table")
     return parser
 

@@ -75,3 +75,27 @@ def test_wsgi_module_reads_gateway_config(monkeypatch, upstream):
     with WaitressServer(application) as server:
         response = session().get(server.url + "/api/auth/echo")
     assert response.json()["path"] == "/auth/echo"
+
+
+def test_init_writes_a_random_secret_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    config = tmp_path / "gateway.ini"
+    config.write_text(SHIPPED_INI.read_text())
+    (tmp_path / ".env").write_text("USER_SERVICE_URL=http://127.0.0.1:5009")
+    assert main(["init", "--config", str(config)]) == 0
+    text = (tmp_path / ".env").read_text()
+    assert text.startswith("USER_SERVICE_URL=http://127.0.0.1:5009\n")
+    secret = [line for line in text.splitlines() if line.startswith("JWT_SECRET=")]
+    assert len(secret) == 1 and len(secret[0]) > len("JWT_SECRET=") + 40
+    assert main(["init", "--config", str(config)]) == 0  # idempotent
+    assert (tmp_path / ".env").read_text() == text
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["check", "--config", str(config)]) == 0
+
+
+def test_without_a_secret_the_shipped_ini_refuses_to_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    config = tmp_path / "gateway.ini"
+    config.write_text(SHIPPED_INI.read_text())
+    assert main(["check", "--config", str(config)]) == 2
+    assert "secret is empty" in capsys.readouterr().err
