@@ -39,11 +39,14 @@ def _server_settings(config: Path) -> dict[str, str]:
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """``LOG_LEVEL`` (INFO) and ``LOG_FORMAT`` (json | text) from the environment."""
+    from meetinity_gateway.logs import configure_logging
+
+    try:
+        configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
+                          os.environ.get("LOG_FORMAT") or "json")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _print_pipeline(pipeline) -> None:
@@ -184,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
     try:
+        _setup_logging()
         return args.func(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -42,7 +42,7 @@ def test_shipped_ini_builds_the_same_pipeline_with_our_loader_and_pastedeploy(sh
     theirs = loadapp(f"config:{SHIPPED_INI}")
     assert describe(ours.app) == describe(theirs)
     assert ours.names[-1] == "gateway"
-    assert [type(layer).__name__ for layer in layers(ours.app)][0] == "ErrorMiddleware"
+    assert [type(layer).__name__ for layer in layers(ours.app)][0] == "ObserveMiddleware"
     router = layers(ours.app)[-1]
     assert isinstance(router.endpoints["user_service"], ProxyApp)
     assert router.endpoints["user_service"].base_url == "http://127.0.0.1:5999"
@@ -51,7 +51,7 @@ def test_shipped_ini_builds_the_same_pipeline_with_our_loader_and_pastedeploy(sh
 def test_pipeline_order_is_outermost_first(shipped_env):
     pipeline = load_pipeline(SHIPPED_INI)
     classes = [type(layer).__name__ for layer in layers(pipeline.app)]
-    expected = {"errors": "ErrorMiddleware", "cors": "CorsMiddleware",
+    expected = {"observe": "ObserveMiddleware", "errors": "ErrorMiddleware", "cors": "CorsMiddleware",
                 "ratelimit": "RateLimitMiddleware", "auth": "AuthMiddleware",
                 "gateway": "Router"}
     assert len(classes) == len(pipeline.names)

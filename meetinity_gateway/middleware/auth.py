@@ -101,6 +101,7 @@ import jwt
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
+from meetinity_gateway.keys import AUTH_ERROR_KEY
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.problems import GatewayError
 
@@ -429,6 +430,7 @@ class AuthMiddleware:
             claims = self.verify(token)
         except GatewayError as error:
             log.debug("refused %s %s: %s", environ.get("REQUEST_METHOD"), path, error.message)
+            environ[AUTH_ERROR_KEY] = error.message  # for metrics (a fixed, token-free text)
             return error(environ, start_response)
 
         environ[CLAIMS_KEY] = claims

@@ -34,12 +34,14 @@ Use alone::
 from __future__ import annotations
 
 import logging
+import time
 import typing as t
 from urllib.parse import quote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
+from meetinity_gateway.keys import TARGET_KEY, UPSTREAM_ERROR_KEY, UPSTREAM_KEY, UPSTREAM_MS_KEY
 from meetinity_gateway.problems import (
     BadGateway,
     BadRequest,
@@ -173,6 +175,7 @@ class ProxyApp:
             raise ValueError(f"upstream URL {base_url!r} must not have a query or fragment")
         self.base_url = base_url.rstrip("/")
         self.name = name or parts.netloc
+        self.target = parts.netloc
         self.timeout = (connect_timeout, read_timeout)
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
@@ -229,6 +232,10 @@ class ProxyApp:
     def forward(self, environ: WSGIEnvironment) -> requests.Response:
         """Send the request upstream; raises a :class:`GatewayError` when that fails."""
         body = self._body(environ)
+        # For the access log and metrics (meetinity_gateway.keys): who was called, how long.
+        environ[UPSTREAM_KEY] = self.name
+        environ[TARGET_KEY] = self.target
+        started = time.perf_counter()
         try:
             return self.session.request(
                 environ["REQUEST_METHOD"],
@@ -240,11 +247,15 @@ class ProxyApp:
                 timeout=self.timeout,
             )
         except requests.Timeout as exc:
+            environ[UPSTREAM_ERROR_KEY] = "timeout"
             log.warning("upstream %s timed out: %s", self.name, exc)
             raise GatewayTimeout(f"upstream {self.name} timed out") from exc
         except requests.RequestException as exc:
+            environ[UPSTREAM_ERROR_KEY] = "unavailable"
             log.warning("upstream %s unavailable: %s", self.name, exc)
             raise BadGateway(f"upstream {self.name} unavailable") from exc
+        finally:
+            environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         try:

@@ -1,0 +1,30 @@
+"""Namespaced WSGI environ keys written by one layer and read by others (logs, metrics).
+
+Each producer documents the keys it sets; this module only names them, so a reader (the
+observability layer) needs no import of the producer. Keys set by the proxy describe the
+last attempt of a request.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "AUTH_ERROR_KEY",
+    "TRACE_ID_KEY",
+    "UPSTREAM_ERROR_KEY",
+    "UPSTREAM_KEY",
+    "UPSTREAM_MS_KEY",
+    "TARGET_KEY",
+]
+
+#: The upstream's name (``user_service``), set by the proxy before it forwards.
+UPSTREAM_KEY = "meetinity_gateway.upstream"
+#: The upstream target actually called (``host:port``), set by the proxy.
+TARGET_KEY = "meetinity_gateway.target"
+#: Milliseconds (float) from sending the request upstream to its response headers (or to the
+#: failure), set by the proxy.
+UPSTREAM_MS_KEY = "meetinity_gateway.upstream_ms"
+#: Why the upstream call failed (``timeout`` or ``unavailable``), set by the proxy.
+UPSTREAM_ERROR_KEY = "meetinity_gateway.upstream_error"
+#: Why authentication refused the request (the 401/503 message), set by the auth layer.
+AUTH_ERROR_KEY = "meetinity_gateway.auth_error"
+#: The W3C trace id (32 hex digits) of the request, set by the observability layer.
+TRACE_ID_KEY = "meetinity_gateway.trace_id"

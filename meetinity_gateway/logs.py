@@ -1,0 +1,128 @@
+"""Log output: the access record and the JSON / text formatters.
+
+The access layer (:mod:`meetinity_gateway.middleware.observe`) logs one
+:class:`AccessRecord` per request on the ``meetinity_gateway.access`` logger. The record is
+rendered lazily, only when a handler really emits it, so a disabled logger costs the request
+no formatting at all. Rendered alone (``str(record)``, what any logging setup prints as the
+message) it is one JSON object or one ``key=value`` line.
+
+:func:`configure_logging` is what ``meetinity-gateway serve`` uses: ``LOG_FORMAT=json`` (the
+default) writes every log line as one JSON object — the access record's fields as they are,
+other messages as ``{"ts", "level", "logger", "message"[, "exc"]}`` — and ``text`` writes the
+classic ``time level logger: message`` lines. Under another server (gunicorn…) point its
+logging configuration at :class:`JsonFormatter` for the same output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import typing as t
+
+__all__ = ["AccessRecord", "JsonFormatter", "configure_logging", "iso_time"]
+
+LOG_FORMATS = ("json", "text")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# A text value that needs no quotes: no space, quote, '=' or control character.
+_BARE = re.compile(r"^[^\s\"'=\\\x00-\x1f\x7f]+$")
+
+
+def iso_time(timestamp: float) -> str:
+    """``2024-05-01T12:00:00.123Z`` (UTC, milliseconds)."""
+    seconds = int(timestamp)
+    millis = int((timestamp - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class AccessRecord:
+    """One request's access fields, rendered on demand (see the module docstring).
+
+    ``fields`` keeps insertion order; its ``ts`` is a Unix timestamp, rendered as ISO 8601.
+    """
+
+    __slots__ = ("fields", "as_json", "_rendered")
+
+    def __init__(self, fields: dict[str, t.Any], as_json: bool = True) -> None:
+        self.fields = fields
+        self.as_json = as_json
+        self._rendered: str | None = None
+
+    def _values(self) -> dict[str, t.Any]:
+        values = dict(self.fields)
+        if isinstance(values.get("ts"), float):
+            values["ts"] = iso_time(values["ts"])
+        return values
+
+    def to_json(self) -> str:
+        return json.dumps(self._values(), separators=(",", ":"))
+
+    def to_text(self) -> str:
+        parts = []
+        for key, value in self._values().items():
+            if value is None:
+                text = "-"
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+                if not _BARE.match(text):
+                    text = json.dumps(text)  # quoted and escaped: one line, no injection
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+    def __str__(self) -> str:
+        # Several handlers may format the same record: render once.
+        if self._rendered is None:
+            self._rendered = self.to_json() if self.as_json else self.to_text()
+        return self._rendered
+
+
+class JsonFormatter(logging.Formatter):
+    """Every record as one JSON object per line (access records: their own fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.msg, AccessRecord) and not record.args:
+            return record.msg.to_json()
+        payload: dict[str, t.Any] = {
+            "ts": iso_time(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            payload["request_id"] = request_id
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, separators=(",", ":"), default=str)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "json",
+                      stream: t.TextIO | None = None, force: bool = False) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr) at ``level``, as JSON or as text.
+
+    As ``logging.basicConfig``: when the root logger already has handlers (an embedding
+    application configured logging) only the level is set, unless ``force``. Raises
+    ValueError for an unknown level or format.
+    """
+    log_format = (log_format or "json").strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    name = (level or "INFO").strip().upper()
+    numeric = logging.getLevelName(name)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown LOG_LEVEL {level!r} (DEBUG, INFO, WARNING, ERROR)")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.setLevel(numeric)
+    if root.handlers and not force:
+        return root.handlers[0]
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    return handler
