@@ -39,6 +39,7 @@ from meetinity_gateway.config import (
 from meetinity_gateway.health import HealthApp, LiveApp
 from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.routing import Router, parse_route
+from meetinity_gateway.transform import apply_transforms
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIApplication
@@ -93,6 +94,7 @@ def app_factory(global_conf, **local_conf):
 
     upstream_urls: dict[str, str] = {}
     route_specs: dict[str, str] = {}
+    transform_specs: dict[str, str] = {}  # transform.NAME: header rules (transform.py)
     settings: dict[str, t.Any] = {}
     for key, value in values.items():
         kind, _, name = key.partition(".")
@@ -100,13 +102,16 @@ def app_factory(global_conf, **local_conf):
             upstream_urls[name] = value.strip()
         elif kind == "route" and name:
             route_specs[name] = value
+        elif kind == "transform" and name:
+            transform_specs[name] = value
         elif key in _APP_PARAMS:
             try:
                 settings[key] = _APP_PARAMS[key](value)
             except ValueError as exc:
                 raise error(str(exc), key) from None
         else:
-            known = ", ".join(sorted(_APP_PARAMS) + ["upstream.NAME", "route.NAME"])
+            keys = ["upstream.NAME", "route.NAME", "transform.NAME"]
+            known = ", ".join(sorted(_APP_PARAMS) + keys)
             raise error(f"unknown key (known keys: {known})", key)
 
     health_timeout = settings.pop("health_timeout", 2.0)
@@ -132,9 +137,14 @@ def app_factory(global_conf, **local_conf):
     if not routes:
         raise ConfigError("no routes: add route.NAME = PATH -> TARGET keys", file=file)
     try:
-        return Router(routes, endpoints)
+        router = Router(routes, endpoints)
     except ValueError as exc:
         raise ConfigError(str(exc), file=file) from None
+    try:
+        apply_transforms(router, transform_specs)
+    except ConfigError as exc:
+        raise exc.locate(file=file) from None
+    return router
 
 
 # -- the loader -----------------------------------------------------------------------------

@@ -147,6 +147,12 @@ class Router:
         )
         # Matching needs no per-request binding: the gateway routes on the path alone.
         self._adapter = self.map.bind("gateway", "/")
+        # The app answering each route: its target's endpoint, maybe wrapped (wrap_route).
+        self._apps = {route.name: self.endpoints[route.target] for route in self.routes}
+
+    def wrap_route(self, name: str, wrapper: t.Callable[[WSGIApplication], WSGIApplication]):
+        """Answer route ``name`` with ``wrapper(current app)`` (e.g. its header rules)."""
+        self._apps[name] = wrapper(self._apps[name])
 
     def describe(self) -> list[str]:
         return [route.describe() for route in self.routes]
@@ -169,4 +175,4 @@ class Router:
             return exc(environ, start_response)
         environ[ROUTE_KEY] = route.name
         environ[UPSTREAM_PATH_KEY] = route.upstream_path(path_info or "/")
-        return self.endpoints[route.target](environ, start_response)
+        return self._apps[route.name](environ, start_response)

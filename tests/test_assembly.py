@@ -51,7 +51,8 @@ def test_shipped_ini_builds_the_same_pipeline_with_our_loader_and_pastedeploy(sh
 def test_pipeline_order_is_outermost_first(shipped_env):
     pipeline = load_pipeline(SHIPPED_INI)
     classes = [type(layer).__name__ for layer in layers(pipeline.app)]
-    expected = {"observe": "ObserveMiddleware", "errors": "ErrorMiddleware", "cors": "CorsMiddleware",
+    expected = {"observe": "ObserveMiddleware",
+                "errors": "ErrorMiddleware", "cors": "CorsMiddleware",
                 "ratelimit": "RateLimitMiddleware", "auth": "AuthMiddleware",
                 "gateway": "Router"}
     assert len(classes) == len(pipeline.names)
