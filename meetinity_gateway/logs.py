@@ -21,13 +21,23 @@ import sys
 import time
 import typing as t
 
-__all__ = ["AccessRecord", "JsonFormatter", "configure_logging", "iso_time"]
+__all__ = ["AccessRecord", "JsonFormatter", "configure_logging", "iso_time", "without_query"]
 
 LOG_FORMATS = ("json", "text")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # A text value that needs no quotes: no space, quote, '=' or control character.
 _BARE = re.compile(r"^[^\s\"'=\\\x00-\x1f\x7f]+$")
+
+
+# A query string inside a message (urllib3 puts the request URL in its errors): up to the
+# next blank, quote or parenthesis.
+_QUERY = re.compile(r"\?[^\s'\"()]*")
+
+
+def without_query(text: str) -> str:
+    """``text`` with every URL query string replaced by ``?…`` (queries may hold secrets)."""
+    return _QUERY.sub("?…", text) if "?" in text else text
 
 
 def iso_time(timestamp: float) -> str:
@@ -120,6 +130,8 @@ def configure_logging(level: str = "INFO", log_format: str = "json",
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.setLevel(numeric)
+    # urllib3 logs every request URL, query string included, at DEBUG.
+    logging.getLogger("urllib3").setLevel(max(numeric, logging.INFO))
     if root.handlers and not force:
         return root.handlers[0]
     for old in list(root.handlers):

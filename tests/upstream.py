@@ -12,6 +12,7 @@ Behaviour is chosen by the last path segment, so it works behind any route rewri
 ``…/chunked``       streams ``?size=`` bytes of :func:`pattern` chunked
 ``…/upload``        reads the body in chunks; answers its length and SHA-256
 ``…/status``        answers ``?code=``
+``…/powered``       echo, answered with ``X-Powered-By: Express`` and ``X-Keep: yes``
 ``…/health``        200 ``{"status": "ok"}`` (or ``health_status`` when set)
 anything else       echo: method, path, query, headers, body length and SHA-256 as JSON
 ==================  ===========================================================================
@@ -188,6 +189,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_upload_(self, query):
         length, digest = self.body_summary()
         self.send_json({"body_length": length, "body_sha256": digest})
+
+    def do_powered_(self, query):
+        length, digest = self.body_summary()
+        self.send_json({"headers": [[k, v] for k, v in self.headers.items()]},
+                       headers=[("X-Powered-By", "Express"), ("X-Keep", "yes")])
 
     def do_status_(self, query):
         self.body_summary()

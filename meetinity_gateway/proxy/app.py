@@ -42,6 +42,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from meetinity_gateway.keys import TARGET_KEY, UPSTREAM_ERROR_KEY, UPSTREAM_KEY, UPSTREAM_MS_KEY
+from meetinity_gateway.logs import without_query
 from meetinity_gateway.problems import (
     BadGateway,
     BadRequest,
@@ -248,11 +249,11 @@ class ProxyApp:
             )
         except requests.Timeout as exc:
             environ[UPSTREAM_ERROR_KEY] = "timeout"
-            log.warning("upstream %s timed out: %s", self.name, exc)
+            log.warning("upstream %s timed out: %s", self.name, without_query(str(exc)))
             raise GatewayTimeout(f"upstream {self.name} timed out") from exc
         except requests.RequestException as exc:
             environ[UPSTREAM_ERROR_KEY] = "unavailable"
-            log.warning("upstream %s unavailable: %s", self.name, exc)
+            log.warning("upstream %s unavailable: %s", self.name, without_query(str(exc)))
             raise BadGateway(f"upstream {self.name} unavailable") from exc
         finally:
             environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0

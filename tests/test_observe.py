@@ -1,0 +1,465 @@
+"""The observability layer alone around small WSGI apps (webtest + LintMiddleware)."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from webtest import TestApp
+from werkzeug.middleware.lint import LintMiddleware
+
+from meetinity_gateway.config import ConfigError
+from meetinity_gateway.keys import (
+    AUTH_ERROR_KEY,
+    TARGET_KEY,
+    TRACE_ID_KEY,
+    UPSTREAM_ERROR_KEY,
+    UPSTREAM_KEY,
+    UPSTREAM_MS_KEY,
+)
+from meetinity_gateway.logs import AccessRecord, JsonFormatter, configure_logging, without_query
+from meetinity_gateway.middleware.errors import ErrorMiddleware
+from meetinity_gateway.middleware.observe import (
+    ObserveMiddleware,
+    filter_factory,
+    new_traceparent,
+    parse_traceparent,
+)
+from meetinity_gateway.problems import REQUEST_ID_KEY
+
+LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$")
+
+
+def app_setting(**keys):
+    """A WSGI app that leaves ``keys`` in the environ (as inner layers do) and echoes trace
+    headers."""
+    status = keys.pop("status", "200 OK")
+
+    def app(environ, start_response):
+        environ.update(keys)
+        body = json.dumps({
+            "traceparent": environ.get("HTTP_TRACEPARENT"),
+            "tracestate": environ.get("HTTP_TRACESTATE"),
+            "trace_id": environ.get(TRACE_ID_KEY),
+        }).encode()
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def boom_app(environ, start_response):
+    raise RuntimeError("boom")
+
+
+def late_boom_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    def body():
+        yield b"first part"
+        raise RuntimeError("failed mid-body")
+
+    return body()
+
+
+def client(app, **kwargs) -> tuple[TestApp, ObserveMiddleware]:
+    middleware = ObserveMiddleware(LintMiddleware(app), **kwargs)
+    return TestApp(LintMiddleware(middleware), extra_environ=LOOPBACK), middleware
+
+
+@pytest.fixture
+def access(caplog):
+    """The access records logged during the test, as dicts (from their JSON rendering)."""
+    caplog.set_level(logging.INFO, logger="meetinity_gateway.access")
+
+    def records():
+        return [json.loads(record.msg.to_json()) for record in caplog.records
+                if record.name == "meetinity_gateway.access"]
+
+    return records
+
+
+def sample(middleware, name, **labels):
+    return middleware.registry.get_sample_value(name, labels)
+
+
+# -- access log -------------------------------------------------------------------------------
+
+def test_access_record_has_every_field(access):
+    app, _ = client(app_setting(**{
+        REQUEST_ID_KEY: "req-1", "meetinity_gateway.route": "users",
+        UPSTREAM_KEY: "user_service", TARGET_KEY: "127.0.0.1:5001", UPSTREAM_MS_KEY: 1.23456,
+        "meetinity_gateway.claims": {"sub": 42, "email": "ada@example.com"},
+    }))
+    response = app.get("/api/users/7?token=secret", headers={
+        "Authorization": "Bearer abc.def.ghi", "Cookie": "sid=cookie-value"})
+    [line] = access()
+    assert set(line) == {"ts", "request_id", "method", "path", "status", "duration_ms",
+                         "bytes_out", "client", "route", "upstream", "target", "upstream_ms",
+                         "user", "trace_id"}
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", line["ts"])
+    assert line["request_id"] == "req-1"
+    assert line["method"] == "GET"
+    assert line["path"] == "/api/users/7"
+    assert line["status"] == 200
+    assert line["bytes_out"] == len(response.body)
+    assert line["duration_ms"] >= 0
+    assert line["client"] == "127.0.0.1"
+    assert (line["route"], line["upstream"], line["target"]) == (
+        "users", "user_service", "127.0.0.1:5001")
+    assert line["upstream_ms"] == 1.235
+    assert line["user"] == "42"
+    assert line["trace_id"] == response.json["trace_id"]
+    text = json.dumps(line)
+    assert "secret" not in text and "abc.def" not in text and "cookie-value" not in text
+
+
+def test_query_string_is_logged_only_when_asked(access):
+    app, _ = client(app_setting(), log_query=True)
+    app.get("/x?page=2")
+    assert access()[0]["path"] == "/x?page=2"
+
+
+def test_utf8_path_and_text_format(caplog):
+    caplog.set_level(logging.INFO, logger="meetinity_gateway.access")
+    app, _ = client(app_setting(), log_format="text")
+    app.get("/caf%C3%A9/a%20b")
+    [record] = [r for r in caplog.records if r.name == "meetinity_gateway.access"]
+    line = record.getMessage()
+    assert "\n" not in line
+    # Non-ASCII escaped (no exotic line separators can reach a log file), quoted.
+    assert 'path="/caf\\u00e9/a b"' in line
+    assert "status=200 " in line and "user=- " in line
+
+
+def test_text_values_cannot_forge_fields():
+    line = str(AccessRecord({"path": "/x status=999\nfake=1", "user": None}, as_json=False))
+    assert line == 'path="/x status=999\\nfake=1" user=-'
+
+
+def test_status_of_a_crash_is_logged_as_500_and_reraised(access):
+    app, middleware = client(boom_app)
+    with pytest.raises(RuntimeError):
+        app.get("/x")
+    [line] = access()
+    assert line["status"] == 500 and line["error"] == "unhandled exception"
+    assert sample(middleware, "gateway_requests_in_flight") == 0
+    assert sample(middleware, "gateway_requests_total", route="unmatched", method="GET",
+                  status="5xx") == 1
+
+
+def test_error_edge_500_is_logged_with_its_request_id(access):
+    middleware = ObserveMiddleware(ErrorMiddleware(boom_app))
+    response = TestApp(LintMiddleware(middleware)).get("/x", status=500)
+    [line] = access()
+    assert line["status"] == 500
+    assert line["request_id"] == response.headers["X-Request-ID"]
+    assert line["bytes_out"] == len(response.body)
+
+
+def test_response_cut_mid_body_is_logged(access):
+    app, _ = client(late_boom_app)
+    with pytest.raises(RuntimeError):
+        app.get("/x")
+    [line] = access()
+    assert line["status"] == 200
+    assert line["bytes_out"] == len(b"first part")
+    assert line["error"] == "response aborted"
+
+
+def test_disabled_access_logger_builds_no_record(caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, logger="meetinity_gateway.access")
+    built = []
+    monkeypatch.setattr(ObserveMiddleware, "_access_record",
+                        lambda self, *args: built.append(args))
+    app, middleware = client(app_setting())
+    app.get("/x")
+    assert built == []
+    assert sample(middleware, "gateway_requests_total", route="unmatched", method="GET",
+                  status="2xx") == 1
+
+
+def test_json_formatter_for_other_records():
+    record = logging.LogRecord("meetinity_gateway.proxy", logging.WARNING, __file__, 1,
+                               "upstream %s down", ("u",), None)
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["level"] == "WARNING" and payload["message"] == "upstream u down"
+    assert payload["logger"] == "meetinity_gateway.proxy"
+
+
+def test_configure_logging_rejects_bad_values():
+    with pytest.raises(ValueError, match="LOG_FORMAT"):
+        configure_logging("INFO", "xml")
+    with pytest.raises(ValueError, match="LOG_LEVEL"):
+        configure_logging("LOUD", "json")
+
+
+def test_query_strings_are_cut_from_messages():
+    text = "Max retries exceeded with url: /auth/7?access_token=s3cret (Caused by X)"
+    assert without_query(text) == "Max retries exceeded with url: /auth/7?… (Caused by X)"
+
+
+# -- trace context -----------------------------------------------------------------------------
+
+VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize("value, trace_id", [
+    (VALID, "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-future",
+     "4bf92f3577b34da6a3ce929d0e0e4736"),
+    (VALID + "-extra", None),  # version 00 has exactly four fields
+    (VALID.upper(), None),
+    ("ff" + VALID[2:], None),
+    ("00-" + "0" * 32 + "-00f067aa0ba902b7-01", None),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", None),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", None),
+    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x", None),
+    ("", None), (None, None), ("garbage", None),
+])
+def test_parse_traceparent(value, trace_id):
+    assert parse_traceparent(value) == trace_id
+
+
+def test_new_traceparent_is_valid():
+    seen = set()
+    for _ in range(50):
+        value, trace_id = new_traceparent()
+        assert TRACEPARENT.match(value) and parse_traceparent(value) == trace_id
+        seen.add(trace_id)
+    assert len(seen) == 50
+    assert new_traceparent(sampled=False)[0].endswith("-00")
+
+
+def test_trace_started_when_absent(access):
+    app, _ = client(app_setting())
+    body = app.get("/x").json
+    match = TRACEPARENT.match(body["traceparent"])
+    assert match and match.group(1) == body["trace_id"] == access()[0]["trace_id"]
+
+
+def test_valid_trace_kept_with_its_state(access):
+    app, _ = client(app_setting())
+    body = app.get("/x", headers={"traceparent": VALID, "tracestate": "vendor=abc"}).json
+    assert body == {"traceparent": VALID, "tracestate": "vendor=abc",
+                    "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
+    assert access()[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.mark.parametrize("bad", [VALID.upper(), "00-xyz", VALID + "-x", "ff" + VALID[2:]])
+def test_malformed_trace_restarted_and_its_state_dropped(bad):
+    app, _ = client(app_setting())
+    body = app.get("/x", headers={"traceparent": bad, "tracestate": "vendor=abc"}).json
+    assert TRACEPARENT.match(body["traceparent"]) and body["traceparent"] != bad
+    assert body["tracestate"] is None
+
+
+def test_oversized_tracestate_dropped():
+    app, _ = client(app_setting())
+    body = app.get("/x", headers={"traceparent": VALID, "tracestate": "a=" + "b" * 600}).json
+    assert body["traceparent"] == VALID and body["tracestate"] is None
+
+
+def test_trace_off_leaves_headers_alone(access):
+    app, _ = client(app_setting(), trace=False)
+    body = app.get("/x").json
+    assert body["traceparent"] is None and access()[0]["trace_id"] is None
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+def test_metrics_by_route_upstream_rule_and_reason():
+    upstream = {"meetinity_gateway.route": "users", UPSTREAM_KEY: "user_service",
+                TARGET_KEY: "127.0.0.1:5001", UPSTREAM_MS_KEY: 20.0}
+    ok_app, middleware = client(app_setting(**upstream))
+    registry = middleware.registry
+    for _ in range(3):
+        ok_app.get("/api/users/1")
+    ok_app.post("/api/users/1", "x")
+    timeout = ObserveMiddleware(LintMiddleware(app_setting(
+        status="504 Gateway Timeout", **upstream, **{UPSTREAM_ERROR_KEY: "timeout"})),
+        registry=registry, namespace="other")
+    TestApp(timeout).get("/api/users/1", status=504)
+    limited = ObserveMiddleware(LintMiddleware(app_setting(
+        status="429 Too Many Requests", **{"meetinity_gateway.ratelimit": {
+            "rule": "auth", "allowed": False, "storage_failed": False}})),
+        registry=registry, namespace="limited")
+    TestApp(limited).get("/api/auth/login", status=429)
+    refused = ObserveMiddleware(LintMiddleware(app_setting(
+        status="401 Unauthorized", **{AUTH_ERROR_KEY: "token expired"})),
+        registry=registry, namespace="auth")
+    TestApp(refused).get("/api/users/1", status=401)
+    TestApp(refused).get("/api/users/1", status=401)
+    odd = ok_app.request("/api/users/1", method="PROPFIND")
+    assert odd.status_int == 200
+
+    get = registry.get_sample_value
+    assert get("gateway_requests_total",
+               {"route": "users", "method": "GET", "status": "2xx"}) == 3
+    assert get("gateway_requests_total",
+               {"route": "users", "method": "POST", "status": "2xx"}) == 1
+    assert get("gateway_requests_total",
+               {"route": "users", "method": "OTHER", "status": "2xx"}) == 1
+    assert get("gateway_request_duration_seconds_count",
+               {"route": "users", "method": "GET", "status": "2xx"}) == 3
+    assert get("gateway_upstream_request_duration_seconds_count",
+               {"upstream": "user_service", "target": "127.0.0.1:5001"}) == 5
+    assert get("gateway_upstream_request_duration_seconds_sum",
+               {"upstream": "user_service", "target": "127.0.0.1:5001"}) == pytest.approx(0.1)
+    assert get("other_upstream_failures_total", {
+        "upstream": "user_service", "target": "127.0.0.1:5001", "reason": "timeout"}) == 1
+    assert get("other_requests_total",
+               {"route": "users", "method": "GET", "status": "5xx"}) == 1
+    assert get("limited_ratelimit_rejections_total", {"rule": "auth"}) == 1
+    assert get("auth_auth_failures_total", {"reason": "token expired"}) == 2
+    assert get("gateway_requests_in_flight") == 0
+
+
+def test_in_flight_counts_until_close():
+    seen = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            seen.append(middleware.registry.get_sample_value("gateway_requests_in_flight"))
+            yield b"x"
+
+        return body()
+
+    middleware = ObserveMiddleware(app)
+    TestApp(LintMiddleware(middleware)).get("/x")
+    assert seen == [1]
+    assert middleware.registry.get_sample_value("gateway_requests_in_flight") == 0
+
+
+def metrics_of(response) -> dict[str, float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text) for s in family.samples
+    }
+
+
+def test_metrics_endpoint_serves_loopback_and_is_not_counted(access):
+    app, middleware = client(app_setting(**{"meetinity_gateway.route": "users"}))
+    app.get("/api/users/1")
+    response = app.get("/metrics")
+    assert response.content_type.startswith("text/plain")
+    assert response.headers["Cache-Control"] == "no-store"
+    samples = metrics_of(app.get("/metrics"))
+    key = ("gateway_requests_total", (("method", "GET"), ("route", "users"),
+                                      ("status", "2xx")))
+    assert samples[key] == 1
+    assert not any(dict(labels).get("route") == "@metrics" for _, labels in samples)
+    lines = access()
+    assert [line["route"] for line in lines] == ["users", "@metrics", "@metrics"]
+    assert lines[1]["status"] == 200 and lines[1]["bytes_out"] == len(response.body)
+
+
+def test_metrics_endpoint_speaks_openmetrics_when_asked():
+    app, _ = client(app_setting())
+    response = app.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.content_type == "application/openmetrics-text"
+    assert response.text.rstrip().endswith("# EOF")
+
+
+@pytest.mark.parametrize("remote, forwarded, trusted, allowed", [
+    ("127.0.0.1", None, 0, True),
+    ("::1", None, 0, True),
+    ("10.1.2.3", None, 0, True),
+    ("192.168.1.9", None, 0, True),
+    ("::ffff:127.0.0.1", None, 0, True),
+    ("8.8.8.8", None, 0, False),
+    ("2001:db8::1", None, 0, False),
+    ("8.8.8.8", "127.0.0.1", 0, False),  # a client-sent X-Forwarded-For is not trusted
+    ("10.0.0.1", "8.8.8.8", 1, False),  # the balancer is private, the client is not
+    ("10.0.0.1", "192.168.0.7", 1, True),
+    ("not an address", None, 0, False),
+])
+def test_metrics_allow_list(remote, forwarded, trusted, allowed):
+    app, _ = client(app_setting(), trusted_proxies=trusted)
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    response = app.get("/metrics", headers=headers, extra_environ={"REMOTE_ADDR": remote},
+                       status="*")
+    if allowed:
+        assert response.status_int == 200 and "gateway_requests_total" in response.text
+    else:
+        assert response.status_int == 404
+        assert response.json["error"]["code"] == 404
+        assert response.json["error"]["message"] == "no route for /metrics"
+
+
+def test_metrics_allow_list_is_configurable():
+    app, _ = client(app_setting(), metrics_allow=["203.0.113.0/24"])
+    app.get("/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.7"}, status=200)
+    app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}, status=404)
+
+
+def test_metrics_endpoint_methods_and_path():
+    app, _ = client(app_setting(), metrics_path="/internal/metrics")
+    response = app.post("/internal/metrics", status=405)
+    assert response.headers["Allow"] == "GET, HEAD"
+    assert app.head("/internal/metrics").body == b""
+    # The old path is an ordinary request for the wrapped app now.
+    assert "traceparent" in app.get("/metrics").json
+
+
+def test_metrics_off_serves_nothing():
+    app, middleware = client(app_setting(), metrics=False)
+    assert "traceparent" in app.get("/metrics").json
+    assert middleware.registry is None
+
+
+def test_each_instance_has_its_own_registry():
+    first, second = ObserveMiddleware(app_setting()), ObserveMiddleware(app_setting())
+    assert first.registry is not second.registry
+    registry = CollectorRegistry()
+    assert ObserveMiddleware(app_setting(), registry=registry).registry is registry
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"log_format": "xml"}, "log_format"),
+    ({"metrics_allow": ["10.0.0.0/8", "not-a-network"]}, "metrics_allow"),
+    ({"metrics_path": "metrics"}, "metrics_path"),
+    ({"metrics_path": "/met rics"}, "metrics_path"),
+    ({"namespace": "9lives"}, "namespace"),
+    ({"buckets": [0, 1]}, "buckets"),
+    ({"trusted_proxies": -1}, "trusted_proxies"),
+])
+def test_bad_arguments_are_config_errors(kwargs, key):
+    with pytest.raises(ConfigError) as info:
+        ObserveMiddleware(app_setting(), **kwargs)
+    assert info.value.key == key
+
+
+def test_filter_factory_casts_and_rejects_unknown_keys():
+    make = filter_factory({"__file__": "gateway.ini"}, metrics_allow="10.0.0.0/8, ::1",
+                          trusted_proxies="1", buckets="0.1, 1", log_format="text")
+    middleware = make(app_setting())
+    assert [str(n) for n in middleware.metrics_allow] == ["10.0.0.0/8", "::1/128"]
+    assert middleware.trusted_proxies == 1
+    with pytest.raises(ConfigError, match="unknown key"):
+        filter_factory({}, metric_path="/m")
+    with pytest.raises(ConfigError) as info:
+        filter_factory({"__file__": "gateway.ini"}, metrics_allow="nope")(app_setting())
+    assert info.value.file == "gateway.ini" and info.value.key == "metrics_allow"
+    with pytest.raises(ConfigError, match="seconds"):
+        filter_factory({}, buckets="fast, slow")
+
+
+def test_multiprocess_dir_must_exist_and_be_set_before_import(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a directory"):
+        ObserveMiddleware(app_setting())
+    # prometheus-client was imported without it (this process): refusing beats metrics
+    # silently kept per process.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="before the process starts"):
+        ObserveMiddleware(app_setting())
