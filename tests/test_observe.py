@@ -1,9 +1,12 @@
-"""The observability layer alone around small WSGI apps (webtest + LintMiddleware)."""
+"""The observability layer: alone around small WSGI apps (webtest + LintMiddleware), then end
+to end through the shipped gateway.ini under waitress, and in real processes."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -29,6 +32,14 @@ from meetinity_gateway.middleware.observe import (
     parse_traceparent,
 )
 from meetinity_gateway.problems import REQUEST_ID_KEY
+from tests.servers import (
+    GatewayProcess,
+    WaitressServer,
+    free_port,
+    make_token,
+    session,
+    write_ini,
+)
 
 LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$")
@@ -273,6 +284,7 @@ def test_trace_off_leaves_headers_alone(access):
 
 # -- metrics -----------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")
 def test_metrics_by_route_upstream_rule_and_reason():
     upstream = {"meetinity_gateway.route": "users", UPSTREAM_KEY: "user_service",
                 TARGET_KEY: "127.0.0.1:5001", UPSTREAM_MS_KEY: 20.0}
@@ -463,3 +475,263 @@ def test_multiprocess_dir_must_exist_and_be_set_before_import(monkeypatch, tmp_p
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="before the process starts"):
         ObserveMiddleware(app_setting())
+
+
+# -- end to end: the shipped gateway.ini under waitress ----------------------------------------
+
+@pytest.fixture
+def log_lines():
+    """Every log line (any logger, DEBUG and up) written while the test runs, as the JSON
+    formatter renders it — with the level clamps of the real logging setup."""
+    root = logging.getLogger()
+    urllib3_logger = logging.getLogger("urllib3")
+    saved = root.level, urllib3_logger.level
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    configure_logging("DEBUG", "json")  # pytest's handlers are kept: levels only
+    root.addHandler(handler)
+    yield lambda: stream.getvalue().splitlines()
+    root.removeHandler(handler)
+    root.setLevel(saved[0])
+    urllib3_logger.setLevel(saved[1])
+
+
+def access_lines(lines):
+    parsed = [json.loads(line) for line in lines]
+    return [line for line in parsed if "status" in line and "level" not in line]
+
+
+def wait_for(predicate, timeout: float = 5.0):
+    """A request is logged and counted when the server closes its body, which may be just
+    after the client has read it: wait (bounded) for that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def wait_for_access_lines(log_lines, count: int):
+    wait_for(lambda: len(access_lines(log_lines())) >= count)
+    return log_lines()
+
+
+ACCESS_FIELDS = {"ts", "request_id", "method", "path", "status", "duration_ms", "bytes_out",
+                 "client", "route", "upstream", "target", "upstream_ms", "user", "trace_id"}
+
+
+def boom_factory(global_conf, **local_conf):
+    """``call:`` app factory for an ini whose app always crashes."""
+    return boom_app
+
+
+def test_access_log_for_every_outcome_and_no_secret(
+        gateway_factory, upstream, tmp_path, log_lines):
+    token = make_token()
+    cookie = "sid=cookie-secret-4711"
+    query_secret = "query-secret-9923"
+    bad_token = "garbage.token-value.notasignature"
+    gateway = gateway_factory(RATE_LIMIT_AUTH="2/minute", UPSTREAM_READ_TIMEOUT="0.5")
+    down = gateway_factory(USER_SERVICE_URL=f"http://127.0.0.1:{free_port()}")
+    edge_ini = write_ini(tmp_path / "edge.ini", """
+[pipeline:main]
+pipeline = observe errors boom
+[filter:observe]
+use = egg:meetinity_gateway#observe
+[filter:errors]
+use = egg:meetinity_gateway#errors
+[app:boom]
+use = call:tests.test_observe:boom_factory
+""")
+    from meetinity_gateway.assembly import load_app
+
+    client = session()
+    client.headers["Cookie"] = cookie
+    bearer = {"Authorization": f"Bearer {token}"}
+    calls = [
+        (gateway.url + f"/api/users/7?access_token={query_secret}", bearer, 200),
+        (gateway.url + "/api/users/7", {"Authorization": f"Bearer {bad_token}"}, 401),
+        (gateway.url + "/nope", {}, 404),
+        (gateway.url + "/api/auth/status?code=500", {}, 500),
+        (gateway.url + "/api/auth/slow?seconds=2", {}, 504),
+        (gateway.url + "/api/auth/login", bearer, 429),
+        (down.url + f"/api/profile/me?access_token={query_secret}", bearer, 502),
+    ]
+    request_ids = []
+    with WaitressServer(load_app(edge_ini)) as edge:
+        for url, headers, status in calls + [(edge.url + "/anything", bearer, 500)]:
+            response = client.get(url, headers=headers)
+            assert response.status_code == status, url
+            request_ids.append(response.headers["X-Request-ID"])
+
+    lines = wait_for_access_lines(log_lines, 8)
+    records = access_lines(lines)
+    assert [r["status"] for r in records] == [200, 401, 404, 500, 504, 429, 502, 500]
+    assert [r["request_id"] for r in records] == request_ids
+    for record in records:
+        assert ACCESS_FIELDS <= set(record)
+        assert record["method"] == "GET" and "?" not in record["path"]
+        assert record["client"] == "127.0.0.1"
+        assert re.match(r"^[0-9a-f]{32}$", record["trace_id"])
+        assert record["duration_ms"] >= 0 and record["bytes_out"] > 0
+    ok, unauthorized, missing, failed, timeout, limited, down_, edge_ = records
+    assert (ok["route"], ok["upstream"], ok["target"], ok["user"]) == (
+        "users", "user_service", f"127.0.0.1:{upstream.port}", "42")
+    assert ok["upstream_ms"] > 0 and ok["path"] == "/api/users/7"
+    assert unauthorized["user"] is None and unauthorized["upstream"] is None
+    assert missing["route"] is None
+    assert failed["route"] == "auth" and failed["upstream"] == "user_service"
+    assert timeout["upstream_ms"] >= 400 and timeout["route"] == "auth"
+    assert limited["upstream"] is None
+    assert down_["upstream"] == "user_service" and down_["user"] == "42"
+    assert edge_["path"] == "/anything" and edge_["route"] is None
+    # The edge's exception was logged too, with the request id and no header value.
+    assert any('"level":"ERROR"' in line and request_ids[-1] in line for line in lines)
+    # Nothing secret in any line of the run, whatever logged it.
+    for line in lines:
+        for secret in (token, "cookie-secret-4711", query_secret, bad_token):
+            assert secret not in line
+
+
+def scrape(url, **kwargs):
+    response = session().get(url + "/metrics", **kwargs)
+    assert response.status_code == 200, response.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text) for s in family.samples
+    }
+
+
+def labels(**kw):
+    return tuple(sorted(kw.items()))
+
+
+def test_metrics_after_known_traffic(gateway_factory, upstream, log_lines):
+    gateway = gateway_factory(RATE_LIMIT_AUTH="1/minute")
+    client = session()
+    bearer = {"Authorization": f"Bearer {make_token()}"}
+    for _ in range(3):
+        assert client.get(gateway.url + "/api/users/1", headers=bearer).status_code == 200
+    for _ in range(2):
+        assert client.get(gateway.url + "/api/users/1").status_code == 401
+    assert client.get(gateway.url + "/api/users/1",
+                      headers={"Authorization": "Bearer a.b.c"}).status_code == 401
+    assert client.delete(gateway.url + "/nope").status_code == 404
+    assert client.get(gateway.url + "/api/auth/x").status_code == 200
+    assert client.get(gateway.url + "/api/auth/x").status_code == 429
+
+    wait_for_access_lines(log_lines, 9)
+    samples = scrape(gateway.url)
+    target = f"127.0.0.1:{upstream.port}"
+    assert samples[("gateway_requests_total",
+                    labels(route="users", method="GET", status="2xx"))] == 3
+    assert samples[("gateway_requests_total",
+                    labels(route="auth", method="GET", status="2xx"))] == 1
+    # Answered before the router: no route.
+    assert samples[("gateway_requests_total",
+                    labels(route="unmatched", method="GET", status="4xx"))] == 4
+    assert samples[("gateway_requests_total",
+                    labels(route="unmatched", method="DELETE", status="4xx"))] == 1
+    assert samples[("gateway_request_duration_seconds_count",
+                    labels(route="users", method="GET", status="2xx"))] == 3
+    assert samples[("gateway_upstream_request_duration_seconds_count",
+                    labels(upstream="user_service", target=target))] == 4
+    assert samples[("gateway_auth_failures_total",
+                    labels(reason="missing bearer token"))] == 2
+    assert samples[("gateway_auth_failures_total", labels(reason="malformed token"))] == 1
+    assert samples[("gateway_ratelimit_rejections_total", labels(rule="auth"))] == 1
+    assert samples[("gateway_requests_in_flight", ())] == 0
+    assert not any(name == "gateway_upstream_failures_total" for name, _ in samples)
+
+
+def test_upstream_failures_counted_by_reason(gateway_factory, upstream, log_lines):
+    slow = gateway_factory(UPSTREAM_READ_TIMEOUT="0.3")
+    port = free_port()
+    down = gateway_factory(USER_SERVICE_URL=f"http://127.0.0.1:{port}")
+    client = session()
+    assert client.get(slow.url + "/api/auth/slow?seconds=1").status_code == 504
+    assert client.get(down.url + "/api/auth/x").status_code == 502
+    assert client.get(down.url + "/api/auth/x").status_code == 502
+    wait_for_access_lines(log_lines, 3)
+    assert scrape(slow.url)[("gateway_upstream_failures_total", labels(
+        upstream="user_service", target=f"127.0.0.1:{upstream.port}", reason="timeout"))] == 1
+    assert scrape(down.url)[("gateway_upstream_failures_total", labels(
+        upstream="user_service", target=f"127.0.0.1:{port}", reason="unavailable"))] == 2
+
+
+def test_metrics_not_rate_limited_and_refused_outside_the_allow_list(gateway_factory):
+    gateway = gateway_factory(RATE_LIMIT_DEFAULT="1/minute")
+    client = session()
+    assert client.get(gateway.url + "/nope").status_code == 404
+    assert client.get(gateway.url + "/nope").status_code == 429
+    for _ in range(3):
+        scrape(gateway.url)
+
+    closed = gateway_factory(METRICS_ALLOW="10.0.0.0/8")
+    response = client.get(closed.url + "/metrics")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "no route for /metrics"
+    assert "gateway_" not in response.text
+
+
+def test_trace_context_started_and_propagated(gateway, upstream, log_lines):
+    client = session()
+    echoed = dict(client.get(gateway.url + "/api/auth/echo").json()["headers"])
+    match = TRACEPARENT.match(echoed["Traceparent"])
+    assert match
+    assert access_lines(wait_for_access_lines(log_lines, 1))[-1]["trace_id"] == match.group(1)
+    assert "Tracestate" not in echoed
+
+    echoed = dict(client.get(gateway.url + "/api/auth/echo", headers={
+        "traceparent": VALID, "tracestate": "congo=t61rcWkgMzE"}).json()["headers"])
+    assert echoed["Traceparent"] == VALID and echoed["Tracestate"] == "congo=t61rcWkgMzE"
+    assert access_lines(wait_for_access_lines(log_lines, 2))[-1]["trace_id"] == VALID.split("-")[1]
+
+    echoed = dict(client.get(gateway.url + "/api/auth/echo", headers={
+        "traceparent": "00-zz", "tracestate": "congo=t61rcWkgMzE"}).json()["headers"])
+    assert TRACEPARENT.match(echoed["Traceparent"]) and "Tracestate" not in echoed
+
+
+def test_text_log_format_from_the_environment(gateway_factory, caplog):
+    caplog.set_level(logging.INFO, logger="meetinity_gateway.access")
+    gateway = gateway_factory(LOG_FORMAT="text")
+    session().get(gateway.url + "/nope")
+
+    def messages():
+        return [r.getMessage() for r in caplog.records if r.name == "meetinity_gateway.access"]
+
+    [message] = wait_for(messages)
+    assert message.startswith("ts=") and " status=404 " in message
+
+
+# -- real processes: the CLI's logging and prometheus-client's multiprocess mode ---------------
+
+def test_processes_share_metrics_and_log_json(upstream, tmp_path):
+    env = {"USER_SERVICE_URL": upstream.url, "RATE_LIMIT_AUTH": "100000/minute",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "LOG_LEVEL": "INFO"}
+    client = session()
+    with GatewayProcess(env=env, threads=2) as first, GatewayProcess(env=env, threads=2) as other:
+        for _ in range(2):
+            assert client.get(first.url + "/api/auth/x").status_code == 200
+        for _ in range(3):
+            assert client.get(other.url + "/api/auth/x").status_code == 200
+        key = ("gateway_requests_total", labels(route="auth", method="GET", status="2xx"))
+        samples = wait_for(lambda: (lambda s: s if s.get(key) == 5 else None)(
+            scrape(first.url))) or scrape(first.url)
+        assert samples[key] == 5
+        target = f"127.0.0.1:{upstream.port}"
+        assert samples[("gateway_upstream_request_duration_seconds_count",
+                        labels(upstream="user_service", target=target))] == 5
+        first.process.terminate()
+        first.process.wait(10)
+        output = first.stderr()
+    records = access_lines(output.splitlines())
+    assert [(r["path"], r["status"]) for r in records if r["path"] != "/metrics"] == [
+        ("/api/auth/x", 200)] * 2
+    assert {r["route"] for r in records if r["path"] == "/metrics"} == {"@metrics"}
+    # Every line of the process's output is JSON.
+    assert output.strip()
+    for line in output.splitlines():
+        json.loads(line)
