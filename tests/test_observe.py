@@ -160,7 +160,7 @@ def test_status_of_a_crash_is_logged_as_500_and_reraised(access):
     [line] = access()
     assert line["status"] == 500 and line["error"] == "unhandled exception"
     assert sample(middleware, "gateway_requests_in_flight") == 0
-    assert sample(middleware, "gateway_requests_total", route="unmatched", method="GET",
+    assert sample(middleware, "gateway_requests_total", route="none", method="GET",
                   status="5xx") == 1
 
 
@@ -191,7 +191,7 @@ def test_disabled_access_logger_builds_no_record(caplog, monkeypatch):
     app, middleware = client(app_setting())
     app.get("/x")
     assert built == []
-    assert sample(middleware, "gateway_requests_total", route="unmatched", method="GET",
+    assert sample(middleware, "gateway_requests_total", route="none", method="GET",
                   status="2xx") == 1
 
 
@@ -412,6 +412,7 @@ def test_metrics_allow_list_is_configurable():
     app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}, status=404)
 
 
+@pytest.mark.filterwarnings("ignore:Content-Length and the number of bytes")  # HEAD
 def test_metrics_endpoint_methods_and_path():
     app, _ = client(app_setting(), metrics_path="/internal/metrics")
     response = app.post("/internal/metrics", status=405)
@@ -631,9 +632,9 @@ def test_metrics_after_known_traffic(gateway_factory, upstream, log_lines):
                     labels(route="auth", method="GET", status="2xx"))] == 1
     # Answered before the router: no route.
     assert samples[("gateway_requests_total",
-                    labels(route="unmatched", method="GET", status="4xx"))] == 4
+                    labels(route="none", method="GET", status="4xx"))] == 4
     assert samples[("gateway_requests_total",
-                    labels(route="unmatched", method="DELETE", status="4xx"))] == 1
+                    labels(route="none", method="DELETE", status="4xx"))] == 1
     assert samples[("gateway_request_duration_seconds_count",
                     labels(route="users", method="GET", status="2xx"))] == 3
     assert samples[("gateway_upstream_request_duration_seconds_count",

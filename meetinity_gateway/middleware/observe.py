@@ -37,12 +37,13 @@ Metrics (``namespace`` ``gateway``)::
     gateway_ratelimit_rejections_total{rule}                        counter
     gateway_auth_failures_total{reason}                             counter
 
-``status`` is the class (``2xx``…``5xx``), ``route`` the route name (``unmatched`` when none),
-``method`` one of the standard methods or ``OTHER``: label values never come from free client
-input. Each middleware instance has its own registry. With ``PROMETHEUS_MULTIPROC_DIR`` set
-(before the process starts: prometheus-client reads it at import) the metrics are kept in
-that directory and a scrape of any process reports the sum of all of them — the mode for
-gunicorn with several workers.
+``status`` is the class (``2xx``…``5xx``), ``route`` the route name (``none`` for a request
+answered before or without routing: 400, 401, 404, 429…), ``method`` one of the standard
+methods or ``OTHER``: label values never come from free client input. Each middleware
+instance has its own registry. With ``PROMETHEUS_MULTIPROC_DIR`` set (before the process
+starts: prometheus-client reads it at import) the metrics are kept in that directory and a
+scrape of any process reports the sum of all of them — the mode for gunicorn with several
+workers.
 
 Use alone around any WSGI app::
 
@@ -406,7 +407,7 @@ class ObserveMiddleware:
     def _record(self, metrics: _Metrics, environ, status: int, duration: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
         labels = (
-            environ.get(_ROUTE_KEY) or "unmatched",
+            environ.get(_ROUTE_KEY) or "none",
             method if method in _METHODS else "OTHER",
             _STATUS_CLASSES.get(status // 100, "other"),
         )
