@@ -115,7 +115,7 @@ def configure_logging(level: str = "INFO", log_format: str = "json",
     """Send every log record to ``stream`` (stderr) at ``level``, as JSON or as text.
 
     As ``logging.basicConfig``: when the root logger already has handlers (an embedding
-    application configured logging) only the level is set, unless ``force``. Raises
+    application configured logging) nothing changes, unless ``force``. Raises
     ValueError for an unknown level or format.
     """
     log_format = (log_format or "json").strip().lower()
@@ -129,11 +129,11 @@ def configure_logging(level: str = "INFO", log_format: str = "json",
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger()
+    if root.handlers and not force:
+        return root.handlers[0]
     root.setLevel(numeric)
     # urllib3 logs every request URL, query string included, at DEBUG.
     logging.getLogger("urllib3").setLevel(max(numeric, logging.INFO))
-    if root.handlers and not force:
-        return root.handlers[0]
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)

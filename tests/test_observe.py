@@ -203,6 +203,22 @@ def test_json_formatter_for_other_records():
     assert payload["logger"] == "meetinity_gateway.proxy"
 
 
+def test_configure_logging(monkeypatch):
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(logging.getLogger("urllib3"), "level", logging.NOTSET)
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    assert root.level == logging.DEBUG
+    assert logging.getLogger("urllib3").level == logging.INFO  # its DEBUG lines hold URLs
+    logging.getLogger("meetinity_gateway.test").debug("hello %s", "there")
+    assert json.loads(stream.getvalue())["message"] == "hello there"
+    # A second call (or an embedding app's own setup) changes nothing.
+    configure_logging("ERROR", "text", stream=io.StringIO())
+    assert root.level == logging.DEBUG and len(root.handlers) == 1
+
+
 def test_configure_logging_rejects_bad_values():
     with pytest.raises(ValueError, match="LOG_FORMAT"):
         configure_logging("INFO", "xml")
@@ -490,7 +506,9 @@ def log_lines():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    configure_logging("DEBUG", "json")  # pytest's handlers are kept: levels only
+    # The level clamps of configure_logging, keeping pytest's handlers.
+    root.setLevel(logging.DEBUG)
+    urllib3_logger.setLevel(logging.INFO)
     root.addHandler(handler)
     yield lambda: stream.getvalue().splitlines()
     root.removeHandler(handler)
