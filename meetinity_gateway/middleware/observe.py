@@ -172,8 +172,8 @@ def parse_traceparent(value: str | None) -> str | None:
 def new_traceparent(sampled: bool = True) -> tuple[str, str]:
     """A fresh ``(traceparent, trace id)`` with random non-zero ids."""
     while True:
-        trace_id = secrets.token_hex(16)
-        parent_id = secrets.token_hex(8)
+        ids = secrets.token_hex(24)  # one read of the system's randomness for both ids
+        trace_id, parent_id = ids[:32], ids[32:]
         if trace_id != _ZERO_TRACE and parent_id != _ZERO_PARENT:
             return f"00-{trace_id}-{parent_id}-{'01' if sampled else '00'}", trace_id
 
@@ -222,6 +222,7 @@ class _Metrics:
         self.ratelimit_rejections = Counter(
             "ratelimit_rejections", "Requests refused with 429, by rate-limit rule.",
             ("rule",), **common)
+        self.by_request: dict[tuple[str, str, str], tuple[t.Any, t.Any]] = {}
         self.auth_failures = Counter(
             "auth_failures", "Requests refused by authentication, by reason.",
             ("reason",), **common)
@@ -411,8 +412,13 @@ class ObserveMiddleware:
             method if method in _METHODS else "OTHER",
             _STATUS_CLASSES.get(status // 100, "other"),
         )
-        metrics.requests.labels(*labels).inc()
-        metrics.duration.labels(*labels).observe(duration)
+        children = metrics.by_request.get(labels)
+        if children is None:
+            # labels() validates and locks: resolve each (few) label set once.
+            children = (metrics.requests.labels(*labels), metrics.duration.labels(*labels))
+            metrics.by_request[labels] = children
+        children[0].inc()
+        children[1].observe(duration)
         upstream = environ.get(UPSTREAM_KEY)
         if upstream is not None:
             target = environ.get(TARGET_KEY) or ""
