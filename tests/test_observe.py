@@ -552,7 +552,9 @@ def test_access_log_for_every_outcome_and_no_secret(
     cookie = "sid=cookie-secret-4711"
     query_secret = "query-secret-9923"
     bad_token = "garbage.token-value.notasignature"
-    gateway = gateway_factory(RATE_LIMIT_AUTH="2/minute", UPSTREAM_READ_TIMEOUT="0.5")
+    # moving-window: an exact count, no window edge to let the third request through.
+    gateway = gateway_factory(RATE_LIMIT_AUTH="2/hour", RATELIMIT_STRATEGY="moving-window",
+                              UPSTREAM_READ_TIMEOUT="0.5")
     down = gateway_factory(USER_SERVICE_URL=f"http://127.0.0.1:{free_port()}")
     edge_ini = write_ini(tmp_path / "edge.ini", """
 [pipeline:main]
@@ -628,7 +630,7 @@ def labels(**kw):
 
 
 def test_metrics_after_known_traffic(gateway_factory, upstream, log_lines):
-    gateway = gateway_factory(RATE_LIMIT_AUTH="1/minute")
+    gateway = gateway_factory(RATE_LIMIT_AUTH="1/hour", RATELIMIT_STRATEGY="moving-window")
     client = session()
     bearer = {"Authorization": f"Bearer {make_token()}"}
     for _ in range(3):
@@ -681,7 +683,7 @@ def test_upstream_failures_counted_by_reason(gateway_factory, upstream, log_line
 
 
 def test_metrics_not_rate_limited_and_refused_outside_the_allow_list(gateway_factory):
-    gateway = gateway_factory(RATE_LIMIT_DEFAULT="1/minute")
+    gateway = gateway_factory(RATE_LIMIT_DEFAULT="1/hour", RATELIMIT_STRATEGY="moving-window")
     client = session()
     assert client.get(gateway.url + "/nope").status_code == 404
     assert client.get(gateway.url + "/nope").status_code == 429
