@@ -569,24 +569,13 @@ class AuthMiddleware:
 
     def _reason(self, exc: Exception) -> str:
         """A fixed, token-free message for a PyJWT error."""
-        if isinstance(exc, jwt.ExpiredSignatureError):
-            return "token expired"
-        if isinstance(exc, jwt.ImmatureSignatureError):
-            return "token not yet valid"
-        if isinstance(exc, jwt.InvalidSignatureError):
-            return "bad signature"
         if isinstance(exc, jwt.MissingRequiredClaimError):
             return f"token has no {exc.claim} claim"
         if isinstance(exc, jwt.InvalidAudienceError):
             return "wrong audience" if self.audience else "token audience not accepted"
-        if isinstance(exc, jwt.InvalidIssuerError):
-            return "wrong issuer"
-        if isinstance(exc, jwt.InvalidIssuedAtError):
-            return "bad iat claim"
-        if isinstance(exc, jwt.InvalidAlgorithmError):
-            return "algorithm not allowed"
-        if isinstance(exc, jwt.InvalidKeyError):
-            return "signing key does not match the algorithm"
+        for error_type, message in _REASONS:
+            if isinstance(exc, error_type):
+                return message
         if isinstance(exc, jwt.DecodeError):
             text = str(exc)
             for claim in ("exp", "nbf"):
@@ -594,6 +583,19 @@ class AuthMiddleware:
                     return f"bad {claim} claim"
             return "malformed token"
         return "invalid token"
+
+
+#: PyJWT errors and what the client is told, most specific first (InvalidSignatureError is a
+#: DecodeError, so it must come before the DecodeError fallback).
+_REASONS = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidSignatureError, "bad signature"),
+    (jwt.InvalidIssuerError, "wrong issuer"),
+    (jwt.InvalidIssuedAtError, "bad iat claim"),
+    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+    (jwt.InvalidKeyError, "signing key does not match the algorithm"),
+)
 
 
 # -- ini ------------------------------------------------------------------------------------
