@@ -1,35 +1,53 @@
-"""ProxyApp: one request in, one upstream request out, one streamed response back.
+"""ProxyApp: one request in, one upstream attempt (or a safe retry) out, one streamed answer.
 
-A plain WSGI application forwarding to one upstream base URL through a pooled keep-alive
-:class:`requests.Session`:
+A plain WSGI application forwarding to one upstream *pool*
+(:class:`~meetinity_gateway.proxy.upstream.UpstreamPool`: one or more weighted targets,
+balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive pools):
 
 * bodies stream both ways in bounded chunks (``chunk_size``), bytes untouched (no gzip
   decoding, duplicate query parameters and repeated ``Set-Cookie`` preserved);
 * hop-by-hop headers and those named in ``Connection`` are removed both ways, upstream
   ``Access-Control-*`` headers dropped, ``X-Forwarded-*`` and ``Via`` set (see
-  :mod:`meetinity_gateway.proxy.headers`);
+  :mod:`meetinity_gateway.proxy.headers`); ``Host`` is the target's configured host[:port];
+  no ``User-Agent`` or ``Accept-Encoding`` is invented;
+* retries only when safe: a connect failure (nothing sent) is retried on another target for
+  any method; after the request was sent (read error, timeout, or a 502/503/504 answer), only
+  idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE) with a replayable body (none, or at
+  most ``replay_size`` bytes, buffered) are; a POST or PATCH that reached a target never is.
+  At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
-  request body over ``max_body_size`` a JSON 413 — responses, never exceptions;
-* the returned iterable's ``close()`` hands the connection back to the pool (or discards it
+  request body over ``max_body_size`` a JSON 413, every target ejected a JSON 503 with
+  ``Retry-After`` — responses, never exceptions;
+* the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
 The path forwarded is ``environ["meetinity_gateway.upstream_path"]`` when the router set it
-(the rewritten path), else ``PATH_INFO``.
+(the rewritten path), else ``PATH_INFO``, below the target's base path.
 
 Use alone::
 
     from meetinity_gateway.proxy.app import ProxyApp
-    app = ProxyApp("http://127.0.0.1:5001", read_timeout=10)
+    app = ProxyApp("http://127.0.0.1:5001 weight=2, http://127.0.0.1:5002", read_timeout=10)
 
-:param base_url: ``http://host:port[/base]`` of the upstream.
+:param base_url: the targets, ``http://host:port[/base] [weight=N], …`` (see
+    :func:`~meetinity_gateway.proxy.upstream.parse_targets`), or a ready ``UpstreamPool``.
 :param connect_timeout: seconds to wait for the TCP connection (→ 504 after).
 :param read_timeout: seconds to wait for each read from the upstream (→ 504 after).
 :param max_body_size: largest request body accepted, in bytes (→ 413 above).
 :param trusted_proxies: how many proxies in front of the gateway are trusted to set
     ``X-Forwarded-*`` (0: the client's copies are ignored and replaced).
-:param pool_size: keep-alive connections kept per upstream; size it to the server's threads.
+:param pool_size: keep-alive connections kept per target; size it to the server's threads.
 :param chunk_size: bytes read and written per step while streaming.
-:param name: the upstream's name, for logs.
+:param name: the upstream's name, for logs and error messages.
+:param retries: extra attempts on other targets, when safe (0: none).
+:param retry_budget: seconds after the first attempt when no new attempt starts.
+:param replay_size: largest body of an idempotent request buffered so it can be retried.
+:param pool_options: passed to :class:`~meetinity_gateway.proxy.upstream.UpstreamPool`
+    (``balance``, ``max_fails``, ``eject_time``, ``health_interval``, ``health_timeout``,
+    ``dns_interval``, ``resolver``, ``idle_timeout``).
+
+Security note: a retried request reaches a second target; that is why only idempotent
+requests are retried once sent. Targets are trusted: they receive the client's headers.
 """
 from __future__ import annotations
 
