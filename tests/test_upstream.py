@@ -259,6 +259,10 @@ def test_killed_target_is_ejected_and_rejoins(gateway_factory):
         tail = [served_by(r) for r in results[-20:]]
         assert all(r.status_code == 200 for r in results[-20:])
         assert victim.url not in tail
+        rows = {row["target"]: row for row in
+                client.get(gateway.url + "/health").json()["targets"]["user_service"]}
+        assert rows[victim.url]["state"] in ("ejected", "half_open")
+        assert rows[victim.url]["probe"] == "down"
 
         processes[1] = UpstreamProcess(victim.port)  # back, on the same address
 
@@ -266,6 +270,8 @@ def test_killed_target_is_ejected_and_rejoins(gateway_factory):
             return served_by(client.get(gateway.url + "/api/auth/echo")) == victim.url
 
         wait_until(rejoined, timeout=10)
+        health = client.get(gateway.url + "/health").json()
+        assert [row["state"] for row in health["targets"]["user_service"]] == ["healthy"] * 3
     finally:
         for process in processes:
             process.kill()
