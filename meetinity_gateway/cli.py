@@ -39,11 +39,12 @@ def _server_settings(config: Path) -> dict[str, str]:
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = getattr(logging, os.environ.get("LOG_LEVEL", "INFO").upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        # waitress warns "Task queue depth is N" for nearly every request once all threads
+        # are busy: under load that logging alone costs a good share of the CPU it lacks.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def _print_pipeline(pipeline) -> None:
