@@ -38,6 +38,7 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.health import HealthApp, LiveApp
 from meetinity_gateway.proxy.app import ProxyApp
+from meetinity_gateway.proxy.upstream import BALANCERS
 from meetinity_gateway.routing import Router, parse_route
 from meetinity_gateway.transform import apply_transforms
 
@@ -69,6 +70,20 @@ class Pipeline:
 
 # -- the app factory ------------------------------------------------------------------------
 
+def _as_balance(value: str) -> str:
+    value = value.strip().lower().replace("-", "_")
+    if value not in BALANCERS:
+        raise ValueError(f"expected one of {', '.join(BALANCERS)}")
+    return value
+
+
+def _as_seconds_or_off(value: str) -> float:
+    """``0`` (off) or a positive number of seconds."""
+    if value.strip() in ("0", "0.0", "off", ""):
+        return 0.0
+    return as_positive_float(value)
+
+
 _APP_PARAMS = {
     "connect_timeout": as_positive_float,
     "read_timeout": as_positive_float,
@@ -76,6 +91,16 @@ _APP_PARAMS = {
     "trusted_proxies": as_non_negative_int,
     "pool_size": as_positive_int,
     "health_timeout": as_positive_float,
+    # Upstream pools (meetinity_gateway.proxy.upstream) and retries (proxy.app).
+    "balance": _as_balance,
+    "max_fails": as_positive_int,
+    "eject_time": as_positive_float,
+    "health_interval": _as_seconds_or_off,
+    "dns_interval": _as_seconds_or_off,
+    "idle_timeout": as_positive_float,
+    "retries": as_non_negative_int,
+    "retry_budget": _as_seconds_or_off,
+    "replay_size": as_size,
 }
 _BUILTIN_ENDPOINTS = {"@health", "@live"}
 
@@ -83,8 +108,9 @@ _BUILTIN_ENDPOINTS = {"@health", "@live"}
 def app_factory(global_conf, **local_conf):
     """``paste.app_factory`` for ``egg:meetinity_gateway#main``: the router and its endpoints.
 
-    Keys: ``upstream.NAME = URL``, ``route.NAME = SPEC`` (see :mod:`meetinity_gateway.routing`)
-    and the settings in ``_APP_PARAMS``.
+    Keys: ``upstream.NAME = URL [weight=N], …`` (see :mod:`meetinity_gateway.proxy.upstream`),
+    ``route.NAME = SPEC`` (see :mod:`meetinity_gateway.routing`) and the settings in
+    ``_APP_PARAMS``.
     """
     file = global_conf.get("__file__")
     values = prepare(local_conf, global_conf)
@@ -118,10 +144,13 @@ def app_factory(global_conf, **local_conf):
     endpoints: dict[str, WSGIApplication] = {}
     for name, url in upstream_urls.items():
         try:
-            endpoints[name] = ProxyApp(url, name=name, **settings)
+            endpoints[name] = ProxyApp(url, name=name, health_timeout=health_timeout,
+                                       **settings)
         except ValueError as exc:
             raise error(str(exc), f"upstream.{name}") from None
-    endpoints["@health"] = HealthApp(upstream_urls, timeout=health_timeout)
+    endpoints["@health"] = HealthApp(
+        {name: endpoints[name].pool for name in upstream_urls}, timeout=health_timeout
+    )
     endpoints["@live"] = LiveApp()
 
     routes = []

@@ -1,13 +1,19 @@
 """Health endpoints: ``/health`` (gateway and upstreams) and ``/health/live`` (process only).
 
-``HealthApp`` answers, in the shape the platform's services use::
+``HealthApp`` answers, in the shape the platform's services use, plus per-target detail::
 
-    {"status": "ok", "service": "api-gateway", "upstreams": {"user_service": "up"}}
+    {"status": "ok", "service": "api-gateway", "upstreams": {"user_service": "up"},
+     "targets": {"user_service": [{"target": "http://10.0.0.5:5001", "weight": 1,
+                                   "state": "healthy", "failures": 0, "outstanding": 0,
+                                   "probe": "up"}]}}
 
-200 when every upstream answers ``GET <upstream>/health`` with a 2xx within ``timeout``,
-else 503 with ``"status": "error"`` and the failing upstreams marked ``"down"``. Results are
-cached for ``cache_seconds`` so that a flood of ``/health`` requests cannot become a flood
-of upstream requests.
+Each target is probed with ``GET <target>/health``; an upstream is ``"up"`` when at least one
+of its targets answers 2xx within ``timeout`` (the gateway can still serve it), else
+``"down"``. 200 when every upstream is up, else 503 with ``"status": "error"``. ``state``
+is the pool's passive view (``healthy``, ``ejected``, ``half_open``; see
+:mod:`meetinity_gateway.proxy.upstream`); these probes do not change it. Results are cached
+for ``cache_seconds`` so that a flood of ``/health`` requests cannot become a flood of
+upstream requests.
 
 ``LiveApp`` answers 200 whenever the process serves: a liveness probe must not restart the
 gateway because a service behind it is down.
@@ -20,7 +26,7 @@ import time
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
 
-import requests
+from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -50,61 +56,84 @@ class LiveApp:
 class HealthApp:
     """The gateway's status plus each upstream's (see the module docstring).
 
-    :param upstreams: base URLs by upstream name.
-    :param timeout: seconds allowed for each upstream's ``/health`` (connect and read).
+    :param upstreams: by upstream name, an :class:`UpstreamPool` (the proxy's own, so the
+        report shows its passive state) or a target string (``URL [weight=N], …``).
+    :param timeout: seconds allowed for each target's ``/health`` (connect and read).
     :param cache_seconds: how long one round of checks is reused (0: never).
+    :param health_path: the path probed on each target.
     """
 
     def __init__(
         self,
-        upstreams: t.Mapping[str, str],
+        upstreams: t.Mapping[str, str | UpstreamPool],
         *,
         timeout: float = 2.0,
         cache_seconds: float = 1.0,
         health_path: str = "/health",
     ) -> None:
-        self.upstreams = {name: url.rstrip("/") for name, url in upstreams.items()}
+        self.pools: dict[str, UpstreamPool] = {}
+        self._own: list[UpstreamPool] = []
+        for name, value in upstreams.items():
+            if isinstance(value, str):
+                # Nobody routes through this pool: connect by name, no background thread.
+                value = UpstreamPool(parse_targets(value), name=name, dns_interval=0,
+                                     pool_size=2, health_timeout=timeout)
+                self._own.append(value)
+            self.pools[name] = value
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self.health_path = health_path
-        self.session = requests.Session()
-        self.session.trust_env = False
         self._lock = threading.Lock()
-        self._cached: tuple[float, dict[str, str]] | None = None
+        self._cached: tuple[float, tuple[dict, dict]] | None = None
 
-    def _probe(self, base_url: str) -> str:
-        try:
-            response = self.session.get(
-                base_url + self.health_path, timeout=self.timeout, allow_redirects=False
-            )
-            response.close()
-        except requests.RequestException:
-            return "down"
-        return "up" if 200 <= response.status_code < 300 else "down"
+    def close(self) -> None:
+        for pool in self._own:
+            pool.close()
 
-    def check(self) -> dict[str, str]:
-        """``{upstream name: "up" | "down"}``, from cache when fresh."""
+    def _probe(self, job) -> bool:
+        pool, target = job
+        return pool.probe(target, self.health_path, self.timeout)
+
+    def report(self) -> tuple[dict[str, str], dict[str, list[dict]]]:
+        """``({upstream: "up" | "down"}, {upstream: [target detail, …]})``, cached."""
         with self._lock:
             now = time.monotonic()
             if self._cached and now - self._cached[0] < self.cache_seconds:
                 return self._cached[1]
-            names = list(self.upstreams)
-            if len(names) <= 1:
-                states = [self._probe(self.upstreams[n]) for n in names]
+            jobs = [(name, pool, target) for name, pool in self.pools.items()
+                    for target in pool.targets]
+            probes = [(pool, target) for _, pool, target in jobs]
+            if len(jobs) <= 1:
+                results = [self._probe(job) for job in probes]
             else:
-                with ThreadPoolExecutor(max_workers=len(names)) as pool:
-                    states = list(pool.map(self._probe, (self.upstreams[n] for n in names)))
-            result = dict(zip(names, states))
-            self._cached = (time.monotonic(), result)
-            return result
+                with ThreadPoolExecutor(max_workers=min(len(jobs), 16)) as executor:
+                    results = list(executor.map(self._probe, probes))
+            up = {(name, target) for (name, _, target), ok in zip(jobs, results) if ok}
+            upstreams: dict[str, str] = {}
+            details: dict[str, list[dict]] = {}
+            for name, pool in self.pools.items():
+                labels = {target.label: target for target in pool.targets}
+                rows = pool.snapshot()
+                for row in rows:
+                    target = labels.get(row["target"])
+                    row["probe"] = "up" if (name, target) in up else "down"
+                details[name] = rows
+                upstreams[name] = "up" if any(row["probe"] == "up" for row in rows) else "down"
+            self._cached = (time.monotonic(), (upstreams, details))
+            return upstreams, details
+
+    def check(self) -> dict[str, str]:
+        """``{upstream name: "up" | "down"}``, from cache when fresh."""
+        return self.report()[0]
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
-        upstreams = self.check()
+        upstreams, details = self.report()
         healthy = all(state == "up" for state in upstreams.values())
         payload = {
             "status": "ok" if healthy else "error",
             "service": SERVICE,
             "upstreams": upstreams,
+            "targets": details,
         }
         status = "200 OK" if healthy else "503 Service Unavailable"
         return _json(start_response, environ, status, payload)

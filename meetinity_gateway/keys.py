@@ -1,14 +1,15 @@
 """Namespaced WSGI environ keys written by one layer and read by others (logs, metrics).
 
 Each producer documents the keys it sets; this module only names them, so a reader (the
-observability layer) needs no import of the producer. Keys set by the proxy describe the
-last attempt of a request.
+observability layer) needs no import of the producer. The proxy's single-value keys describe
+the last attempt of a request; ``UPSTREAM_ATTEMPTS_KEY`` lists them all.
 """
 from __future__ import annotations
 
 __all__ = [
     "AUTH_ERROR_KEY",
     "TRACE_ID_KEY",
+    "UPSTREAM_ATTEMPTS_KEY",
     "UPSTREAM_ERROR_KEY",
     "UPSTREAM_KEY",
     "UPSTREAM_MS_KEY",
@@ -22,8 +23,12 @@ TARGET_KEY = "meetinity_gateway.target"
 #: Milliseconds (float) from sending the request upstream to its response headers (or to the
 #: failure), set by the proxy.
 UPSTREAM_MS_KEY = "meetinity_gateway.upstream_ms"
-#: Why the upstream call failed (``timeout`` or ``unavailable``), set by the proxy.
+#: Why the last upstream attempt failed (``timeout`` or ``unavailable``; ``None`` when it got
+#: an answer), set by the proxy.
 UPSTREAM_ERROR_KEY = "meetinity_gateway.upstream_error"
+#: Every attempt of the request (retries included), in order: a list of ``(target,
+#: milliseconds, error or None)``, appended to by the proxy.
+UPSTREAM_ATTEMPTS_KEY = "meetinity_gateway.upstream_attempts"
 #: Why authentication refused the request (the 401/503 message), set by the auth layer.
 AUTH_ERROR_KEY = "meetinity_gateway.auth_error"
 #: The W3C trace id (32 hex digits) of the request, set by the observability layer.

@@ -798,3 +798,37 @@ def test_shipped_ini_loads_with_pastedeploy(monkeypatch):
     response = app.get("/api/profile", status=401)
     assert response.json["error"]["message"] == "missing bearer token"
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="meetinity"'
+
+
+# -- the cache of verified tokens -------------------------------------------------------------
+
+def test_a_cached_token_still_expires():
+    app = client(leeway=0)
+    token = jwt.encode({"sub": 42, "exp": int(time.time()) + 1}, SECRET, algorithm="HS256")
+    assert app.get("/api/users/1", headers=bearer(token)).status_int == 200
+    assert app.get("/api/users/1", headers=bearer(token)).status_int == 200  # from the cache
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        response = app.get("/api/users/1", headers=bearer(token), expect_errors=True)
+        if response.status_int == 401:
+            break
+        time.sleep(0.1)
+    assert_401(response, "token expired")
+
+
+def test_cached_claims_are_not_shared_between_requests():
+    middleware = AuthMiddleware(echo_app, secret=SECRET)
+    token = make_token()
+    first = middleware.verify(token)
+    first["sub"] = "tampered"
+    assert middleware.verify(token)["sub"] == 42
+
+
+def test_a_cached_token_dies_with_its_key():
+    middleware = AuthMiddleware(echo_app, secret=SECRET)
+    token = make_token(secret=SECRET)
+    assert middleware.verify(token)["sub"] == 42
+    middleware._secret = b"another-secret-of-at-least-32-bytes-long!!"
+    with pytest.raises(Exception) as info:
+        middleware.verify(token)
+    assert getattr(info.value, "message", "") == "bad signature"

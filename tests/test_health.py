@@ -14,8 +14,13 @@ from tests.upstream import Upstream
 def test_all_up_is_200(upstream):
     app = TestApp(LintMiddleware(HealthApp({"user_service": upstream.url})))
     response = app.get("/health")
-    assert response.json == {"status": "ok", "service": "api-gateway",
-                             "upstreams": {"user_service": "up"}}
+    payload = response.json
+    targets = payload.pop("targets")
+    assert payload == {"status": "ok", "service": "api-gateway",
+                       "upstreams": {"user_service": "up"}}
+    assert targets == {"user_service": [{
+        "target": upstream.url, "weight": 1, "state": "healthy", "failures": 0,
+        "outstanding": 0, "probe": "up"}]}
     assert upstream.requests[-1][:2] == ("GET", "/health")
 
 
@@ -28,8 +33,12 @@ def test_one_down_is_503_naming_it(upstream):
             timeout=1,
         )))
         response = app.get("/health", status=503)
-    assert response.json == {"status": "error", "service": "api-gateway", "upstreams": {
+    payload = response.json
+    targets = payload.pop("targets")
+    assert payload == {"status": "error", "service": "api-gateway", "upstreams": {
         "user_service": "up", "event_service": "down", "match_service": "down"}}
+    assert {name: [row["probe"] for row in rows] for name, rows in targets.items()} == {
+        "user_service": ["up"], "event_service": ["down"], "match_service": ["down"]}
 
 
 def test_results_are_cached_briefly(upstream):
@@ -63,7 +72,10 @@ def test_through_the_gateway(gateway_factory, upstream):
     down = gateway_factory(USER_SERVICE_URL=f"http://127.0.0.1:{free_port()}")
     response = session().get(down.url + "/health")
     assert response.status_code == 503
-    assert response.json() == {"status": "error", "service": "api-gateway",
-                               "upstreams": {"user_service": "down"}}
+    payload = response.json()
+    assert payload["targets"]["user_service"][0]["probe"] == "down"
+    del payload["targets"]
+    assert payload == {"status": "error", "service": "api-gateway",
+                       "upstreams": {"user_service": "down"}}
     # Liveness does not depend on the upstreams.
     assert session().get(down.url + "/health/live").status_code == 200

@@ -756,3 +756,21 @@ def test_processes_share_metrics_and_log_json(upstream, tmp_path):
     assert output.strip()
     for line in output.splitlines():
         json.loads(line)
+
+
+def test_retried_attempts_counted_per_target(gateway_factory, upstream, log_lines):
+    dead = f"127.0.0.1:{free_port()}"
+    gateway = gateway_factory(USER_SERVICE_URL=f"http://{dead}, {upstream.url}")
+    client = session()
+    for _ in range(4):
+        assert client.get(gateway.url + "/api/auth/x").status_code == 200
+    records = access_lines(wait_for_access_lines(log_lines, 4))
+    live = f"127.0.0.1:{upstream.port}"
+    assert {r["target"] for r in records} == {live}
+    retried = [r for r in records if r.get("attempts") == 2]
+    assert retried  # the dead target was tried first at least once (round robin)
+    samples = scrape(gateway.url)
+    assert samples[("gateway_upstream_request_duration_seconds_count",
+                    labels(upstream="user_service", target=live))] == 4
+    assert samples[("gateway_upstream_failures_total", labels(
+        upstream="user_service", target=dead, reason="unavailable"))] == len(retried)

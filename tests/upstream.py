@@ -14,10 +14,17 @@ Behaviour is chosen by the last path segment, so it works behind any route rewri
 ``…/status``        answers ``?code=``
 ``…/powered``       echo, answered with ``X-Powered-By: Express`` and ``X-Keep: yes``
 ``…/health``        200 ``{"status": "ok"}`` (or ``health_status`` when set)
-anything else       echo: method, path, query, headers, body length and SHA-256 as JSON
+``…/die``           reads the body, then closes the connection without answering (an
+                    upstream crashing mid-request); answers like echo when ``dies`` is False
+anything else       echo: method, path, query, headers, body length and SHA-256, and
+                    ``upstream`` (this server's URL) as JSON
 ==================  ===========================================================================
 
-Every request is recorded in ``upstream.requests`` (method, raw target, headers).
+Every request is recorded in ``upstream.requests`` (method, raw target, headers) and every
+new connection counted in ``upstream.connections``. With ``idle_close=T``, a request arriving
+on a keep-alive connection idle for more than T seconds is dropped unanswered, the
+connection closed: what a server whose keep-alive timer fires just as the request comes in
+does (the race a proxy must avoid by not reusing old idle connections).
 Run alone: ``python -m tests.upstream --port 5001``.
 """
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -56,6 +64,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # keep test output quiet
         pass
+
+    def setup(self):
+        super().setup()
+        self._last_done = None
+        self.server.owner.count_connection()
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        self._last_done = time.monotonic()
+
+    def parse_request(self):
+        idle_close = self.server.owner.idle_close
+        if (idle_close is not None and self._last_done is not None
+                and time.monotonic() - self._last_done > idle_close):
+            self.close_connection = True
+            return False  # handle_one_request returns without answering; the socket closes
+        return super().parse_request()
 
     def _dispatch(self):
         url = urlsplit(self.path)
@@ -130,7 +155,15 @@ class _Handler(BaseHTTPRequestHandler):
             "headers": [[k, v] for k, v in self.headers.items()],
             "body_length": length,
             "body_sha256": digest,
+            "upstream": self.server.owner.url,
         })
+
+    def do_die_(self, query):
+        if not self.server.owner.dies:
+            return self.echo(urlsplit(self.path))
+        self.body_summary()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_gzip_(self, query):
         self.body_summary()
@@ -222,12 +255,16 @@ class _Server(ThreadingHTTPServer):
 class Upstream:
     """A threaded loopback upstream; use as a context manager or call ``start``/``stop``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 idle_close: float | None = None) -> None:
         self._server = _Server((host, port), _Handler)
         self._server.owner = self
         self.host, self.port = self._server.server_address[:2]
         self.url = f"http://{self.host}:{self.port}"
         self.health_status = 200
+        self.dies = True
+        self.idle_close = idle_close
+        self.connections = 0
         self.requests: list[tuple[str, str, list[tuple[str, str]]]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -235,6 +272,10 @@ class Upstream:
     def record(self, method, target, headers) -> None:
         with self._lock:
             self.requests.append((method, target, headers))
+
+    def count_connection(self) -> None:
+        with self._lock:
+            self.connections += 1
 
     def start(self) -> "Upstream":
         self._thread = threading.Thread(target=self._server.serve_forever,

@@ -283,6 +283,54 @@ def _environ_key(header: str) -> str:
     return "HTTP_" + header.upper().replace("-", "_")
 
 
+class _VerifiedTokens:
+    """Tokens verified recently, by their exact bytes: a hit skips parsing and signatures.
+
+    Only tokens that passed every check are stored, so an attacker cannot fill it with junk;
+    it is bounded all the same (oldest entries go first). A hit is honoured only while the
+    token is unexpired (``exp`` + leeway; tokens without ``exp`` for ``ttl`` seconds) and
+    while the key that verified it is still the key for its algorithm and ``kid`` (a rotated
+    or revoked JWKS key, or a changed secret, stops its tokens at once). ``nbf`` and ``iat``
+    passed at verification and time only moves forward.
+    """
+
+    def __init__(self, leeway: float, size: int = 4096, ttl: float = 60.0) -> None:
+        self._leeway = leeway
+        self._size = size
+        self._ttl = ttl
+        self._entries: dict[str, tuple[dict[str, t.Any], float, str, t.Any, t.Any]] = {}
+
+    def get(self, token: str, key_for: t.Callable[..., t.Any]) -> dict[str, t.Any] | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        claims, until, alg, kid, key = entry
+        if time.time() >= until:
+            self._entries.pop(token, None)
+            return None
+        try:
+            current = key_for(alg, kid)
+        except GatewayError:
+            current = None
+        if current is not key:
+            self._entries.pop(token, None)
+            return None
+        return dict(claims)  # layers below may change theirs; the cached copy stays
+
+    def put(self, token: str, claims: dict[str, t.Any], alg: str, kid: t.Any, key: t.Any):
+        exp = claims.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            until = exp + self._leeway
+        else:
+            until = time.time() + self._ttl
+        while len(self._entries) >= self._size:
+            try:
+                self._entries.pop(next(iter(self._entries)))
+            except (StopIteration, KeyError, RuntimeError):
+                break  # another thread emptied or changed it meanwhile
+        self._entries[token] = (dict(claims), until, alg, kid, key)
+
+
 class AuthMiddleware:
     """Bearer JWT verification on protected prefixes (see the module docstring)."""
 
@@ -388,6 +436,7 @@ class AuthMiddleware:
         self._identity_keys = [(claim, _environ_key(header))
                                for claim, header in self.identity_headers.items()]
         self.forward_authorization = forward_authorization
+        self._verified = _VerifiedTokens(self.leeway)
 
         if not realm or '"' in realm or "\\" in realm or _CONTROL.search(realm):
             raise ConfigError("expected a realm without quotes, backslashes or control "
@@ -464,7 +513,14 @@ class AuthMiddleware:
 
     def verify(self, token: str) -> dict[str, t.Any]:
         """The verified claims of ``token``; raises :class:`Unauthorized` or
-        :class:`KeysUnavailable`."""
+        :class:`KeysUnavailable`.
+
+        A token verified before is taken from a small cache (same bytes, same key, not
+        expired since): the signature check and PyJWT's parsing are most of this layer's cost.
+        """
+        cached = self._verified.get(token, self._key_for)
+        if cached is not None:
+            return cached
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, TypeError):
@@ -473,7 +529,7 @@ class AuthMiddleware:
         # The token names its algorithm; only the configured list decides what is accepted.
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise self._unauthorized("algorithm not allowed")
-        key = self._secret if alg in HMAC_ALGORITHMS else self._public_key(alg, header)
+        key = self._key_for(alg, header.get("kid"), header)
 
         try:
             claims = jwt.decode(
@@ -492,7 +548,13 @@ class AuthMiddleware:
                 raise self._unauthorized("subject must be a string or an integer")
             if _claim_header_value(sub) is None:
                 raise self._unauthorized("malformed subject")
+        self._verified.put(token, claims, alg, header.get("kid"), key)
         return claims
+
+    def _key_for(self, alg: str, kid: t.Any, header: dict[str, t.Any] | None = None) -> t.Any:
+        if alg in HMAC_ALGORITHMS:
+            return self._secret
+        return self._public_key(alg, header if header is not None else {"kid": kid})
 
     def _public_key(self, alg: str, header: dict[str, t.Any]) -> t.Any:
         kid = header.get("kid")
@@ -509,24 +571,13 @@ class AuthMiddleware:
 
     def _reason(self, exc: Exception) -> str:
         """A fixed, token-free message for a PyJWT error."""
-        if isinstance(exc, jwt.ExpiredSignatureError):
-            return "token expired"
-        if isinstance(exc, jwt.ImmatureSignatureError):
-            return "token not yet valid"
-        if isinstance(exc, jwt.InvalidSignatureError):
-            return "bad signature"
         if isinstance(exc, jwt.MissingRequiredClaimError):
             return f"token has no {exc.claim} claim"
         if isinstance(exc, jwt.InvalidAudienceError):
             return "wrong audience" if self.audience else "token audience not accepted"
-        if isinstance(exc, jwt.InvalidIssuerError):
-            return "wrong issuer"
-        if isinstance(exc, jwt.InvalidIssuedAtError):
-            return "bad iat claim"
-        if isinstance(exc, jwt.InvalidAlgorithmError):
-            return "algorithm not allowed"
-        if isinstance(exc, jwt.InvalidKeyError):
-            return "signing key does not match the algorithm"
+        for error_type, message in _REASONS:
+            if isinstance(exc, error_type):
+                return message
         if isinstance(exc, jwt.DecodeError):
             text = str(exc)
             for claim in ("exp", "nbf"):
@@ -534,6 +585,19 @@ class AuthMiddleware:
                     return f"bad {claim} claim"
             return "malformed token"
         return "invalid token"
+
+
+#: PyJWT errors and what the client is told, most specific first (InvalidSignatureError is a
+#: DecodeError, so it must come before the DecodeError fallback).
+_REASONS = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidSignatureError, "bad signature"),
+    (jwt.InvalidIssuerError, "wrong issuer"),
+    (jwt.InvalidIssuedAtError, "bad iat claim"),
+    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+    (jwt.InvalidKeyError, "signing key does not match the algorithm"),
+)
 
 
 # -- ini ------------------------------------------------------------------------------------

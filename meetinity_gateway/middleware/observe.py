@@ -11,16 +11,17 @@ every request it
    Both travel upstream as request headers (the proxy copies them from the environ); the trace
    id is put in ``environ["meetinity_gateway.trace_id"]`` and in the access log line;
 2. **metrics**: counts the request in flight, then, once the body is sent and closed,
-   records its count and duration by route, method and status class, the upstream call
-   (duration and failures by upstream and target, from the proxy's environ keys), a 429 by
+   records its count and duration by route, method and status class, each upstream attempt
+   (duration or failure by upstream and target, from the proxy's environ keys), a 429 by
    rate-limit rule (``meetinity_gateway.ratelimit``) and an authentication failure by reason
    (``meetinity_gateway.auth_error``);
 3. **access log**: writes one record on the ``meetinity_gateway.access`` logger (INFO) with
    ``ts`` (request start, UTC), ``request_id``, ``method``, ``path`` (no query string unless
    ``log_query``), ``status``, ``duration_ms`` (until the body was sent and closed),
    ``bytes_out`` (body bytes), ``client`` (the address the rate limiter counts), ``route``,
-   ``upstream``, ``target``, ``upstream_ms``, ``user`` (the JWT ``sub``) and ``trace_id``;
-   ``error`` is added when the response was cut off by an exception. Headers are never
+   ``upstream``, ``target``, ``upstream_ms`` (of the last attempt), ``user`` (the JWT ``sub``)
+   and ``trace_id``; ``attempts`` is added when the proxy retried, ``error`` when the
+   response was cut off by an exception. Headers are never
    logged: no token, cookie or ``Authorization`` value can reach a log line;
 4. answers ``GET metrics_path`` itself with the Prometheus exposition (OpenMetrics when the
    scraper asks for it), before the rate limiter and authentication, but only to clients in
@@ -105,6 +106,7 @@ from meetinity_gateway.keys import (
     AUTH_ERROR_KEY,
     TARGET_KEY,
     TRACE_ID_KEY,
+    UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
     UPSTREAM_MS_KEY,
@@ -421,13 +423,10 @@ class ObserveMiddleware:
         children[1].observe(duration)
         upstream = environ.get(UPSTREAM_KEY)
         if upstream is not None:
-            target = environ.get(TARGET_KEY) or ""
-            failure = environ.get(UPSTREAM_ERROR_KEY)
-            if failure:
-                metrics.upstream_failures.labels(upstream, target, failure).inc()
-            else:
-                upstream_ms = environ.get(UPSTREAM_MS_KEY)
-                if upstream_ms is not None:
+            for target, upstream_ms, failure in _attempts(environ):
+                if failure:
+                    metrics.upstream_failures.labels(upstream, target, failure).inc()
+                elif upstream_ms is not None:
                     metrics.upstream_duration.labels(upstream, target).observe(
                         upstream_ms / 1000.0)
         if status == 429:
@@ -467,6 +466,9 @@ class ObserveMiddleware:
             "user": None if user is None else str(user),
             "trace_id": exchange.trace_id,
         }
+        attempts = environ.get(UPSTREAM_ATTEMPTS_KEY)
+        if attempts and len(attempts) > 1:
+            fields["attempts"] = len(attempts)
         if exchange.error:
             fields["error"] = exchange.error
         return AccessRecord(fields, self._as_json)
@@ -507,6 +509,15 @@ class ObserveMiddleware:
         # Not counted in the request metrics (a scrape would change what it reports), but
         # logged like any request.
         return _ObservedBody(inner, _LogOnly(self), environ, exchange)
+
+
+def _attempts(environ) -> list[tuple[str, float | None, str | None]]:
+    """The upstream attempts of a request: the proxy's list, else its last-attempt keys."""
+    attempts = environ.get(UPSTREAM_ATTEMPTS_KEY)
+    if attempts:
+        return attempts
+    return [(environ.get(TARGET_KEY) or "", environ.get(UPSTREAM_MS_KEY),
+             environ.get(UPSTREAM_ERROR_KEY))]
 
 
 def _note(exchange: _Exchange, start_response, status, headers):

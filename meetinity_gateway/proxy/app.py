@@ -1,47 +1,71 @@
-"""ProxyApp: one request in, one upstream request out, one streamed response back.
+"""ProxyApp: one request in, one upstream attempt (or a safe retry) out, one streamed answer.
 
-A plain WSGI application forwarding to one upstream base URL through a pooled keep-alive
-:class:`requests.Session`:
+A plain WSGI application forwarding to one upstream *pool*
+(:class:`~meetinity_gateway.proxy.upstream.UpstreamPool`: one or more weighted targets,
+balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive pools):
 
 * bodies stream both ways in bounded chunks (``chunk_size``), bytes untouched (no gzip
   decoding, duplicate query parameters and repeated ``Set-Cookie`` preserved);
 * hop-by-hop headers and those named in ``Connection`` are removed both ways, upstream
   ``Access-Control-*`` headers dropped, ``X-Forwarded-*`` and ``Via`` set (see
-  :mod:`meetinity_gateway.proxy.headers`);
+  :mod:`meetinity_gateway.proxy.headers`); ``Host`` is the target's configured host[:port];
+  no ``User-Agent`` or ``Accept-Encoding`` is invented;
+* retries only when safe: a connect failure (nothing sent) is retried on another target for
+  any method; after the request was sent (read error, timeout, or a 502/503/504 answer), only
+  idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE) with a replayable body (none, or at
+  most ``replay_size`` bytes, buffered) are; a POST or PATCH that reached a target never is.
+  At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
-  request body over ``max_body_size`` a JSON 413 — responses, never exceptions;
-* the returned iterable's ``close()`` hands the connection back to the pool (or discards it
+  request body over ``max_body_size`` a JSON 413, every target ejected a JSON 503 with
+  ``Retry-After`` — responses, never exceptions;
+* the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
 The path forwarded is ``environ["meetinity_gateway.upstream_path"]`` when the router set it
-(the rewritten path), else ``PATH_INFO``.
+(the rewritten path), else ``PATH_INFO``, below the target's base path.
 
 Use alone::
 
     from meetinity_gateway.proxy.app import ProxyApp
-    app = ProxyApp("http://127.0.0.1:5001", read_timeout=10)
+    app = ProxyApp("http://127.0.0.1:5001 weight=2, http://127.0.0.1:5002", read_timeout=10)
 
-:param base_url: ``http://host:port[/base]`` of the upstream.
+:param base_url: the targets, ``http://host:port[/base] [weight=N], …`` (see
+    :func:`~meetinity_gateway.proxy.upstream.parse_targets`), or a ready ``UpstreamPool``.
 :param connect_timeout: seconds to wait for the TCP connection (→ 504 after).
 :param read_timeout: seconds to wait for each read from the upstream (→ 504 after).
 :param max_body_size: largest request body accepted, in bytes (→ 413 above).
 :param trusted_proxies: how many proxies in front of the gateway are trusted to set
     ``X-Forwarded-*`` (0: the client's copies are ignored and replaced).
-:param pool_size: keep-alive connections kept per upstream; size it to the server's threads.
+:param pool_size: keep-alive connections kept per target; size it to the server's threads.
 :param chunk_size: bytes read and written per step while streaming.
-:param name: the upstream's name, for logs.
+:param name: the upstream's name, for logs and error messages.
+:param retries: extra attempts on other targets, when safe (0: none).
+:param retry_budget: seconds after the first attempt when no new attempt starts.
+:param replay_size: largest body of an idempotent request buffered so it can be retried.
+:param pool_options: passed to :class:`~meetinity_gateway.proxy.upstream.UpstreamPool`
+    (``balance``, ``max_fails``, ``eject_time``, ``health_interval``, ``health_timeout``,
+    ``dns_interval``, ``resolver``, ``idle_timeout``).
+
+Security note: a retried request reaches a second target; that is why only idempotent
+requests are retried once sent. Targets are trusted: they receive the client's headers.
 """
 from __future__ import annotations
 
 import logging
 import time
 import typing as t
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import requests
-from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.util import SKIP_HEADER, Timeout
 
-from meetinity_gateway.keys import TARGET_KEY, UPSTREAM_ERROR_KEY, UPSTREAM_KEY, UPSTREAM_MS_KEY
+from meetinity_gateway.keys import (
+    TARGET_KEY,
+    UPSTREAM_ATTEMPTS_KEY,
+    UPSTREAM_ERROR_KEY,
+    UPSTREAM_KEY,
+    UPSTREAM_MS_KEY,
+)
 from meetinity_gateway.logs import without_query
 from meetinity_gateway.problems import (
     BadGateway,
@@ -51,16 +75,24 @@ from meetinity_gateway.problems import (
     PayloadTooLarge,
 )
 from meetinity_gateway.proxy.headers import request_headers, response_headers
+from meetinity_gateway.proxy.upstream import AllTargetsDown, Target, UpstreamPool, parse_targets
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["ProxyApp", "UPSTREAM_PATH_KEY"]
+__all__ = ["IDEMPOTENT_METHODS", "ProxyApp", "UPSTREAM_PATH_KEY"]
 
 log = logging.getLogger("meetinity_gateway.proxy")
 
 #: environ key: the path to request from the upstream (set by the router's rewrite).
 UPSTREAM_PATH_KEY = "meetinity_gateway.upstream_path"
+
+#: Methods whose request may be sent twice (RFC 9110 §9.2.2) and so retried once sent.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+#: An answer with one of these counts as the target's failure (and may be retried).
+_FAILURE_STATUSES = frozenset({502, 503, 504})
+#: Methods sent without ``Content-Length: 0`` when the client sent no body.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 
 # Characters left as they are when re-encoding the decoded PATH_INFO (RFC 3986 pchar + "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
@@ -130,18 +162,22 @@ class _ClientDisconnected(BadRequest):
 
 
 class _UpstreamBody:
-    """The response iterable: streams the upstream body, ``close()`` releases the connection."""
+    """The response iterable: streams the upstream body; ``close()`` releases the connection
+    (back to its pool when the body was read to its end, else closed) and the target."""
 
-    __slots__ = ("_response", "_chunk_size", "_upstream")
+    __slots__ = ("_response", "_chunk_size", "_upstream", "_pool", "_target")
 
-    def __init__(self, response: requests.Response, chunk_size: int, upstream: str) -> None:
+    def __init__(self, response, chunk_size: int, upstream: str,
+                 pool: UpstreamPool, target: Target) -> None:
         self._response = response
         self._chunk_size = chunk_size
         self._upstream = upstream
+        self._pool = pool
+        self._target = target
 
     def __iter__(self):
         try:
-            yield from self._response.raw.stream(self._chunk_size, decode_content=False)
+            yield from self._response.stream(self._chunk_size, decode_content=False)
         except Exception as exc:
             # Headers are gone already: the status cannot change any more. Re-raising makes
             # the server abort the connection, so the client sees a truncated body.
@@ -150,16 +186,26 @@ class _UpstreamBody:
             ) from exc
 
     def close(self) -> None:
-        # requests: returns a fully read connection to the pool, closes a half-read one.
-        self._response.close()
+        response, self._response = self._response, None
+        if response is None:
+            return
+        _release(response)
+        self._pool.done(self._target)
+
+
+def _release(response) -> None:
+    """Give a response's connection back: reusable if its body was read, else closed."""
+    if response.connection is not None and not response.isclosed():
+        response.close()  # half-read: the connection cannot carry another request
+    response.release_conn()
 
 
 class ProxyApp:
-    """Forward every request to one upstream (see the module docstring)."""
+    """Forward every request to one upstream pool (see the module docstring)."""
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | UpstreamPool,
         *,
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
@@ -168,47 +214,60 @@ class ProxyApp:
         pool_size: int = 8,
         chunk_size: int = 64 * 1024,
         name: str | None = None,
+        retries: int = 2,
+        retry_budget: float = 10.0,
+        replay_size: int = 64 * 1024,
+        **pool_options: t.Any,
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream URL {base_url!r} must be http(s)://host[:port][/path]")
-        if parts.query or parts.fragment:
-            raise ValueError(f"upstream URL {base_url!r} must not have a query or fragment")
-        self.base_url = base_url.rstrip("/")
-        self.name = name or parts.netloc
-        self.target = parts.netloc
+        if retries < 0 or retry_budget < 0 or replay_size < 0:
+            raise ValueError("retries, retry_budget and replay_size must not be negative")
+        if replay_size > max_body_size:
+            replay_size = max_body_size
+        if isinstance(base_url, UpstreamPool):
+            self.pool = base_url
+            self.base_url = ", ".join(spec.url for spec in base_url.specs)
+        else:
+            specs = parse_targets(base_url)
+            self.base_url = ", ".join(
+                spec.url + (f" weight={spec.weight}" if spec.weight != 1 else "")
+                for spec in specs
+            )
+            self.pool = UpstreamPool(
+                specs, name=name or specs[0].host_header, pool_size=pool_size,
+                connect_timeout=connect_timeout, read_timeout=read_timeout,
+                chunk_size=chunk_size, **pool_options,
+            )
+        self.name = name or self.pool.name
         self.timeout = (connect_timeout, read_timeout)
+        self._timeout = Timeout(connect=connect_timeout, read=read_timeout)
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
         self.chunk_size = chunk_size
-        self.session = requests.Session()
-        # No proxies, .netrc or CA bundle from the environment: the gateway talks to its
-        # upstreams directly, and reading these per request is slow.
-        self.session.trust_env = False
-        # No default User-Agent / Accept-Encoding of requests' own: only the client's.
-        self.session.headers.clear()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.retries = retries
+        self.retry_budget = retry_budget
+        self.replay_size = replay_size
 
     def __repr__(self) -> str:
         return f"ProxyApp({self.base_url!r})"
 
     def close(self) -> None:
-        self.session.close()
+        self.pool.close()
 
-    def upstream_url(self, environ: WSGIEnvironment) -> str:
+    @staticmethod
+    def upstream_target(environ: WSGIEnvironment) -> str:
+        """The request target below the upstream's base path: path and query."""
         path = environ.get(UPSTREAM_PATH_KEY)
         if path is None:
             path = environ.get("PATH_INFO", "") or "/"
         # PATH_INFO is decoded and latin-1 mapped (PEP 3333): back to bytes, then encode.
-        url = self.base_url + quote(path.encode("latin-1"), safe=_PATH_SAFE)
+        target = quote(path.encode("latin-1"), safe=_PATH_SAFE)
         query = environ.get("QUERY_STRING")
         if query:
-            url += "?" + query
-        return url
+            target += "?" + query
+        return target
 
-    def _body(self, environ: WSGIEnvironment):
+    def _body(self, environ: WSGIEnvironment, replay: bool):
+        """(body, size): bytes when small enough to replay, else a one-shot stream."""
         length = environ.get("CONTENT_LENGTH")
         stream = environ.get("wsgi.input")
         if length:
@@ -222,47 +281,134 @@ class ProxyApp:
                 raise PayloadTooLarge(
                     f"request body of {size} bytes is over the limit of {self.max_body_size}"
                 )
-            return _RequestBody(stream, size, self.chunk_size) if size else None
+            if not size:
+                return None, 0
+            body = _RequestBody(stream, size, self.chunk_size)
+            if replay and size <= self.replay_size:
+                # Small enough to keep: a retry can send the same bytes again.
+                return b"".join(body), size
+            return body, size
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if chunked and environ.get("wsgi.input_terminated") and stream is not None:
             # A server streaming a chunked upload to us (waitress de-chunks and sets
             # CONTENT_LENGTH instead): stream it on, chunked.
-            return _UnsizedBody(stream, self.max_body_size, self.chunk_size)
-        return None
+            return _UnsizedBody(stream, self.max_body_size, self.chunk_size), None
+        return None, None
 
-    def forward(self, environ: WSGIEnvironment) -> requests.Response:
-        """Send the request upstream; raises a :class:`GatewayError` when that fails."""
-        body = self._body(environ)
-        # For the access log and metrics (meetinity_gateway.keys): who was called, how long.
+    def forward(self, environ: WSGIEnvironment):
+        """Send the request to a target, retrying when safe; raises a :class:`GatewayError`.
+
+        Returns ``(target, response)``; the caller must close the response and call
+        ``pool.done(target)``.
+        """
+        method = environ["REQUEST_METHOD"]
+        idempotent = method in IDEMPOTENT_METHODS
+        body, size = self._body(environ, replay=idempotent and self.retries > 0)
+        replayable = body is None or isinstance(body, bytes)
+        headers = request_headers(environ, self.trusted_proxies)
+        if size is not None and (size or method not in _NO_BODY_METHODS):
+            headers["Content-Length"] = str(size)
+        # Nothing of the HTTP client's own: only what the client sent.
+        headers.setdefault("User-Agent", SKIP_HEADER)
+        headers.setdefault("Accept-Encoding", SKIP_HEADER)
+        target_path = self.upstream_target(environ)
+        pool = self.pool
+        tried: list[Target] = []
+        started = time.monotonic()
+        target = pool.acquire()
         environ[UPSTREAM_KEY] = self.name
-        environ[TARGET_KEY] = self.target
-        started = time.perf_counter()
+        while True:
+            headers["Host"] = target.host_header
+            sent = time.perf_counter()
+            try:
+                response = target.pool.urlopen(
+                    method, target.base_path + target_path,
+                    body=body, headers=headers, chunked=size is None and body is not None,
+                    timeout=self._timeout, retries=False, redirect=False,
+                    assert_same_host=False, preload_content=False, release_conn=False,
+                    decode_content=False,
+                )
+            except GatewayError:
+                # The client's body failed us (too large, cut short): not the target's fault.
+                pool.done(target, trial_undecided=True)
+                raise
+            except (NewConnectionError, ConnectTimeoutError) as exc:
+                # No connection, so nothing was sent: safe to retry for any method.
+                _attempted(environ, target, sent, exc)
+                pool.record(target, False)
+                pool.done(target)
+                tried.append(target)
+                error = _failure(self.name, exc)
+                target = self._next(tried, started)
+            except Exception as exc:
+                _attempted(environ, target, sent, exc)
+                pool.record(target, False)
+                pool.done(target)
+                tried.append(target)
+                error = _failure(self.name, exc)
+                target = self._next(tried, started) if idempotent and replayable else None
+            else:
+                _attempted(environ, target, sent)
+                if response.status not in _FAILURE_STATUSES:
+                    pool.record(target, True)
+                    return target, response
+                # The target answered as a failing one: another may do better, if that is
+                # safe; when there is none, its own answer goes to the client.
+                pool.record(target, False)
+                following = None
+                if idempotent and replayable:
+                    following = self._next(tried + [target], started)
+                if following is None:
+                    return target, response
+                _release(response)
+                pool.done(target)
+                tried.append(target)
+                target = following
+                continue
+            if target is None:
+                raise error
+
+    def _next(self, tried: list[Target], started: float) -> Target | None:
+        """Another target for a retry, if attempts and time budget allow and one is usable."""
+        if len(tried) > self.retries or time.monotonic() - started >= self.retry_budget:
+            return None
         try:
-            return self.session.request(
-                environ["REQUEST_METHOD"],
-                self.upstream_url(environ),
-                headers=request_headers(environ, self.trusted_proxies),
-                data=body,
-                stream=True,
-                allow_redirects=False,
-                timeout=self.timeout,
-            )
-        except requests.Timeout as exc:
-            environ[UPSTREAM_ERROR_KEY] = "timeout"
-            log.warning("upstream %s timed out: %s", self.name, without_query(str(exc)))
-            raise GatewayTimeout(f"upstream {self.name} timed out") from exc
-        except requests.RequestException as exc:
-            environ[UPSTREAM_ERROR_KEY] = "unavailable"
-            log.warning("upstream %s unavailable: %s", self.name, without_query(str(exc)))
-            raise BadGateway(f"upstream {self.name} unavailable") from exc
-        finally:
-            environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
+            return self.pool.acquire(tried)
+        except AllTargetsDown:
+            return None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         try:
-            response = self.forward(environ)
+            target, response = self.forward(environ)
         except GatewayError as exc:
             return exc(environ, start_response)
-        status = f"{response.status_code} {response.reason or ''}".rstrip()
-        start_response(status, response_headers(response.raw.headers.items()))
-        return _UpstreamBody(response, self.chunk_size, self.name)
+        status = f"{response.status} {response.reason or ''}".rstrip()
+        start_response(status, response_headers(response.headers.items()))
+        return _UpstreamBody(response, self.chunk_size, self.name, self.pool, target)
+
+
+def _timed_out(exc: Exception) -> bool:
+    return isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)) and not isinstance(
+        exc, NewConnectionError
+    )
+
+
+def _attempted(environ: WSGIEnvironment, target: Target, sent: float,
+               exc: Exception | None = None) -> None:
+    """Note one attempt for the access log and metrics (:mod:`meetinity_gateway.keys`)."""
+    ms = (time.perf_counter() - sent) * 1000.0
+    error = None if exc is None else ("timeout" if _timed_out(exc) else "unavailable")
+    environ[TARGET_KEY] = target.host_header
+    environ[UPSTREAM_MS_KEY] = ms
+    environ[UPSTREAM_ERROR_KEY] = error
+    environ.setdefault(UPSTREAM_ATTEMPTS_KEY, []).append((target.host_header, ms, error))
+
+
+def _failure(upstream: str, exc: Exception) -> GatewayError:
+    """The gateway's answer for a failed attempt: 504 for timeouts, else 502."""
+    # urllib3 errors quote the request URL: its query string may hold secrets.
+    if _timed_out(exc):
+        log.warning("upstream %s timed out: %s", upstream, without_query(str(exc)))
+        return GatewayTimeout(f"upstream {upstream} timed out")
+    log.warning("upstream %s unavailable: %s", upstream, without_query(str(exc)))
+    return BadGateway(f"upstream {upstream} unavailable")

@@ -1,0 +1,470 @@
+"""Upstream pools: target syntax, balancing, ejection, retries, DNS, idle keep-alive recycling.
+
+Units drive :class:`UpstreamPool` directly; everything about sockets runs against real
+loopback upstreams (in this process, or child processes where one is killed) behind a real
+waitress.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from meetinity_gateway.assembly import load_pipeline
+from meetinity_gateway.config import ConfigError
+from meetinity_gateway.proxy.app import ProxyApp
+from meetinity_gateway.proxy.upstream import (
+    AllTargetsDown,
+    UpstreamPool,
+    parse_targets,
+)
+from tests.servers import ROOT, WaitressServer, free_port, session, wait_for_port
+from tests.upstream import Upstream
+
+
+def wait_until(condition, timeout: float = 10.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def served_by(response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["upstream"]
+
+
+# -- target syntax ----------------------------------------------------------------------------
+
+def test_targets_with_weights_and_base_paths():
+    specs = parse_targets("http://10.0.0.5:5001 weight=3, http://users.internal:5001/v1/\n"
+                          "https://[::1]")
+    assert [(s.host, s.port, s.weight, s.base_path, s.host_header) for s in specs] == [
+        ("10.0.0.5", 5001, 3, "", "10.0.0.5:5001"),
+        ("users.internal", 5001, 1, "/v1", "users.internal:5001"),
+        ("::1", 443, 1, "", "[::1]"),
+    ]
+    assert [s.is_ip for s in specs] == [True, False, True]
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("", "no target"),
+    (" , ", "no target"),
+    ("ftp://a", r"must be http\(s\)://host"),
+    ("http://a weight=0", "weight must be between 1 and 1000"),
+    ("http://a weight=x", "unknown option 'weight=x'"),
+    ("http://a wieght=2", "unknown option"),
+    ("http://a?x=1", "must not have a query"),
+    ("http://u:p@a", "must not hold credentials"),
+    ("http://a:99999", "bad port"),
+    ("http://a:1, http://a:1", "listed twice"),
+])
+def test_bad_target_specs_say_why(spec, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_targets(spec)
+
+
+def write_ini(tmp_path, app_lines: str):
+    path = tmp_path / "gw.ini"
+    path.write_text(
+        "[pipeline:main]\npipeline = errors gateway\n\n"
+        "[filter:errors]\nuse = egg:meetinity_gateway#errors\n\n"
+        "[app:gateway]\nuse = egg:meetinity_gateway#main\nroute.health = GET /health -> @health\n"
+        + app_lines
+    )
+    return path
+
+
+@pytest.mark.parametrize("lines, where", [
+    ("upstream.a = http://127.0.0.1:1 weight=0\nroute.a = /a/* -> a\n",
+     "upstream.a = 'http://127.0.0.1:1 weight=0': target"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nbalance = random\n",
+     "balance = 'random': expected one of round_robin, least_outstanding"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nmax_fails = 0\n", "max_fails"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nretries = -1\n", "retries"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nreplay_size = lots\n",
+     "replay_size"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nhealth_interval = -1\n",
+     "health_interval"),
+])
+def test_bad_pool_settings_fail_at_start(tmp_path, lines, where):
+    path = write_ini(tmp_path, lines)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert str(path) in str(info.value) and where in str(info.value)
+
+
+# -- balancing and state, without sockets -------------------------------------------------------
+
+def pool_of(spec: str, **options) -> UpstreamPool:
+    return UpstreamPool(parse_targets(spec), name="svc", **options)
+
+
+def test_weighted_round_robin_is_smooth_and_exact():
+    pool = pool_of("http://127.0.0.1:1 weight=3, http://127.0.0.2:1")
+    picks = []
+    for _ in range(8):
+        target = pool.acquire()
+        picks.append(target.address)
+        pool.done(target)
+    assert picks.count("127.0.0.1") == 6 and picks.count("127.0.0.2") == 2
+    # Smooth: the light target is not starved for 3 picks in a row twice.
+    assert picks[:4].count("127.0.0.2") == 1
+
+
+def test_balancing_is_exact_under_concurrent_threads():
+    pool = pool_of("http://127.0.0.1:1 weight=2, http://127.0.0.2:1, http://127.0.0.3:1")
+    counts = collections.Counter()
+    lock = threading.Lock()
+
+    def worker():
+        for _ in range(400):
+            target = pool.acquire()
+            with lock:
+                counts[target.address] += 1
+            pool.done(target)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert counts == {"127.0.0.1": 1600, "127.0.0.2": 800, "127.0.0.3": 800}
+    assert [row["outstanding"] for row in pool.snapshot()] == [0, 0, 0]
+
+
+def test_least_outstanding_prefers_the_least_busy_target():
+    pool = pool_of("http://127.0.0.1:1, http://127.0.0.2:1", balance="least_outstanding")
+    first = pool.acquire()
+    second = pool.acquire()
+    assert {first.address, second.address} == {"127.0.0.1", "127.0.0.2"}
+    pool.done(first)
+    assert pool.acquire().address == first.address  # the other one is still busy
+
+
+def test_ejection_half_open_trial_and_recovery():
+    pool = pool_of("http://127.0.0.1:1", max_fails=2, eject_time=0.2)
+    target = pool.targets[0]
+    pool.record(target, False)
+    assert pool.snapshot()[0]["state"] == "healthy"  # one failure is not enough
+    pool.record(target, False)
+    with pytest.raises(AllTargetsDown) as info:
+        pool.acquire()
+    assert info.value.code == 503 and ("Retry-After", "1") in info.value.headers
+    time.sleep(0.25)
+    trial = pool.acquire()
+    assert pool.snapshot()[0]["state"] == "half_open"
+    with pytest.raises(AllTargetsDown):
+        pool.acquire()  # half-open lets a single request through
+    pool.record(trial, False)  # the trial failed: ejected again, for twice as long
+    pool.done(trial)
+    assert pool.snapshot()[0]["state"] == "ejected"
+    time.sleep(0.45)
+    trial = pool.acquire()
+    pool.record(trial, True)
+    pool.done(trial)
+    assert pool.snapshot()[0] == {"target": "http://127.0.0.1:1", "weight": 1,
+                                  "state": "healthy", "failures": 0, "outstanding": 0}
+
+
+def test_a_success_resets_the_consecutive_failures():
+    pool = pool_of("http://127.0.0.1:1", max_fails=2)
+    target = pool.targets[0]
+    for _ in range(5):
+        pool.record(target, False)
+        pool.record(target, True)
+    assert pool.snapshot()[0]["state"] == "healthy"
+
+
+# -- end to end: spread and weights through the shipped gateway ---------------------------------
+
+@pytest.fixture
+def three_upstreams():
+    servers = [Upstream().start() for _ in range(3)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_even_spread_over_targets(gateway_factory, three_upstreams):
+    gateway = gateway_factory(USER_SERVICE_URL=",".join(u.url for u in three_upstreams))
+    client = session()
+    counts = collections.Counter(
+        served_by(client.get(gateway.url + "/api/auth/echo")) for _ in range(60)
+    )
+    assert set(counts) == {u.url for u in three_upstreams}
+    assert all(18 <= count <= 22 for count in counts.values()), counts
+
+
+def test_weights_are_honoured(gateway_factory, three_upstreams):
+    heavy, light, _ = three_upstreams
+    gateway = gateway_factory(USER_SERVICE_URL=f"{heavy.url} weight=3, {light.url}")
+    client = session()
+    counts = collections.Counter(
+        served_by(client.get(gateway.url + "/api/auth/echo")) for _ in range(40)
+    )
+    assert 27 <= counts[heavy.url] <= 33 and counts[heavy.url] + counts[light.url] == 40
+
+
+def test_host_header_is_the_configured_one(gateway_factory, upstream):
+    gateway = gateway_factory(USER_SERVICE_URL=f"http://localhost:{upstream.port}",
+                              UPSTREAM_DNS_INTERVAL="0")
+    echo = session().get(gateway.url + "/api/auth/echo").json()
+    assert [v for k, v in echo["headers"] if k.lower() == "host"] == [f"localhost:{upstream.port}"]
+
+
+# -- killed target, retries, all down ----------------------------------------------------------
+
+class UpstreamProcess:
+    """``python -m tests.upstream`` in a child process, so it can really die."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.upstream", "--port", str(self.port)],
+            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port, timeout=15, process=self.process)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def test_killed_target_is_ejected_and_rejoins(gateway_factory):
+    processes = [UpstreamProcess() for _ in range(3)]
+    try:
+        gateway = gateway_factory(
+            USER_SERVICE_URL=",".join(p.url for p in processes),
+            UPSTREAM_MAX_FAILS="2", UPSTREAM_EJECT_TIME="0.5",
+        )
+        client = session()
+        for _ in range(6):
+            served_by(client.post(gateway.url + "/api/auth/echo", data=b"x"))
+        victim = processes[1]
+        victim.kill()
+        # Steady traffic: POSTs too, since a connect failure (nothing sent) is retried.
+        results = [client.post(gateway.url + "/api/auth/echo", data=b"x") for _ in range(30)]
+        errors = [r for r in results if r.status_code != 200]
+        assert len(errors) <= 2, [r.text for r in errors]
+        tail = [served_by(r) for r in results[-20:]]
+        assert all(r.status_code == 200 for r in results[-20:])
+        assert victim.url not in tail
+        rows = {row["target"]: row for row in
+                client.get(gateway.url + "/health").json()["targets"]["user_service"]}
+        assert rows[victim.url]["state"] in ("ejected", "half_open")
+        assert rows[victim.url]["probe"] == "down"
+
+        processes[1] = UpstreamProcess(victim.port)  # back, on the same address
+
+        def rejoined():
+            return served_by(client.get(gateway.url + "/api/auth/echo")) == victim.url
+
+        wait_until(rejoined, timeout=10)
+        health = client.get(gateway.url + "/health").json()
+        assert [row["state"] for row in health["targets"]["user_service"]] == ["healthy"] * 3
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def test_post_that_reached_a_dying_target_is_not_retried(gateway_factory):
+    with Upstream() as first, Upstream() as second:
+        gateway = gateway_factory(USER_SERVICE_URL=f"{first.url},{second.url}")
+        response = session().post(gateway.url + "/api/auth/die", data=b"payload")
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == 502
+        hits = [r for u in (first, second) for r in u.requests if r[1].endswith("/die")]
+        assert len(hits) == 1
+
+
+def test_get_and_small_put_are_retried_on_another_target(gateway_factory):
+    with Upstream() as dying, Upstream() as healthy:
+        healthy.dies = False
+        gateway = gateway_factory(USER_SERVICE_URL=f"{dying.url},{healthy.url}",
+                                  UPSTREAM_MAX_FAILS="100")
+        client = session()
+        for _ in range(3):
+            assert served_by(client.get(gateway.url + "/api/auth/die")) == healthy.url
+        body = b"replayable " * 100
+        echo = client.put(gateway.url + "/api/auth/die", data=body)
+        assert served_by(echo) == healthy.url
+        assert echo.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+        assert any(r[1].endswith("/die") for r in dying.requests)
+
+
+def test_put_too_big_to_replay_is_not_retried(gateway_factory):
+    with Upstream() as dying, Upstream() as healthy:
+        healthy.dies = False
+        gateway = gateway_factory(USER_SERVICE_URL=f"{dying.url},{healthy.url}",
+                                  UPSTREAM_REPLAY_SIZE="1k")
+        response = session().put(gateway.url + "/api/auth/die", data=b"x" * 2048)
+        # Round-robin starts with the first target, which reads the body and dies.
+        assert response.status_code == 502
+        assert len(dying.requests) == 1 and healthy.requests == []
+
+
+def test_all_targets_down_is_503_json_with_retry_after(gateway_factory):
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    gateway = gateway_factory(USER_SERVICE_URL=",".join(dead), UPSTREAM_MAX_FAILS="1",
+                              UPSTREAM_EJECT_TIME="30")
+    client = session()
+    first = client.get(gateway.url + "/api/auth/echo")
+    assert first.status_code == 502  # both tried (connect failures), both ejected
+    response = client.get(gateway.url + "/api/auth/echo")
+    assert response.status_code == 503
+    assert response.headers["Content-Type"] == "application/json"
+    assert 1 <= int(response.headers["Retry-After"]) <= 30
+    error = response.json()["error"]
+    assert error["code"] == 503 and "user_service" in error["message"]
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    health = client.get(gateway.url + "/health").json()
+    assert health["upstreams"] == {"user_service": "down"}
+    assert [row["state"] for row in health["targets"]["user_service"]] == ["ejected"] * 2
+
+
+def test_failure_isolation_between_upstreams(tmp_path, upstream):
+    dead = f"http://127.0.0.1:{free_port()}"
+    path = write_ini(tmp_path, (
+        f"upstream.good = {upstream.url}\nupstream.bad = {dead}\n"
+        "route.good = /good/* -> good /g\nroute.bad = /bad/* -> bad /b\n"
+        "max_fails = 1\neject_time = 30\n"
+    ))
+    pipeline = load_pipeline(path)
+    with WaitressServer(pipeline.app) as server:
+        client = session()
+        assert client.get(server.url + "/bad/x").status_code == 502
+        assert client.get(server.url + "/bad/x").status_code == 503
+        for _ in range(5):
+            assert client.get(server.url + "/good/x").status_code == 200
+        health = client.get(server.url + "/health").json()
+    assert health["upstreams"] == {"good": "up", "bad": "down"}
+    assert health["targets"]["good"][0]["state"] == "healthy"
+    assert health["targets"]["bad"][0]["state"] == "ejected"
+
+
+def test_health_reports_each_target(gateway_factory, upstream):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = gateway_factory(USER_SERVICE_URL=f"{upstream.url}, {dead} weight=2")
+    response = session().get(gateway.url + "/health")
+    assert response.status_code == 200  # one target up: the upstream can be served
+    payload = response.json()
+    assert payload["upstreams"] == {"user_service": "up"}
+    rows = payload["targets"]["user_service"]
+    assert [(r["target"], r["weight"], r["probe"]) for r in rows] == [
+        (upstream.url, 1, "up"), (dead, 2, "down")]
+
+
+# -- DNS re-resolution with a resolver hook ----------------------------------------------------
+
+def two_loopback_upstreams_on_one_port():
+    """Upstreams on 127.0.0.1:P and 127.0.0.2:P (the name's two addresses)."""
+    for _ in range(10):
+        port = free_port()
+        try:
+            first = Upstream("127.0.0.1", port)
+        except OSError:
+            continue
+        try:
+            second = Upstream("127.0.0.2", port)
+        except OSError as exc:
+            first.stop()
+            if exc.errno in (49, 99, 10049):  # no 127.0.0.2 here (macOS, some Windows)
+                pytest.skip("127.0.0.2 is not a usable loopback address on this system")
+            continue
+        return port, first.start(), second.start()
+    raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
+
+
+def test_dns_re_resolution_follows_the_resolver():
+    port, first, second = two_loopback_upstreams_on_one_port()
+    answers = {"users.internal": ["127.0.0.1"]}
+    asked = []
+
+    def resolve(host, asked_port):
+        asked.append((host, asked_port))
+        if host not in answers:
+            raise OSError("no such host")
+        return list(answers[host])
+
+    app = ProxyApp(f"http://users.internal:{port}", name="users", resolver=resolve,
+                   dns_interval=0.1)
+    try:
+        with WaitressServer(app) as server:
+            client = session()
+            echo = client.get(server.url + "/echo").json()
+            assert echo["upstream"] == first.url
+            assert [v for k, v in echo["headers"] if k.lower() == "host"] == [
+                f"users.internal:{port}"]
+            answers["users.internal"] = ["127.0.0.1", "127.0.0.2"]
+            wait_until(lambda: len(app.pool.targets) == 2)
+            seen = {served_by(client.get(server.url + "/echo")) for _ in range(6)}
+            assert seen == {first.url, second.url}
+            answers["users.internal"] = ["127.0.0.2"]
+            wait_until(lambda: [t.address for t in app.pool.targets] == ["127.0.0.2"])
+            assert {served_by(client.get(server.url + "/echo")) for _ in range(4)} == {
+                second.url}
+            del answers["users.internal"]  # DNS failing: the last good answer stays
+            count = len(asked)
+            wait_until(lambda: len(asked) > count + 1)
+            assert served_by(client.get(server.url + "/echo")) == second.url
+    finally:
+        app.close()
+        first.stop()
+        second.stop()
+    assert asked[0] == ("users.internal", port)
+    assert not app.pool._thread.is_alive()  # close() stops the background thread
+
+
+# -- active health checks ---------------------------------------------------------------------
+
+def test_active_health_ejects_and_readmits_without_traffic():
+    with Upstream() as sick, Upstream() as well:
+        app = ProxyApp(f"{sick.url},{well.url}", name="svc", health_interval=0.1,
+                       max_fails=1, eject_time=30)
+        try:
+            sick.health_status = 500
+            wait_until(lambda: app.pool.snapshot()[0]["state"] == "ejected")
+            with WaitressServer(app) as server:
+                client = session()
+                assert {served_by(client.get(server.url + "/echo")) for _ in range(4)} == {
+                    well.url}
+                sick.health_status = 200
+                wait_until(lambda: app.pool.snapshot()[0]["state"] == "healthy")
+                assert {served_by(client.get(server.url + "/echo")) for _ in range(4)} == {
+                    well.url, sick.url}
+        finally:
+            app.close()
+        assert not app.pool._thread.is_alive()
+
+
+# -- keep-alive connections: idle ones are not reused ----------------------------------------
+
+def test_idle_connection_is_recycled_before_the_upstream_drops_it():
+    with Upstream(idle_close=0.4) as upstream:
+        recycling = ProxyApp(upstream.url, idle_timeout=0.2)
+        reusing = ProxyApp(upstream.url, idle_timeout=30)
+        try:
+            with WaitressServer(recycling) as fresh, WaitressServer(reusing) as stale:
+                client = session()
+                for server in (fresh, stale):
+                    assert client.post(server.url + "/echo", data=b"1").status_code == 200
+                time.sleep(0.6)
+                # A new connection: the upstream answers.
+                assert client.post(fresh.url + "/echo", data=b"2").status_code == 200
+                # The old connection, dropped by the upstream as the POST arrives: a 502
+                # the gateway cannot retry (the POST may have been processed).
+                assert client.post(stale.url + "/echo", data=b"2").status_code == 502
+        finally:
+            recycling.close()
+            reusing.close()
+    assert upstream.connections == 3
