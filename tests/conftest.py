@@ -31,7 +31,8 @@ def _clean_gateway_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
                            "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE", "USER_SERVICE_URL",
-                           "EVENT_SERVICE_URL", "HEALTH_TIMEOUT")):
+                           "EVENT_SERVICE_URL", "HEALTH_TIMEOUT", "LOG_", "METRICS_", "TRACE_",
+                           "PROMETHEUS_MULTIPROC_DIR")):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
 
