@@ -6,6 +6,7 @@ import configparser
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -144,6 +145,16 @@ def cmd_init(args) -> int:
     return 0
 
 
+def _stop_on_terminate() -> None:
+    """Make SIGTERM (what service managers and ``kill`` send) end ``serve`` like Ctrl+C, so
+    buffered log lines are written. Where the platform has no such signal, nothing to do."""
+    if hasattr(signal, "SIGTERM"):
+        def stop(signum, frame):
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_serve(args) -> int:
     settings = _server_settings(args.config)
     if args.threads is not None:
@@ -157,12 +168,14 @@ def cmd_serve(args) -> int:
         pipeline.app, listen=listen, threads=threads, max_body_size=pipeline.max_body_size
     )
     server.print_listen("Serving on http://{}:{}")
+    _stop_on_terminate()
     try:
         server.run()
-    except KeyboardInterrupt:  # Ctrl+C / Ctrl+Break on Windows: stop quietly
+    except (KeyboardInterrupt, SystemExit):  # Ctrl+C, Ctrl+Break, or a polite kill
         pass
     finally:
         server.close()
+        logging.shutdown()  # write out buffered log lines
     return 0
 
 

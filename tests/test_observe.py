@@ -23,7 +23,13 @@ from meetinity_gateway.keys import (
     UPSTREAM_KEY,
     UPSTREAM_MS_KEY,
 )
-from meetinity_gateway.logs import AccessRecord, JsonFormatter, configure_logging, without_query
+from meetinity_gateway.logs import (
+    AccessRecord,
+    BufferedStreamHandler,
+    JsonFormatter,
+    configure_logging,
+    without_query,
+)
 from meetinity_gateway.middleware.errors import ErrorMiddleware
 from meetinity_gateway.middleware.observe import (
     ObserveMiddleware,
@@ -213,10 +219,38 @@ def test_configure_logging(monkeypatch):
     assert root.level == logging.DEBUG
     assert logging.getLogger("urllib3").level == logging.INFO  # its DEBUG lines hold URLs
     logging.getLogger("meetinity_gateway.test").debug("hello %s", "there")
+    assert stream.getvalue() == ""  # buffered: written in batches...
+    root.handlers[0].flush()  # ...at the latest after a fraction of a second
     assert json.loads(stream.getvalue())["message"] == "hello there"
+    logging.getLogger("meetinity_gateway.test").warning("now")
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "now"  # at once
     # A second call (or an embedding app's own setup) changes nothing.
     configure_logging("ERROR", "text", stream=io.StringIO())
     assert root.level == logging.DEBUG and len(root.handlers) == 1
+    root.handlers[0].close()
+
+
+def test_buffered_handler_flushes_on_its_own():
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, interval=0.05)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("meetinity_gateway.test.buffered")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        for number in range(3):
+            logger.info("line %d", number)
+        deadline = time.monotonic() + 5
+        while stream.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stream.getvalue() == "line 0\nline 1\nline 2\n"
+        handler.max_bytes = 10
+        logger.info("a long enough line")
+        assert stream.getvalue().endswith("a long enough line\n")  # over max_bytes: at once
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def test_configure_logging_rejects_bad_values():
