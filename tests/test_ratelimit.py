@@ -498,3 +498,22 @@ def test_redis_keys_are_namespaced_and_expire(redis_server, gateway_factory):
     assert keys and all("meetinity_gateway/auth/addr:127.0.0.1" in key for key in keys)
     assert all(0 < client.ttl(key) <= 120 for key in keys)
     client.close()
+
+
+def test_memory_storage_sweeps_once_a_second_with_limits_private_hook():
+    # _SweptMemoryStorage replaces limits' private expiry scheduler: if limits renames it,
+    # this fails instead of the gateway silently starting a thread every 10 ms again.
+    from limits.storage import MemoryStorage
+
+    from meetinity_gateway.middleware.ratelimit import _SweptMemoryStorage
+
+    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
+    assert hasattr(MemoryStorage, "_MemoryStorage__expire_events")
+    storage = _SweptMemoryStorage("memory://")
+    storage.timer.join(1)  # limits' own first sweep, started by its constructor
+    storage.incr("k", expiry=0.05)
+    assert storage.timer.daemon and storage.timer.interval == 1.0
+    time.sleep(0.1)
+    assert storage.get("k") == 0  # expired on read, before any sweep
+    middleware = RateLimitMiddleware(lambda e, s: [], rules=[])
+    assert isinstance(middleware.limiter.storage, _SweptMemoryStorage)
