@@ -210,6 +210,16 @@ def test_protected_route_is_forwarded_with_a_valid_token(gateway, upstream):
     assert echo["path"] == "/users/7"
 
 
+def test_connections_are_kept_alive_and_handed_back_by_close(gateway, upstream):
+    client = session()
+    for _ in range(20):
+        assert client.get(gateway.url + "/api/auth/echo").status_code == 200
+        assert client.get(gateway.url + "/api/auth/download?size=100000").content == \
+            b"".join(pattern(100000))
+    # 40 requests, one upstream connection: each answer's close() returned it to the pool.
+    assert upstream.connections == 1
+
+
 # -- big bodies ----------------------------------------------------------------------------
 
 FIFTY_MB = 50 * 1024 * 1024
