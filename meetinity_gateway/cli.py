@@ -48,10 +48,6 @@ def _setup_logging() -> None:
                           os.environ.get("LOG_FORMAT") or "json")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # waitress warns "Task queue depth is N" for nearly every request once all threads
-        # are busy: under load that logging alone costs a good share of the CPU it lacks.
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def _print_pipeline(pipeline) -> None:

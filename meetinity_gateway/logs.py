@@ -201,6 +201,10 @@ def configure_logging(level: str = "INFO", log_format: str = "json",
     root.setLevel(numeric)
     # urllib3 logs every request URL, query string included, at DEBUG.
     logging.getLogger("urllib3").setLevel(max(numeric, logging.INFO))
+    if numeric > logging.DEBUG:
+        # waitress warns "Task queue depth is N" for nearly every request once all threads
+        # are busy: under load that logging alone costs a good share of the CPU it lacks.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
