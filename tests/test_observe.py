@@ -38,6 +38,7 @@ from meetinity_gateway.middleware.observe import (
     parse_traceparent,
 )
 from meetinity_gateway.problems import REQUEST_ID_KEY
+from tests.test_errors import late_boom_app
 from tests.servers import (
     GatewayProcess,
     WaitressServer,
@@ -72,16 +73,6 @@ def app_setting(**keys):
 
 def boom_app(environ, start_response):
     raise RuntimeError("boom")
-
-
-def late_boom_app(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-
-    def body():
-        yield b"first part"
-        raise RuntimeError("failed mid-body")
-
-    return body()
 
 
 def client(app, **kwargs) -> tuple[TestApp, ObserveMiddleware]:
