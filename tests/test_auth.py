@@ -333,14 +333,57 @@ def test_default_protects_everything():
     assert_401(app.get("/anything", status=401), "missing bearer token", token_given=False)
 
 
-def test_cors_preflight_passes_without_token():
-    app = client()
-    response = app.options("/api/users/1", headers={
-        "Origin": "https://app.meetinity.com", "Access-Control-Request-Method": "DELETE"})
+PREFLIGHT = {"Origin": "https://app.meetinity.com", "Access-Control-Request-Method": "DELETE"}
+
+
+def test_preflights_need_a_token_unless_asked():
+    # The default (and the shipped gateway.ini): no method is exempt, OPTIONS included.
+    assert_401(client().options("/api/users/1", headers=PREFLIGHT, status=401),
+               "missing bearer token", False)
+
+
+def test_real_cors_preflight_passes_without_token_when_asked():
+    app = client(allow_preflights=True)
+    response = app.options("/api/users/1", headers=PREFLIGHT)
     assert response.status_int == 200
     assert response.json["claims"] is None
     # A plain OPTIONS is a real request: it needs a token.
     assert_401(app.options("/api/users/1", status=401), "missing bearer token", False)
+
+
+@pytest.mark.parametrize("headers, body", [
+    ({"Access-Control-Request-Method": "DELETE"}, b""),  # no Origin
+    ({**PREFLIGHT, "Origin": ""}, b""),
+    ({**PREFLIGHT, "Access-Control-Request-Method": ""}, b""),
+    ({**PREFLIGHT, "Access-Control-Request-Method": "DEL ETE"}, b""),
+    ({**PREFLIGHT, "X-HTTP-Method-Override": "DELETE"}, b""),
+    ({**PREFLIGHT, "X-HTTP-Method": "DELETE"}, b""),
+    ({**PREFLIGHT, "X-Method-Override": "PUT"}, b""),
+    (PREFLIGHT, b'{"role": "admin"}'),  # a body
+])
+def test_preflight_lookalikes_need_a_token_even_when_preflights_are_allowed(headers, body):
+    app = client(allow_preflights=True)
+    response = app.request("/api/users/1", method="OPTIONS", headers=headers, body=body,
+                           status=401)
+    assert_401(response, "missing bearer token", False)
+
+
+def test_preflight_shapes_in_other_methods_need_a_token():
+    app = client(allow_preflights=True)
+    for method in ("get", "post", "put", "delete", "patch", "head"):
+        response = getattr(app, method)("/api/users/1", headers=PREFLIGHT, status=401)
+        assert response.status_int == 401
+
+
+def test_allow_preflights_from_the_ini(tmp_path):
+    from meetinity_gateway.middleware.auth import filter_factory
+
+    make = filter_factory({"__file__": str(tmp_path / "gw.ini"), "here": str(tmp_path)},
+                          secret=SECRET, prefixes="/api", allow_preflights="yes")
+    assert make(echo_app).allow_preflights is True
+    with pytest.raises(ConfigError) as info:
+        filter_factory({"__file__": "gw.ini"}, secret=SECRET, allow_preflights="maybe")
+    assert info.value.key == "allow_preflights" and info.value.value == "maybe"
 
 
 # -- identity headers -----------------------------------------------------------------------
@@ -357,7 +400,7 @@ def test_forged_identity_headers_are_replaced_on_protected_paths():
 def test_forged_identity_headers_are_removed_on_public_paths_and_preflights():
     app = client()
     assert app.get("/api/auth/login", headers=FORGED).json["user_id"] is None
-    preflight = app.options("/api/users", headers={
+    preflight = client(allow_preflights=True).options("/api/users", headers={
         **FORGED, "Access-Control-Request-Method": "GET", "Origin": "https://x.example"})
     assert preflight.json["user_id"] is None and preflight.json["email"] is None
 

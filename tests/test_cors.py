@@ -299,6 +299,39 @@ def test_options_with_request_method_but_no_origin_goes_to_the_app():
     assert inner.calls == [("OPTIONS", "/api/users")]
 
 
+@pytest.mark.parametrize("extra, body", [
+    ({"X-HTTP-Method-Override": "DELETE"}, b""),
+    ({"X-HTTP-Method": "DELETE"}, b""),
+    ({"X-Method-Override": "DELETE"}, b""),
+    ({}, b'{"x": 1}'),
+    ({"Access-Control-Request-Method": "DE LETE"}, b""),
+])
+@pytest.mark.parametrize("origin", [APP, "https://evil.example"])
+def test_preflight_lookalikes_are_refused_and_never_forwarded(extra, body, origin):
+    app, inner = client(origins=[APP])
+    headers = {"Origin": origin, "Access-Control-Request-Method": "GET", **extra}
+    response = app.request("/api/users/7", method="OPTIONS", headers=headers, body=body,
+                           status=400)
+    assert response.json["error"]["message"].startswith("malformed CORS preflight")
+    assert cors_headers(response) == {}
+    assert inner.calls == []
+
+
+def test_is_preflight_is_the_one_definition():
+    from meetinity_gateway.preflight import is_preflight
+
+    base = {"REQUEST_METHOD": "OPTIONS", "HTTP_ORIGIN": APP,
+            "HTTP_ACCESS_CONTROL_REQUEST_METHOD": "PUT"}
+    assert is_preflight(base)
+    assert is_preflight({**base, "CONTENT_LENGTH": "0"})
+    for change in ({"REQUEST_METHOD": "options"}, {"REQUEST_METHOD": "GET"},
+                   {"HTTP_ORIGIN": ""}, {"HTTP_ACCESS_CONTROL_REQUEST_METHOD": ""},
+                   {"CONTENT_LENGTH": "3"}, {"HTTP_TRANSFER_ENCODING": "chunked"},
+                   {"HTTP_X_HTTP_METHOD_OVERRIDE": "DELETE"}):
+        assert not is_preflight({**base, **change}), change
+    assert not is_preflight({k: v for k, v in base.items() if k != "HTTP_ORIGIN"})
+
+
 # -- filter_factory --------------------------------------------------------------------------
 
 def test_filter_factory_casts_strings(monkeypatch):

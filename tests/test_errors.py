@@ -163,3 +163,61 @@ def test_filter_factory_casts_and_rejects_unknown_keys():
     assert "gw.ini" in str(info.value) and "check_path" in str(info.value)
     with pytest.raises(ConfigError, match="check_paths = 'maybe'"):
         filter_factory({}, check_paths="maybe")
+
+
+# -- control characters and dot-segments with parameters (issue 11, point 7) ----------------
+
+DOT_PARAM_SEGMENTS = ["..;", "..;x", ".;", ".;x", "%2e%2e;x", "%2E%2e;", "%2e;", ".%2e;a=b",
+                      "..%3b", "..%3Bjsessionid=1", "%2e%2e%3b", ".%3B"]
+
+
+@pytest.mark.parametrize("segment", DOT_PARAM_SEGMENTS)
+def test_dot_segments_with_parameters_are_refused(segment):
+    raw = f"/api/auth/{segment}/users/1"
+    decoded = raw.replace("%2e", ".").replace("%2E", ".").replace("%3b", ";").replace("%3B", ";")
+    assert unsafe_path_reason(decoded, raw) == "dot-segment in path"
+    assert unsafe_path_reason(decoded) == "dot-segment in path"  # no REQUEST_URI either
+
+
+@pytest.mark.parametrize("path_info, raw", [
+    ("/a/..b;c/d", "/a/..b;c/d"), ("/a/b;..", "/a/b;.."), ("/a/...;x", "/a/...;x"),
+    ("/a;b/c", "/a;b/c"), ("/users/7;v=1", "/users/7;v=1"),
+])
+def test_parameters_on_other_segments_are_fine(path_info, raw):
+    assert unsafe_path_reason(path_info, raw) is None
+
+
+@pytest.mark.parametrize("byte", [*range(0x20), 0x7F])
+def test_control_characters_anywhere_in_the_raw_target_are_refused(byte):
+    char = chr(byte)
+    # waitress hands over PATH_INFO and QUERY_STRING with TAB/CR/LF deleted: only the raw
+    # target still shows them.
+    for path_info, raw, query in [
+        ("/api/x", f"/api/x?next=java{char}script:", "next=javascript:"),
+        ("/api/x", f"/api/x{char}", ""),
+        ("/api/xy", f"/api/x{char}y", ""),
+    ]:
+        assert "control character" in unsafe_path_reason(path_info, raw, query)
+    # Without REQUEST_URI: the query and the decoded path are checked.
+    assert "control character" in unsafe_path_reason("/a", None, f"q={char}")
+    assert "control character" in unsafe_path_reason(f"/a{char}", None, "")
+
+
+@pytest.mark.parametrize("code", ["%00", "%09", "%0a", "%0D", "%1f", "%7F", "%7f"])
+def test_encoded_control_characters_in_the_path_are_refused_in_the_query_they_are_data(code):
+    decoded = "/api/x" + chr(int(code[1:], 16))
+    assert "control character" in unsafe_path_reason(decoded, f"/api/x{code}")
+    assert unsafe_path_reason("/api/x", f"/api/x?q=a{code}b", f"q=a{code}b") is None
+
+
+def test_control_character_in_query_is_a_json_400_before_the_app_runs():
+    called = []
+
+    def app(environ, start_response):  # pragma: no cover - must not run
+        called.append(environ)
+        return echo_app(environ, start_response)
+
+    response = client(app).get("/x", status=400, extra_environ={
+        "REQUEST_URI": "/x?next=java\tscript:", "QUERY_STRING": "next=javascript:"})
+    assert response.json["error"]["message"] == "control character in request target"
+    assert called == []

@@ -30,9 +30,14 @@ neither a string nor an integer, or holds control characters, is left out — an
 ``sub`` is refused). Client-sent copies of those headers are deleted from **every** request,
 protected or not, before anything else: a client can never forge an identity.
 
-Requests outside the prefixes pass untouched (minus forged identity headers), and so do CORS
-preflights (``OPTIONS`` with ``Access-Control-Request-Method``): browsers send them without
-credentials.
+Requests outside the prefixes pass untouched (minus forged identity headers). Every method
+needs a token on a protected prefix, ``OPTIONS`` included: in the gateway the ``cors`` layer
+answers real CORS preflights before they get here. Used alone in front of an app that
+answers preflights itself, ``allow_preflights=True`` lets *real* preflights through without
+a token (browsers send them without credentials) — exactly the requests
+:func:`meetinity_gateway.preflight.is_preflight` accepts: ``OPTIONS`` with ``Origin`` and
+``Access-Control-Request-Method``, no body, no method override. An ``OPTIONS`` lacking
+``Origin``, carrying a body or ``X-HTTP-Method-Override`` still needs a token.
 
 JWKS keys are cached (:class:`JwksKeys`): the set is refetched after ``jwks_ttl`` seconds; an
 unknown ``kid`` triggers at most one refetch per ``jwks_cooldown`` seconds, whoever asks (a
@@ -71,6 +76,8 @@ Use alone around any WSGI app::
     ``True``: the user service's ``/auth/profile`` reads it). ``False`` removes it from every
     request after verification.
 :param realm: the ``realm`` of ``WWW-Authenticate`` (default ``meetinity``).
+:param allow_preflights: let real CORS preflights through without a token (default
+    ``False``; off in the shipped gateway.ini, where ``cors`` answers them first).
 
 In gateway.ini (``identity_headers`` as ``claim=Header`` pairs, lists comma-separated)::
 
@@ -103,6 +110,7 @@ from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
 from meetinity_gateway.keys import AUTH_ERROR_KEY
 from meetinity_gateway.paths import PrefixMatcher
+from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import GatewayError
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -352,6 +360,7 @@ class AuthMiddleware:
         identity_headers: t.Mapping[str, str] | None = None,
         forward_authorization: bool = True,
         realm: str = "meetinity",
+        allow_preflights: bool = False,
     ) -> None:
         self.app = app
         try:
@@ -442,6 +451,7 @@ class AuthMiddleware:
             raise ConfigError("expected a realm without quotes, backslashes or control "
                               "characters", key="realm", value=realm)
         self.realm = realm
+        self.allow_preflights = bool(allow_preflights)
 
     @staticmethod
     def _check_algorithms(names: list[str]) -> frozenset[str]:
@@ -467,9 +477,7 @@ class AuthMiddleware:
         environ.pop(CLAIMS_KEY, None)
 
         path = environ.get("PATH_INFO") or "/"
-        preflight = (environ.get("REQUEST_METHOD") == "OPTIONS"
-                     and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ)
-        if preflight or not self._matcher.covers(path):
+        if not self._matcher.covers(path) or (self.allow_preflights and is_preflight(environ)):
             if not self.forward_authorization:
                 environ.pop("HTTP_AUTHORIZATION", None)
             return self.app(environ, start_response)
@@ -655,6 +663,7 @@ _PARAMS = {
     "identity_headers": _claim_headers,
     "forward_authorization": as_bool,
     "realm": as_str,
+    "allow_preflights": as_bool,
 }
 
 

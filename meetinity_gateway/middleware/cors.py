@@ -7,14 +7,17 @@ only when the gateway says so. This layer sorts every request into one of three 
   but ``Vary: Origin``; the request goes on to the app. CORS is enforced by browsers, not by
   the gateway: a non-browser client is unaffected, and a browser page from a foreign origin
   is blocked by the browser because the answer carries no ``Access-Control-Allow-Origin``.
-* **preflight** — ``OPTIONS`` with ``Origin`` *and* ``Access-Control-Request-Method``:
+* **preflight** — ``OPTIONS`` with ``Origin`` *and* ``Access-Control-Request-Method``, no
+  body and no method override (the one definition, :mod:`meetinity_gateway.preflight`):
   answered here, never forwarded (so it never meets authentication or rate limits). An
   allowed origin asking for an allowed method and allowed headers gets ``204 No Content``
   with ``Access-Control-Allow-Origin``, ``-Allow-Methods``, ``-Allow-Headers``, ``-Max-Age``
   (and ``-Allow-Credentials`` when configured). Anything else gets ``403`` in the standard
   JSON error shape *without* any CORS header: the browser then refuses the real request,
   and a developer looking at the network tab reads why. A plain ``OPTIONS`` without
-  ``Access-Control-Request-Method`` is not a preflight: it goes to the app.
+  ``Origin`` or ``Access-Control-Request-Method`` is not a preflight: it goes to the app
+  (and meets authentication there). One with both but also a body or an
+  ``X-HTTP-Method-Override`` is no browser's: ``400``, never forwarded.
 * **actual request from an allowed origin** — passes through; its response, whoever made it
   (the upstream, or the gateway's own 401/404/429/502/504), gets
   ``Access-Control-Allow-Origin``, ``Access-Control-Expose-Headers``, ``Vary: Origin`` and
@@ -92,6 +95,7 @@ from meetinity_gateway.config import (
     as_non_negative_int,
     cast_settings,
 )
+from meetinity_gateway.preflight import looks_like_preflight, why_not_preflight
 from meetinity_gateway.problems import error_response
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -385,11 +389,16 @@ class CorsMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         origin = environ.get("HTTP_ORIGIN")
-        if (
-            origin is not None
-            and environ.get("REQUEST_METHOD") == "OPTIONS"
-            and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
-        ):
+        if looks_like_preflight(environ):
+            # Never forwarded, real or not: a request shaped like a preflight but carrying a
+            # body or a method override is refused here, so no layer further in can take it
+            # for one (meetinity_gateway.preflight holds the one definition).
+            reason = why_not_preflight(environ)
+            if reason is not None:
+                return error_response(
+                    environ, start_response, 400, f"malformed CORS preflight: {reason}",
+                    headers=[("Vary", ", ".join(_PREFLIGHT_VARY))],
+                )
             return self._preflight(environ, start_response, origin)
 
         cors: t.Sequence[tuple[str, str]] = ()

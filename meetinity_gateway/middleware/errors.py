@@ -5,12 +5,23 @@ The outermost layer of the gateway. For every request it
 1. keeps a sane client ``X-Request-ID`` (1–128 characters of ``A-Z a-z 0-9 . _ : = + / -``)
    or generates one, puts it in the environ (``meetinity_gateway.request_id``, and as the
    ``X-Request-ID`` request header, so the proxy sends it upstream) and on the response;
-2. rejects with 400, before any inner layer matches paths, a path that could escape its
-   route: dot-segments (``.``/``..``), encoded slashes or backslashes (``%2F``, ``%5C``) —
-   checked on the raw request URI and again after percent-decoding, so
-   ``/api/auth/../users/1`` and ``/api/auth/..%2Fusers%2F1`` never reach an upstream — as
-   well as backslashes, control characters and percent-escapes left after decoding (double
-   encoding);
+2. rejects with 400, before any inner layer matches paths, a request target that could
+   escape its route or that a server would have to "correct":
+
+   * dot-segments (``.``/``..``), also followed by parameters (``..;``, ``.;x``,
+     ``%2e%2e;x``, ``%2E%2e%3B``: servlet-style upstreams drop the ``;…`` part and then
+     resolve the dot-segment), and encoded slashes or backslashes (``%2F``, ``%5C``) —
+     checked on the raw request URI and again after percent-decoding, so
+     ``/api/auth/../users/1`` and ``/api/auth/..%2Fusers%2F1`` never reach an upstream;
+   * control characters (C0 ``0x00``–``0x1F`` and DEL ``0x7F``) anywhere in the raw target,
+     path or query. The raw target is what counts: waitress (through ``urllib.parse``)
+     silently deletes TAB, CR and LF from the path and query it hands over, so
+     ``?next=java<TAB>script:`` would otherwise become ``javascript:``. In the path they are
+     refused percent-encoded too (``%00``, ``%09``, ``%7F``: the decoded ``PATH_INFO`` holds
+     them); in the query an encoded ``%0A`` is data for the service and passes;
+   * backslashes and percent-escapes left after decoding (double encoding) in the path.
+
+   A target is never rewritten to make it valid: it is served as sent, or refused.
 3. turns any exception raised by the inner app into the standard JSON 500, logged with the
    request id; the client never sees a traceback. If the response had already started, the
    error is logged and re-raised so the server drops the connection: a truncated body must
@@ -58,16 +69,25 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _has_dot_segment(path: str) -> bool:
-    return any(segment in (".", "..") for segment in path.split("/"))
+    """A ``.``/``..`` segment, also with parameters (``..;jsessionid=x``, ``.;``)."""
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
 
 
-def unsafe_path_reason(path_info: str, raw_uri: str | None = None) -> str | None:
-    """Why this path must be refused, or ``None`` when it is safe to route.
+def unsafe_path_reason(
+    path_info: str, raw_uri: str | None = None, query: str | None = None
+) -> str | None:
+    """Why this request target must be refused, or ``None`` when it is safe to route.
 
     ``path_info`` is the decoded WSGI ``PATH_INFO``; ``raw_uri`` the request target as sent
-    (``REQUEST_URI``/``RAW_URI``) when the server provides it.
+    (``REQUEST_URI``/``RAW_URI``) when the server provides it; ``query`` the
+    ``QUERY_STRING`` (still percent-encoded, as WSGI hands it over).
     """
+    if query and _CONTROL.search(query):
+        return "control character in request target"
     if raw_uri is not None:
+        # Before anything else: the server may have deleted these from PATH_INFO.
+        if _CONTROL.search(raw_uri):
+            return "control character in request target"
         raw_path = raw_uri.split("?", 1)[0]
         if _ENCODED_SEPARATOR.search(raw_path):
             return "encoded slash in path"
@@ -172,7 +192,8 @@ class ErrorMiddleware:
 
         if self.check_paths:
             raw_uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
-            reason = unsafe_path_reason(environ.get("PATH_INFO", ""), raw_uri)
+            reason = unsafe_path_reason(environ.get("PATH_INFO", ""), raw_uri,
+                                        environ.get("QUERY_STRING"))
             if reason is not None:
                 return error_response(environ, start_with_id, 400, reason)
 
