@@ -159,7 +159,7 @@ SETTINGS: dict[str, t.Callable[[str], t.Any]] = {
     "send_timeout": as_positive_float,
     "drain_seconds": _as_non_negative_float,
     "outbuf_overflow": as_size,
-    "outbuf_high_watermark": 24 * 1024 * 1024,
+    "outbuf_high_watermark": as_size,
     "recv_bytes": as_positive_int,
     "max_request_header_size": as_size,
     "cleanup_interval": as_non_negative_int,
