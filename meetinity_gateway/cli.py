@@ -6,12 +6,11 @@ import configparser
 import logging
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
 
 from meetinity_gateway import __version__
-from meetinity_gateway.config import ConfigError, as_positive_int, expand, load_env
+from meetinity_gateway.config import ConfigError, expand, load_env
 
 log = logging.getLogger("meetinity_gateway")
 
@@ -81,35 +80,11 @@ def cmd_routes(args) -> int:
     return 0
 
 
-def create_server(
-    app,
-    *,
-    listen: str = DEFAULT_LISTEN,
-    threads: int = DEFAULT_THREADS,
-    max_body_size: int | None = None,
-    **kw,
-):
-    """A waitress server for ``app`` with the settings the gateway needs.
+def create_server(app, **kw):
+    """Moved to :func:`meetinity_gateway.server.create_server`; kept here for callers."""
+    from meetinity_gateway.server import create_server as create
 
-    waitress reads (and spools to disk) a whole request body before the app sees it. Its own
-    cap is set to twice the gateway's ``max_body_size``: a body somewhat over the limit still
-    reaches the proxy and gets the JSON 413, an absurd one is refused by waitress (plain-text
-    413) before it fills the disk.
-    """
-    import waitress
-
-    if max_body_size is not None:
-        kw.setdefault("max_request_body_size", 2 * max_body_size + 1)
-    return waitress.create_server(
-        app,
-        listen=listen,
-        threads=threads,
-        ident="meetinity-gateway",
-        # waitress would strip X-Forwarded-* from every peer it does not trust; the gateway
-        # applies its own TRUSTED_PROXIES rule, which needs to see them.
-        clear_untrusted_proxy_headers=False,
-        **kw,
-    )
+    return create(app, **kw)
 
 
 def cmd_init(args) -> int:
@@ -141,38 +116,19 @@ def cmd_init(args) -> int:
     return 0
 
 
-def _stop_on_terminate() -> None:
-    """Make SIGTERM (what service managers and ``kill`` send) end ``serve`` like Ctrl+C, so
-    buffered log lines are written. Where the platform has no such signal, nothing to do."""
-    if hasattr(signal, "SIGTERM"):
-        def stop(signum, frame):
-            raise SystemExit(0)
-
-        signal.signal(signal.SIGTERM, stop)
-
-
 def cmd_serve(args) -> int:
-    settings = _server_settings(args.config)
-    if args.threads is not None:
-        # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
-        os.environ["GATEWAY_THREADS"] = str(args.threads)
-    threads = args.threads or as_positive_int(settings.get("threads") or str(DEFAULT_THREADS))
-    listen = args.listen or settings.get("listen") or DEFAULT_LISTEN
+    from meetinity_gateway import server as serving
+
+    settings = serving.read_settings(args.config, listen=args.listen, threads=args.threads,
+                                     server=args.server, workers=args.workers)
+    # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
+    os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     pipeline = _load(args.config)
     log.info("meetinity-gateway %s: %s", __version__, " -> ".join(pipeline.names))
-    server = create_server(
-        pipeline.app, listen=listen, threads=threads, max_body_size=pipeline.max_body_size
-    )
-    server.print_listen("Serving on http://{}:{}")
-    _stop_on_terminate()
     try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):  # Ctrl+C, Ctrl+Break, or a polite kill
-        pass
+        return serving.serve(pipeline, settings, config=args.config)
     finally:
-        server.close()
         logging.shutdown()  # write out buffered log lines
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,11 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    serve = add("serve", cmd_serve, "serve the gateway with waitress")
+    serve = add("serve", cmd_serve, "serve the gateway (waitress unless --server says)")
     serve.add_argument("--listen", help="HOST:PORT (default: [server:main] listen, "
                                         f"else {DEFAULT_LISTEN})")
-    serve.add_argument("--threads", type=int, help="worker threads (default: [server:main] "
-                                                   f"threads, else {DEFAULT_THREADS})")
+    serve.add_argument("--threads", help="worker threads (default: [server:main] "
+                                         f"threads, else {DEFAULT_THREADS})")
+    serve.add_argument("--server", help="waitress (default), granian or gunicorn "
+                                        "(default: [server:main] server)")
+    serve.add_argument("--workers", help="processes, granian and gunicorn only "
+                                         "(default: [server:main] workers, else 1)")
     add("check", cmd_check, "validate the configuration, print pipeline and routes")
     add("init", cmd_init, "write .env beside the ini with a random JWT_SECRET (once)")
     add("routes", cmd_routes, "print the route table")

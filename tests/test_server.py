@@ -1,0 +1,291 @@
+"""The hardened waitress server ``serve`` builds: request framing (smuggling), over-limit
+bodies, lingering close — raw sockets against the shipped gateway and a recording upstream."""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import time
+
+import pytest
+
+from tests.rawhttp import connect, json_error, read_response, read_until_close
+from tests.servers import WaitressServer
+
+SMUGGLED = b"GET /api/auth/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def refused(gateway, upstream, raw: bytes, code: int = 400) -> dict:
+    """Send ``raw`` (+ a smuggled request); the answer is ``code`` in the JSON shape, the
+    connection closes, and nothing reaches the upstream."""
+    with connect(gateway.url) as sock:
+        sock.sendall(raw + SMUGGLED)
+        data, closed = read_until_close(sock)
+    assert closed, f"connection kept open after {raw!r}"
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % code) or head.startswith(b"HTTP/1.0 %d " % code), \
+        (raw, data)
+    assert b"connection: close" in head.lower()
+    assert b"content-type: application/json" in head.lower()
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert len(body) == length, "more than one answer came back"
+    error = json_error(body)
+    assert error["code"] == code and error["request_id"]
+    time.sleep(0.05)
+    assert not any("smuggled" in target for _, target, _ in upstream.requests)
+    assert upstream.requests == [], upstream.requests
+    return error
+
+
+def post(headers: bytes, body: bytes = b"0\r\n\r\n", version: bytes = b"HTTP/1.1") -> bytes:
+    return b"POST /api/auth/x " + version + b"\r\n" + headers + b"\r\n" + body
+
+
+# -- CL + TE, every spelling ------------------------------------------------------------------
+
+TE_SPELLINGS = [b"chunked", b"Chunked", b"CHUNKED", b"chunked ", b" chunked", b"\tchunked",
+                b"gzip, chunked", b"chunked\t", b"identity, chunked"]
+
+
+@pytest.mark.parametrize("coding", TE_SPELLINGS)
+def test_content_length_with_transfer_encoding_is_refused(gateway, upstream, coding):
+    raw = post(b"Host: a\r\nContent-Length: 5\r\nTransfer-Encoding: " + coding + b"\r\n")
+    error = refused(gateway, upstream, raw)
+    assert "Content-Length and Transfer-Encoding" in error["message"]
+
+
+def test_te_before_content_length_is_refused_too(gateway, upstream):
+    refused(gateway, upstream, post(b"Host: a\r\nTransfer-Encoding: chunked\r\n"
+                                    b"Content-Length: 5\r\n"))
+
+
+@pytest.mark.parametrize("headers", [
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\ntransfer-encoding: identity\r\n",
+])
+def test_duplicated_transfer_encoding_is_refused(gateway, upstream, headers):
+    refused(gateway, upstream, post(b"Host: a\r\n" + headers))
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9",
+                                     b"HTTP/3.0"])
+def test_transfer_encoding_outside_http_1_1_is_refused(gateway, upstream, version):
+    raw = post(b"Host: a\r\nTransfer-Encoding: chunked\r\n", version=version)
+    error = refused(gateway, upstream, raw)
+    assert "HTTP/1.1" in error["message"]
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"identity", b"chunked, gzip", b"chunked, chunked",
+                                    b"chunked,", b", chunked", b"x-chunked", b"chunked;q=1",
+                                    b'"chunked"', b"chunked\x0b"])
+def test_final_coding_other_than_one_chunked_is_refused(gateway, upstream, coding):
+    refused(gateway, upstream, post(b"Host: a\r\nTransfer-Encoding: " + coding + b"\r\n"))
+
+
+def test_a_coding_before_chunked_is_not_implemented(gateway, upstream):
+    refused(gateway, upstream, post(b"Host: a\r\nTransfer-Encoding: gzip, chunked\r\n"), 501)
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/1.2", b"HTTP/0.9"])
+def test_other_http_versions_are_not_supported(gateway, upstream, version):
+    refused(gateway, upstream, b"GET /api/auth/x " + version + b"\r\nHost: a\r\n\r\n", 505)
+
+
+# -- Content-Length ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 1\r\nContent-Length: 1\r\n",
+    b"Content-Length: 1\r\nContent-Length: 2\r\n",
+    b"Content-Length: 1, 1\r\n",
+    b"Content-Length: +5\r\n",
+    b"Content-Length: 0x5\r\n",
+    b"Content-Length: -1\r\n",
+    b"Content-Length: 5 5\r\n",
+    b"Content-Length: 1e3\r\n",
+    b"Content-Length: \r\n",
+    b"Content-Length: " + b"9" * 40 + b"\r\n",
+    b"Content-Length: \xd9\xa5\r\n",  # an Arabic-Indic digit five
+])
+def test_bad_or_duplicated_content_length_is_refused(gateway, upstream, headers):
+    refused(gateway, upstream, post(b"Host: a\r\n" + headers, body=b"hello"))
+
+
+# -- Host, folding, stray CR/LF, request line ------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    b"GET /api/auth/x HTTP/1.1\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: user@a\r\n\r\n",
+])
+def test_missing_duplicated_or_invalid_host_is_refused(gateway, upstream, raw):
+    refused(gateway, upstream, raw)
+
+
+@pytest.mark.parametrize("raw", [
+    # obs-fold hides a header from one parser and not the other
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\tfolded\r\n\r\n",
+    # whitespace between name and colon
+    b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello",
+    b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\t: chunked\r\n\r\n0\r\n\r\n",
+    # bare CR or LF inside the header block
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-A: 1\rTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-A: 1\nContent-Length: 5\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\nHost: a\r\n\r\n",
+    b"GET /api/auth/x\rHTTP/1.1\r\nHost: a\r\n\r\n",
+    # request-line oddities
+    b"GET /api/auth/x HTTP/1.1 \r\nHost: a\r\n\r\n",
+    b"GET  /api/auth/x HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /api/auth/x http/1.1\r\nHost: a\r\n\r\n",
+    b"GET /api/auth/x\r\nHost: a\r\n\r\n",
+    b"get /api/auth/x HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\n: nameless\r\nHost: a\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-\x00: 1\r\n\r\n",
+    b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-A: 1\x00\r\n\r\n",
+])
+def test_folding_whitespace_and_stray_line_ends_are_refused(gateway, upstream, raw):
+    refused(gateway, upstream, raw)
+
+
+CHUNK_HEAD = b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("body", [
+    b"5\nhello\r\n0\r\n\r\n",                 # bare LF ends a size line
+    b"\r\n5\r\nhello\r\n0\r\n\r\n",           # empty line before a size
+    b"5\r\nhello\r\n\r\n0\r\n\r\n",           # empty line between chunks
+    b"5 \r\nhello\r\n0\r\n\r\n",              # whitespace after the size
+    b"0x5\r\nhello\r\n0\r\n\r\n",
+    b"-5\r\nhello\r\n0\r\n\r\n",
+    b"+5\r\nhello\r\n0\r\n\r\n",
+    b"5\r\nhelloXX0\r\n\r\n",                 # data longer than its size
+    b"5;a b\r\nhello\r\n0\r\n\r\n",           # malformed extension
+    b"5\r\nhello\r\n0\r\nX-T: 1\nX-U: 2\r\n\r\n",  # bare LF in a trailer
+    b"5\r\nhello\r\n0\r\n folded\r\n\r\n",    # folded trailer
+    b"11111111111111111\r\n",                 # 17 hex digits
+])
+def test_sloppy_chunked_bodies_are_refused(gateway, upstream, body):
+    refused(gateway, upstream, CHUNK_HEAD + body)
+
+
+def test_refusals_are_json_even_for_head(gateway, upstream):
+    with connect(gateway.url) as sock:
+        sock.sendall(b"HEAD /api/auth/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        data, closed = read_until_close(sock)
+    assert closed and data.startswith(b"HTTP/1.1 400 ") and data.endswith(b"\r\n\r\n")
+
+
+# -- what must still work ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"chunked ", b"\tCHUNKED"])
+def test_valid_chunked_requests_are_proxied_on_a_kept_alive_connection(gateway, upstream, coding):
+    body = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n"
+    with connect(gateway.url) as sock:
+        for _ in range(2):
+            sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding
+                         + b"\r\n\r\n" + body)
+            status, headers, payload, rest = read_response(sock)
+            assert status == 200, payload
+            assert json.loads(payload)["body_length"] == 11
+            assert headers.get("connection") != "close"
+    assert len(upstream.requests) == 2
+
+
+def test_valid_requests_of_both_versions_are_proxied(gateway, upstream):
+    with connect(gateway.url) as sock:
+        sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: [::1]:8080\r\nContent-Length: 5\r\n\r\n"
+                     b"helloGET /api/auth/y HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        assert read_response(sock)[0] == 200
+    with connect(gateway.url) as sock:
+        sock.sendall(b"GET /api/auth/z HTTP/1.0\r\n\r\n")
+        data, closed = read_until_close(sock)
+        assert closed and data.startswith(b"HTTP/1.0 200 ")
+    assert [target for _, target, _ in upstream.requests] == ["/auth/x", "/auth/y", "/auth/z"]
+
+
+# -- over-limit bodies --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_limit_gateway(gateway_factory):
+    return gateway_factory(MAX_BODY_SIZE="64k")
+
+
+def _access(caplog):
+    caplog.set_level(logging.INFO, logger="meetinity_gateway.access")
+    return lambda: [json.loads(r.msg.to_json()) for r in caplog.records
+                    if r.name == "meetinity_gateway.access"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("factor", [1.5, 3, 8])
+def test_over_limit_body_written_before_reading_gets_the_json_413(
+        small_limit_gateway, upstream, caplog, chunked, factor):
+    access = _access(caplog)
+    size = int(64 * 1024 * factor)
+    conn = http.client.HTTPConnection("127.0.0.1", small_limit_gateway.port, timeout=20)
+    try:
+        if chunked:
+            pieces = (b"x" * 8192 for _ in range(size // 8192))
+            conn.request("POST", "/api/auth/upload", body=pieces, encode_chunked=True)
+        else:
+            conn.request("POST", "/api/auth/upload", body=b"x" * size)
+        response = conn.getresponse()  # no ConnectionResetError: the gateway read the body
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 413
+    assert json_error(body)["code"] == 413
+    assert upstream.requests == []
+    deadline = time.monotonic() + 5
+    while not any(line["status"] == 413 for line in access()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [line["status"] for line in access()] == [413]
+
+
+def test_over_limit_body_closes_the_connection(small_limit_gateway, upstream):
+    size = 5 * 64 * 1024
+    with connect(small_limit_gateway.url) as sock:
+        sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        sock.sendall(b"y" * size + SMUGGLED)
+        data, closed = read_until_close(sock)
+    assert closed
+    assert data.startswith(b"HTTP/1.1 413 ") and data.count(b"HTTP/1.1") == 1
+    assert b"connection: close" in data.lower()
+    assert upstream.requests == []
+
+
+def test_over_limit_declared_length_is_answered_before_the_body(small_limit_gateway, upstream):
+    """A client that waits for 100 Continue (or just for an answer) gets the 413 without
+    sending anything."""
+    with connect(small_limit_gateway.url) as sock:
+        sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 100000000\r\n\r\n")
+        status, headers, body, _ = read_response(sock)
+    assert status == 413 and headers["connection"] == "close"
+
+
+def test_waitress_server_answers_huge_headers_with_json(gateway):
+    with connect(gateway.url) as sock:
+        sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        data, closed = read_until_close(sock)
+    assert closed and data.startswith(b"HTTP/1.0 431 ") or data.startswith(b"HTTP/1.1 431 ")
+    assert json_error(data.partition(b"\r\n\r\n")[2])["code"] == 431
+
+
+def test_a_crashing_app_still_gets_json_and_a_clean_close():
+    def app(environ, start_response):
+        raise RuntimeError("boom")
+
+    logging.getLogger("waitress").setLevel(logging.CRITICAL)
+    with WaitressServer(app) as server:
+        with connect(server.url) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            data, closed = read_until_close(sock)
+    assert data.startswith(b"HTTP/1.1 500 ") and closed
+    assert json_error(data.partition(b"\r\n\r\n")[2])["code"] == 500

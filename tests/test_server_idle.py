@@ -1,0 +1,114 @@
+"""Idle, half-open and trickling connections cannot take ``meetinity-gateway serve`` off the
+air (the CLI's server in a child process, raw sockets)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.rawhttp import read_until_close
+from tests.servers import TEST_JWT_SECRET, GatewayProcess, session
+
+IDLE = 500
+TRICKLING = 500
+
+
+def _raise_own_fd_limit(wanted: int) -> None:
+    resource = pytest.importorskip("resource", reason="POSIX open-file limit")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"open-file hard limit {hard} < {wanted} needed by this test")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@pytest.fixture
+def served(upstream):
+    def start(**env):
+        env.setdefault("USER_SERVICE_URL", upstream.url)
+        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
+        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
+        process = GatewayProcess(env=env)
+        processes.append(process)
+        return process
+
+    processes = []
+    yield start
+    for process in processes:
+        process.stop()
+
+
+def test_normal_client_answered_while_1000_connections_idle_or_trickle(served):
+    _raise_own_fd_limit(IDLE + TRICKLING + 256)
+    gateway = served()
+    sockets: list[socket.socket] = []
+    stop = threading.Event()
+
+    def trickle(targets):
+        # One byte a second on every trickling connection; headers never end.
+        while not stop.wait(1.0):
+            for sock in targets:
+                try:
+                    sock.send(b"a")
+                except OSError:
+                    pass
+
+    try:
+        for _ in range(IDLE):
+            sockets.append(socket.create_connection(("127.0.0.1", gateway.port), timeout=10))
+        tricklers = []
+        for _ in range(TRICKLING):
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+            sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+            tricklers.append(sock)
+        sockets.extend(tricklers)
+        thread = threading.Thread(target=trickle, args=(tricklers,), daemon=True)
+        thread.start()
+        client = session()
+        for _ in range(3):
+            started = time.monotonic()
+            response = client.get(gateway.url + "/api/auth/echo", timeout=10,
+                                  headers={"Connection": "close"})
+            assert response.status_code == 200
+            # functional bound, generous for a loaded machine (1 s on an idle one)
+            assert time.monotonic() - started < 5
+            time.sleep(0.5)
+        assert gateway.process.poll() is None
+    finally:
+        stop.set()
+        for sock in sockets:
+            sock.close()
+
+
+def test_headers_that_never_end_are_cut(served):
+    gateway = served(GATEWAY_HEADER_TIMEOUT="1")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 8:
+            try:
+                sock.send(b"X-A: 1\r\n")  # still sending: only the deadline can end it
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.5)
+            try:
+                if sock.recv(100) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                pass
+        assert closed
+        assert time.monotonic() - started < 6
+
+
+def test_idle_keep_alive_connections_are_closed_after_the_idle_timeout(served):
+    gateway = served(GATEWAY_IDLE_TIMEOUT="1")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        started = time.monotonic()
+        data, closed = read_until_close(sock, timeout=8)
+    assert closed and data == b""
+    assert time.monotonic() - started < 6
