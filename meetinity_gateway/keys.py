@@ -7,6 +7,7 @@ the last attempt of a request; ``UPSTREAM_ATTEMPTS_KEY`` lists them all.
 from __future__ import annotations
 
 __all__ = [
+    "ADDED_HEADERS_KEY",
     "AUTH_ERROR_KEY",
     "TRACE_ID_KEY",
     "UPSTREAM_ATTEMPTS_KEY",
@@ -16,6 +17,10 @@ __all__ = [
     "TARGET_KEY",
 ]
 
+#: Lower-case names of request headers a layer of the gateway put in the environ itself (an
+#: identity header, a per-route header rule): a set, added to by each such layer. The proxy
+#: never removes them because the client's ``Connection`` header names them.
+ADDED_HEADERS_KEY = "meetinity_gateway.added_headers"
 #: The upstream's name (``user_service``), set by the proxy before it forwards.
 UPSTREAM_KEY = "meetinity_gateway.upstream"
 #: The upstream target actually called (``host:port``), set by the proxy.

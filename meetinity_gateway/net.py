@@ -4,15 +4,41 @@ A client can put anything in ``X-Forwarded-For``; only the entries appended by p
 run are trustworthy. With ``trusted_hops=N`` the gateway trusts the last N proxies in front
 of it: the client is the address N hops back from the peer address (``REMOTE_ADDR``).
 ``trusted_hops=0`` (the default everywhere) ignores the header completely.
+
+The same rule holds for every other header in which a client can claim an address
+(:data:`ADDRESS_HEADERS`: ``X-Real-IP``, ``True-Client-IP``, ``CF-Connecting-IP``, …): worth
+nothing unless ``trusted_hops`` proxies vouch for it (:func:`trusted_address`).
 """
 from __future__ import annotations
 
+import ipaddress
 import typing as t
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIEnvironment
 
-__all__ = ["client_address", "forwarded_chain", "trusted_chain", "trusted_value"]
+__all__ = [
+    "ADDRESS_HEADERS",
+    "client_address",
+    "forwarded_chain",
+    "trusted_address",
+    "trusted_chain",
+    "trusted_value",
+]
+
+#: Lower-case names of the headers in which a client (or a CDN, load balancer or proxy in
+#: front) states the client's address, besides ``X-Forwarded-For`` and ``Forwarded``.
+ADDRESS_HEADERS = frozenset({
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+})
 
 
 def _split(header: str | None) -> list[str]:
@@ -51,3 +77,15 @@ def trusted_value(header: str | None, trusted_hops: int) -> str | None:
     if not values:
         return None
     return values[-trusted_hops] if len(values) >= trusted_hops else values[0]
+
+
+def trusted_address(header: str | None, trusted_hops: int) -> str | None:
+    """For an address header (:data:`ADDRESS_HEADERS`): the address the outermost trusted
+    proxy put there, if it is an IP address; ``None`` without trusted proxies."""
+    value = trusted_value(header, trusted_hops)
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None

@@ -126,3 +126,18 @@ class ServiceUnavailable(GatewayError):
 class GatewayTimeout(GatewayError):
     code = 504
     message = "upstream timed out"
+
+
+try:  # waitress aborts a connection quietly for this one (an info line, no traceback)
+    from waitress.channel import ClientDisconnected as _QuietAbort
+except ImportError:  # pragma: no cover - another server: any exception aborts
+    _QuietAbort = Exception
+
+
+class ResponseAborted(_QuietAbort):
+    """A response that cannot be completed after its headers went out; already logged.
+
+    Raised from a body iterable so that the server aborts the connection (the client sees a
+    truncated body, never a well-framed short one). Layers let it pass without logging it
+    again; waitress closes the connection without a traceback.
+    """

@@ -39,6 +39,7 @@ import re
 import typing as t
 
 from meetinity_gateway.config import ConfigError
+from meetinity_gateway.keys import ADDED_HEADERS_KEY
 from meetinity_gateway.proxy.headers import HOP_BY_HOP
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -151,6 +152,11 @@ class HeaderRules:
             (rule.action, frozenset(n.lower() for n in rule.names), rule.names[0], rule.value)
             for rule in self.rules if rule.direction == "response"
         ]
+        # Request headers these rules set: the gateway's own (see ADDED_HEADERS_KEY).
+        self._added = frozenset(
+            rule.names[0].lower() for rule in self.rules
+            if rule.direction == "request" and rule.action != "remove"
+        )
 
     def __repr__(self) -> str:
         return f"HeaderRules({[rule.describe() for rule in self.rules]!r})"
@@ -175,6 +181,8 @@ class HeaderRules:
             else:
                 current = environ.get(keys[0])
                 environ[keys[0]] = f"{current}, {value}" if current else value
+        if self._added:
+            environ.setdefault(ADDED_HEADERS_KEY, set()).update(self._added)
         if not self._response:
             return self.app(environ, start_response)
 

@@ -108,7 +108,7 @@ import jwt
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
-from meetinity_gateway.keys import AUTH_ERROR_KEY
+from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import GatewayError
@@ -444,6 +444,7 @@ class AuthMiddleware:
         self.identity_headers = dict(identity_headers)
         self._identity_keys = [(claim, _environ_key(header))
                                for claim, header in self.identity_headers.items()]
+        self._identity_names = frozenset(h.lower() for h in self.identity_headers.values())
         self.forward_authorization = forward_authorization
         self._verified = _VerifiedTokens(self.leeway)
 
@@ -495,6 +496,8 @@ class AuthMiddleware:
             value = _claim_header_value(claims.get(claim))
             if value is not None:
                 environ[environ_key] = value
+        # Ours, not the client's: its Connection header cannot name them away (proxy).
+        environ.setdefault(ADDED_HEADERS_KEY, set()).update(self._identity_names)
         if not self.forward_authorization:
             environ.pop("HTTP_AUTHORIZATION", None)
         return self.app(environ, start_response)

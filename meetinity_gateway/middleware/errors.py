@@ -52,7 +52,7 @@ import uuid
 from urllib.parse import unquote
 
 from meetinity_gateway.config import as_bool, as_str, cast_settings
-from meetinity_gateway.problems import REQUEST_ID_KEY, error_response
+from meetinity_gateway.problems import REQUEST_ID_KEY, ResponseAborted, error_response
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -128,6 +128,8 @@ class _GuardedBody:
                 if chunk:
                     body_started = True
                 yield chunk
+        except ResponseAborted:
+            raise  # logged where it happened; the server aborts the connection
         except Exception:
             if body_started:
                 self._edge.log_exception(self._environ, "error while streaming the response")

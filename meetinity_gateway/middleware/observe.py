@@ -21,7 +21,9 @@ every request it
    ``bytes_out`` (body bytes), ``client`` (the address the rate limiter counts), ``route``,
    ``upstream``, ``target``, ``upstream_ms`` (of the last attempt), ``user`` (the JWT ``sub``)
    and ``trace_id``; ``attempts`` is added when the proxy retried, ``error`` when the
-   response was cut off by an exception. Headers are never
+   response was cut off by an exception, ``upstream_error`` (``timeout``, ``unavailable``,
+   ``invalid``) when the last upstream attempt failed, also after its headers were relayed.
+   Headers are never
    logged: no token, cookie or ``Authorization`` value can reach a log line;
 4. answers ``GET metrics_path`` itself with the Prometheus exposition (OpenMetrics when the
    scraper asks for it), before the rate limiter and authentication, but only to clients in
@@ -34,10 +36,11 @@ Metrics (``namespace`` ``gateway``)::
     gateway_request_duration_seconds{route,method,status}           histogram
     gateway_requests_in_flight                                      gauge
     gateway_upstream_request_duration_seconds{upstream,target}      histogram
-    gateway_upstream_failures_total{upstream,target,reason}         counter (timeout|unavailable)
+    gateway_upstream_failures_total{upstream,target,reason}         counter (see below)
     gateway_ratelimit_rejections_total{rule}                        counter
     gateway_auth_failures_total{reason}                             counter
 
+``reason`` is ``timeout``, ``unavailable`` or ``invalid`` (a response the proxy refused).
 ``status`` is the class (``2xx``…``5xx``), ``route`` the route name (``none`` for a request
 answered before or without routing: 400, 401, 404, 429…), ``method`` one of the standard
 methods or ``OTHER``: label values never come from free client input. Each middleware
@@ -471,6 +474,9 @@ class ObserveMiddleware:
             fields["attempts"] = len(attempts)
         if exchange.error:
             fields["error"] = exchange.error
+        upstream_error = environ.get(UPSTREAM_ERROR_KEY)
+        if upstream_error:
+            fields["upstream_error"] = upstream_error
         return AccessRecord(fields, self._as_json)
 
     # -- the metrics endpoint ------------------------------------------------------------------

@@ -52,11 +52,17 @@ requests are retried once sent. Targets are trusted: they receive the client's h
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import typing as t
 from urllib.parse import quote
 
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 from urllib3.util import SKIP_HEADER, Timeout
 
 from meetinity_gateway.keys import (
@@ -68,14 +74,18 @@ from meetinity_gateway.keys import (
 )
 from meetinity_gateway.logs import without_query
 from meetinity_gateway.problems import (
+    REQUEST_ID_KEY,
     BadGateway,
     BadRequest,
     GatewayError,
     GatewayTimeout,
     PayloadTooLarge,
+    ResponseAborted,
+    error_response,
 )
 from meetinity_gateway.proxy.headers import request_headers, response_headers
 from meetinity_gateway.proxy.upstream import AllTargetsDown, Target, UpstreamPool, parse_targets
+from meetinity_gateway.proxy.wire import InvalidUpstreamResponse
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -163,27 +173,66 @@ class _ClientDisconnected(BadRequest):
 
 class _UpstreamBody:
     """The response iterable: streams the upstream body; ``close()`` releases the connection
-    (back to its pool when the body was read to its end, else closed) and the target."""
+    (back to its pool only when the body was read to its exact end, else closed) and the
+    target.
 
-    __slots__ = ("_response", "_chunk_size", "_upstream", "_pool", "_target")
+    If the upstream fails while the body streams (reset, read timeout, bad chunk framing):
+    one warning line with the request id, the attempt noted as an upstream failure for the
+    access log and metrics, the target's health told, and the response replaced by a JSON 502
+    through ``start_response(…, exc_info)`` — which, once the headers went out, makes the
+    server raise :class:`~meetinity_gateway.problems.ResponseAborted` and abort the client's
+    connection, so that a truncated body never looks complete.
+    """
 
-    def __init__(self, response, chunk_size: int, upstream: str,
-                 pool: UpstreamPool, target: Target) -> None:
+    __slots__ = ("_response", "_chunk_size", "_upstream", "_pool", "_target", "_environ",
+                 "_start_response", "_sent")
+
+    def __init__(self, response, chunk_size: int, upstream: str, pool: UpstreamPool,
+                 target: Target, environ: WSGIEnvironment, start_response: StartResponse) -> None:
         self._response = response
         self._chunk_size = chunk_size
         self._upstream = upstream
         self._pool = pool
         self._target = target
+        self._environ = environ
+        self._start_response = start_response
+        self._sent = 0
 
     def __iter__(self):
         try:
-            yield from self._response.stream(self._chunk_size, decode_content=False)
+            for chunk in self._response.stream(self._chunk_size, decode_content=False):
+                self._sent += len(chunk)
+                yield chunk
         except Exception as exc:
-            # Headers are gone already: the status cannot change any more. Re-raising makes
-            # the server abort the connection, so the client sees a truncated body.
-            raise BadGateway(
-                f"upstream {self._upstream} failed while streaming the response"
-            ) from exc
+            yield from self._failed(exc)
+
+    def _failed(self, exc: Exception):
+        environ = self._environ
+        reason = _note_failure(environ, exc)
+        self._pool.record(self._target, False)
+        message = (f"upstream {self._upstream} timed out" if reason == "timeout"
+                   else f"upstream {self._upstream} failed while answering")
+        try:
+            raise ResponseAborted(message) from exc
+        except ResponseAborted:
+            try:
+                # Nothing sent yet: the server takes the JSON 502 instead. Headers already
+                # sent: the server re-raises the ResponseAborted and aborts the connection.
+                body = error_response(environ, self._start_response, 502, message,
+                                      exc_info=sys.exc_info())
+            except Exception:
+                self._log(exc, reason, "response aborted")
+                raise
+        self._log(exc, reason, "answered 502 instead")
+        yield from body
+
+    def _log(self, exc: Exception, reason: str, outcome: str) -> None:
+        request_id = self._environ.get(REQUEST_ID_KEY)
+        log.warning(
+            "upstream %s target %s failed after %d body bytes (%s: %s); %s (request_id=%s)",
+            self._upstream, self._target.host_header, self._sent, reason, _short(exc),
+            outcome, request_id, extra={"request_id": request_id},
+        )
 
     def close(self) -> None:
         response, self._response = self._response, None
@@ -194,7 +243,8 @@ class _UpstreamBody:
 
 
 def _release(response) -> None:
-    """Give a response's connection back: reusable if its body was read, else closed."""
+    """Give a response's connection back: to its pool only if its body was read to its exact
+    end (http.client then has closed its file), else closed."""
     if response.connection is not None and not response.isclosed():
         response.close()  # half-read: the connection cannot carry another request
     response.release_conn()
@@ -384,7 +434,8 @@ class ProxyApp:
             return exc(environ, start_response)
         status = f"{response.status} {response.reason or ''}".rstrip()
         start_response(status, response_headers(response.headers.items()))
-        return _UpstreamBody(response, self.chunk_size, self.name, self.pool, target)
+        return _UpstreamBody(response, self.chunk_size, self.name, self.pool, target,
+                             environ, start_response)
 
 
 def _timed_out(exc: Exception) -> bool:
@@ -393,22 +444,55 @@ def _timed_out(exc: Exception) -> bool:
     )
 
 
+def _invalid(exc: BaseException) -> InvalidUpstreamResponse | None:
+    """The :class:`InvalidUpstreamResponse` behind an urllib3 error, if that is what it is."""
+    if isinstance(exc, ProtocolError) and len(exc.args) > 1:
+        exc = exc.args[1]
+    return exc if isinstance(exc, InvalidUpstreamResponse) else None
+
+
+def _reason(exc: Exception) -> str:
+    """The failure reason of the access log and metrics: timeout, invalid or unavailable."""
+    if _timed_out(exc):
+        return "timeout"
+    return "invalid" if _invalid(exc) is not None else "unavailable"
+
+
+def _short(exc: BaseException) -> str:
+    # urllib3 errors quote the request URL: its query string may hold secrets.
+    return without_query(str(exc))[:300]
+
+
 def _attempted(environ: WSGIEnvironment, target: Target, sent: float,
                exc: Exception | None = None) -> None:
     """Note one attempt for the access log and metrics (:mod:`meetinity_gateway.keys`)."""
     ms = (time.perf_counter() - sent) * 1000.0
-    error = None if exc is None else ("timeout" if _timed_out(exc) else "unavailable")
+    error = None if exc is None else _reason(exc)
     environ[TARGET_KEY] = target.host_header
     environ[UPSTREAM_MS_KEY] = ms
     environ[UPSTREAM_ERROR_KEY] = error
     environ.setdefault(UPSTREAM_ATTEMPTS_KEY, []).append((target.host_header, ms, error))
 
 
+def _note_failure(environ: WSGIEnvironment, exc: Exception) -> str:
+    """The last attempt, which had answered, failed while its body streamed: say so."""
+    reason = _reason(exc)
+    environ[UPSTREAM_ERROR_KEY] = reason
+    attempts = environ.get(UPSTREAM_ATTEMPTS_KEY)
+    if attempts:
+        target, ms, _ = attempts[-1]
+        attempts[-1] = (target, ms, reason)
+    return reason
+
+
 def _failure(upstream: str, exc: Exception) -> GatewayError:
     """The gateway's answer for a failed attempt: 504 for timeouts, else 502."""
-    # urllib3 errors quote the request URL: its query string may hold secrets.
     if _timed_out(exc):
-        log.warning("upstream %s timed out: %s", upstream, without_query(str(exc)))
+        log.warning("upstream %s timed out: %s", upstream, _short(exc))
         return GatewayTimeout(f"upstream {upstream} timed out")
-    log.warning("upstream %s unavailable: %s", upstream, without_query(str(exc)))
+    invalid = _invalid(exc)
+    if invalid is not None:
+        log.warning("upstream %s sent an invalid response: %s", upstream, _short(invalid))
+        return BadGateway(f"upstream {upstream} sent an invalid response")
+    log.warning("upstream %s unavailable: %s", upstream, _short(exc))
     return BadGateway(f"upstream {upstream} unavailable")

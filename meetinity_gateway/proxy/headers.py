@@ -1,14 +1,40 @@
-"""Header rules of an HTTP proxy (RFC 9110 §7.6): hop-by-hop removal, X-Forwarded-*, Via."""
+"""Header rules of an HTTP proxy (RFC 9110 §7.6): hop-by-hop removal, X-Forwarded-*, Via.
+
+Request headers (:func:`request_headers`):
+
+* hop-by-hop headers go, and so does every header the *client's* ``Connection`` names — but
+  never one the gateway itself puts on the request: the request id, ``traceparent`` and
+  ``tracestate``, the ``X-Forwarded-*`` family, ``X-Real-IP``, ``Via``, and whatever inner
+  layers list in ``environ["meetinity_gateway.added_headers"]`` (the identity headers set by
+  ``auth``, the per-route header rules). ``Connection: X-User-ID`` cannot strip an identity;
+* client-asserted addresses are worth what :mod:`meetinity_gateway.net` says: ``X-Forwarded-*``
+  and the address headers (``X-Real-IP``, ``True-Client-IP``, ``CF-Connecting-IP``,
+  ``X-Client-IP``, ``X-Cluster-Client-IP``, …) are dropped unless ``trusted_hops`` proxies
+  vouch for them, ``Forwarded`` always; the gateway sets ``X-Forwarded-For``/``-Proto``/
+  ``-Host`` and ``X-Real-IP`` (the client address it trusts) itself.
+
+Response headers (:func:`response_headers`): hop-by-hop and ``Connection``-named headers and
+the upstream's ``Access-Control-*`` go. (Header bytes themselves were checked when the response
+was read: :mod:`meetinity_gateway.proxy.wire`.)
+"""
 from __future__ import annotations
 
 import typing as t
 
-from meetinity_gateway.net import trusted_chain, trusted_value
+from meetinity_gateway.keys import ADDED_HEADERS_KEY
+from meetinity_gateway.net import (
+    ADDRESS_HEADERS,
+    client_address,
+    trusted_address,
+    trusted_chain,
+    trusted_value,
+)
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIEnvironment
 
 __all__ = [
+    "GATEWAY_HEADERS",
     "HOP_BY_HOP",
     "VIA",
     "request_headers",
@@ -30,6 +56,15 @@ HOP_BY_HOP = frozenset({
     "upgrade",
 })
 
+#: Request headers the gateway's own layers set (by their default names): a client's
+#: ``Connection`` naming them removes nothing. Layers with configurable names add theirs to
+#: ``environ[ADDED_HEADERS_KEY]``.
+GATEWAY_HEADERS = frozenset({
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+})
+
 #: Request headers the gateway sets itself (or must not forward): the client's copies go.
 #: ``Host`` is the upstream's; ``Expect`` was already answered by the WSGI server, which has
 #: read the body; ``Forwarded`` is replaced by the X-Forwarded-* family.
@@ -37,14 +72,17 @@ _REQUEST_OWN = frozenset({
     "host",
     "expect",
     "forwarded",
+    "x-forwarded",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
     "content-length",
-})
+    "via",
+}) | ADDRESS_HEADERS
 
 #: The gateway owns CORS: whatever an upstream says about it is dropped.
 _CORS_PREFIX = "access-control-"
+_FORWARDED_PREFIX = "x-forwarded-"
 
 VIA = "1.1 meetinity-gateway"
 
@@ -69,6 +107,12 @@ def request_headers(
     ``drop`` holds extra lower-case header names to leave out.
     """
     named = _connection_named(environ.get("HTTP_CONNECTION"))
+    if named:
+        # The client's Connection speaks for the client's headers only.
+        named -= GATEWAY_HEADERS
+        added = environ.get(ADDED_HEADERS_KEY)
+        if added:
+            named.difference_update(name.lower() for name in added)
     headers: dict[str, str] = {}
     for key, value in environ.items():
         if not key.startswith("HTTP_"):
@@ -76,7 +120,17 @@ def request_headers(
         name = _header_name(key)
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in _REQUEST_OWN or lowered in named:
+            if trusted_hops and lowered in ADDRESS_HEADERS and lowered != "x-real-ip":
+                # Vouched for by the trusted proxies in front: one address, as they set it.
+                address = trusted_address(value, trusted_hops)
+                if address is not None and lowered not in named:
+                    headers[name] = address
             continue
+        if lowered.startswith(_FORWARDED_PREFIX):
+            # X-Forwarded-Port, -Prefix, -Server, -Ssl…: a trusted proxy's word or nothing.
+            value = trusted_value(value, trusted_hops)
+            if value is None:
+                continue
         if lowered in drop:
             continue
         headers[name] = value
@@ -95,6 +149,9 @@ def request_headers(
     )
     if host:
         headers["X-Forwarded-Host"] = host
+    address = client_address(environ, trusted_hops)
+    if address:
+        headers["X-Real-IP"] = address
     via = environ.get("HTTP_VIA")
     headers["Via"] = f"{via}, {VIA}" if via else VIA
     return headers

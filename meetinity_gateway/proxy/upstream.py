@@ -77,6 +77,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import Timeout
 
 from meetinity_gateway.problems import ServiceUnavailable
+from meetinity_gateway.proxy.wire import GuardedHTTPConnection, GuardedHTTPSConnection
 
 __all__ = [
     "AllTargetsDown",
@@ -217,11 +218,12 @@ class _IdleRecycling:
 
 
 class _HTTPPool(_IdleRecycling, HTTPConnectionPool):
-    pass
+    # Strict responses: interim 1xx read past, bad header bytes and framing refused (wire.py).
+    ConnectionCls = GuardedHTTPConnection
 
 
 class _HTTPSPool(_IdleRecycling, HTTPSConnectionPool):
-    pass
+    ConnectionCls = GuardedHTTPSConnection
 
 
 # -- targets ---------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""What the proxy accepts from an upstream on the wire: one final response, strictly framed.
+
+The upstream connection classes used by every upstream pool
+(:class:`GuardedHTTPConnection`, :class:`GuardedHTTPSConnection`) read responses with
+:class:`GuardedResponse`, a :class:`http.client.HTTPResponse` that
+
+* **reads past interim responses**: ``100``, ``102``, ``103`` or any other ``1xx`` except
+  ``101`` is read to its end and dropped (WSGI has no way to relay it), at most
+  :data:`MAX_INTERIM` of them; the final response after them is the answer. (The stdlib skips
+  ``100`` only: a ``103 Early Hints`` came back as *the* answer, with zero body bytes, and the
+  real answer stayed unread in a connection that went back to the pool — the next request on
+  it, another user's, got it.)
+* **refuses** with :class:`InvalidUpstreamResponse` (an :class:`http.client.HTTPException`,
+  so urllib3 closes the connection and the proxy answers a JSON 502):
+
+  - a ``101 Switching Protocols`` (the gateway never asks for an upgrade);
+  - a status line other than ``HTTP/1.x NNN [reason]`` with a status from 100 to 599 and a
+    reason of visible characters, spaces and tabs;
+  - a line of the response head not ended by CRLF (a bare LF), a header line holding CR,
+    NUL or any other control character (HTAB allowed in values), an obs-fold continuation
+    line, a name that is not an RFC 9110 token (empty, spaces before the colon, no colon at
+    all), or a head cut short — in the final response and in interim ones alike;
+  - ambiguous framing: ``Content-Length`` values that are not all the same plain decimal
+    number, ``Transfer-Encoding`` together with ``Content-Length``, a ``Transfer-Encoding``
+    other than exactly ``chunked``, or any ``Transfer-Encoding`` in an HTTP/1.0 response.
+
+Refusing is the answer RFC 9112 §5.2 allows a proxy for obs-fold, and the only safe one for
+the rest: such an upstream is broken or hostile, and repairing its headers (as the stdlib's
+e-mail parser does, splitting a value at a bare CR into a second header) would hand the client
+something the upstream never meant — or let the upstream inject headers.
+
+Whether a connection may carry another request afterwards is decided by the stdlib as usual
+(``Connection: close``, HTTP/1.0 without keep-alive, a close-delimited body all close it);
+the proxy additionally gives a connection back to its pool only once its response was read to
+its exact end (see :mod:`meetinity_gateway.proxy.app`), and urllib3 closes a pooled
+connection that has unread bytes waiting when it is taken out again.
+"""
+from __future__ import annotations
+
+import http.client
+import re
+import typing as t
+
+from urllib3.connection import HTTPConnection, HTTPSConnection
+
+__all__ = [
+    "GuardedHTTPConnection",
+    "GuardedHTTPSConnection",
+    "GuardedResponse",
+    "InvalidUpstreamResponse",
+    "MAX_INTERIM",
+]
+
+#: Interim (1xx) responses read past before the final one; more is an invalid response
+#: (an upstream sending ``102 Processing`` for ever would otherwise hold a thread for ever).
+MAX_INTERIM = 32
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [1-5][0-9][0-9](?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
+# RFC 9110 §5.1: field-name = token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 §5.5: field-value = VCHAR, obs-text, SP, HTAB; anything else is a control byte.
+_VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class InvalidUpstreamResponse(http.client.HTTPException):
+    """The upstream's response cannot be forwarded as it is (the reason says why)."""
+
+
+class _LineRecorder:
+    """Wraps a response's file while its head is read, keeping every line read."""
+
+    __slots__ = ("inner", "lines")
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.lines: list[bytes] = []
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.inner.readline(limit)
+        self.lines.append(line)
+        return line
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.inner, name)
+
+
+class GuardedResponse(http.client.HTTPResponse):
+    """An HTTP/1.x response read strictly (see the module docstring)."""
+
+    def __init__(self, sock, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.interim = 0  # interim responses read past
+        self.fp = _LineRecorder(self.fp)
+
+    def _read_status(self):
+        recorder = self.fp
+        for _ in range(MAX_INTERIM + 1):
+            recorder.lines.clear()
+            version, status, reason = super()._read_status()
+            if not _STATUS_LINE.fullmatch(recorder.lines[-1]):
+                raise InvalidUpstreamResponse(f"invalid status line {recorder.lines[-1][:80]!r}")
+            recorder.lines.clear()  # from here on: this response's header lines
+            if status >= 200 or status == 101:
+                return version, status, reason
+            # An interim response: its header section (dropped, but framed as strictly as
+            # any, so the next status line is found where the upstream meant it), then the
+            # next status line.
+            http.client.parse_headers(recorder)
+            _check_header_lines(recorder.lines)
+            self.interim += 1
+        raise InvalidUpstreamResponse(f"more than {MAX_INTERIM} interim responses")
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        recorder = self.fp
+        try:
+            super().begin()
+        except (InvalidUpstreamResponse, ConnectionError):
+            raise  # ConnectionError: RemoteDisconnected, the upstream went away
+        except http.client.HTTPException as exc:  # bad status line, line or head too long
+            raise InvalidUpstreamResponse(f"{type(exc).__name__}: {str(exc)[:80]}") from exc
+        self.fp = recorder.inner  # no wrapper on the way of the body
+        if self.status == 101:
+            raise InvalidUpstreamResponse("unrequested 101 Switching Protocols")
+        _check_header_lines(recorder.lines)
+        self._check_framing()
+
+    def _check_framing(self) -> None:
+        headers = self.msg
+        lengths = headers.get_all("content-length")
+        codings = headers.get_all("transfer-encoding")
+        if codings:
+            if lengths:
+                raise InvalidUpstreamResponse("both Transfer-Encoding and Content-Length")
+            if self.version == 10:
+                raise InvalidUpstreamResponse("Transfer-Encoding in an HTTP/1.0 response")
+            names = [name.strip().lower() for value in codings for name in value.split(",")]
+            # Exactly what the stdlib reads as chunked: anything else would be read as a
+            # close-delimited body with the chunk framing inside, or not at all.
+            if names != ["chunked"] or not self.chunked:
+                raise InvalidUpstreamResponse(f"unsupported Transfer-Encoding {codings!r}")
+        elif lengths:
+            values = {item.strip() for value in lengths for item in value.split(",")}
+            if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+                raise InvalidUpstreamResponse(f"invalid Content-Length {lengths!r}")
+            declared = int(values.pop())
+            if self.length not in (declared, 0):
+                # 0: a HEAD, 204 or 304 answer, which has no body whatever it declares.
+                raise InvalidUpstreamResponse(f"invalid Content-Length {lengths!r}")
+
+
+def _check_header_lines(lines: list[bytes]) -> None:
+    """Refuse a header section that would not reach the client as the upstream sent it."""
+    if not lines or lines[-1] != b"\r\n":
+        raise InvalidUpstreamResponse("header section cut short or not ended by CRLF")
+    for line in lines[:-1]:
+        if not line.endswith(b"\r\n"):
+            # A bare LF ends a line for some parsers and not for others: never guess.
+            raise InvalidUpstreamResponse("header line not ended by CRLF")
+        line = line[:-2]
+        if line[:1] in (b" ", b"\t"):
+            raise InvalidUpstreamResponse("obs-fold (continuation line) in a header")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise InvalidUpstreamResponse(f"invalid header name {name[:40]!r}")
+        if _VALUE_CONTROL.search(value):
+            raise InvalidUpstreamResponse(
+                f"control character in the value of header {name.decode('latin-1')}"
+            )
+
+
+class GuardedHTTPConnection(HTTPConnection):
+    """urllib3's HTTP connection reading responses with :class:`GuardedResponse`."""
+
+    response_class = GuardedResponse
+
+
+class GuardedHTTPSConnection(HTTPSConnection):
+    """urllib3's HTTPS connection reading responses with :class:`GuardedResponse`."""
+
+    response_class = GuardedResponse
