@@ -16,8 +16,9 @@ balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive po
   most ``replay_size`` bytes, buffered) are; a POST or PATCH that reached a target never is.
   At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
-  request body over ``max_body_size`` a JSON 413, every target ejected a JSON 503 with
-  ``Retry-After`` — responses, never exceptions;
+  request body over ``max_body_size`` a JSON 413, a request over the upstream's
+  ``max_in_flight`` cap an immediate JSON 503 with ``Retry-After`` — responses, never
+  exceptions (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
@@ -43,7 +44,8 @@ Use alone::
 :param retry_budget: seconds after the first attempt when no new attempt starts.
 :param replay_size: largest body of an idempotent request buffered so it can be retried.
 :param pool_options: passed to :class:`~meetinity_gateway.proxy.upstream.UpstreamPool`
-    (``balance``, ``max_fails``, ``eject_time``, ``health_interval``, ``health_timeout``,
+    (``balance``, ``max_fails``, ``eject_time``, ``failure_statuses``, ``max_eject_percent``,
+    ``eject_recheck``, ``max_in_flight``, ``health_interval``, ``health_timeout``,
     ``dns_interval``, ``resolver``, ``idle_timeout``).
 
 Security note: a retried request reaches a second target; that is why only idempotent
@@ -64,7 +66,9 @@ from meetinity_gateway.keys import (
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
+    UPSTREAM_LIMIT_KEY,
     UPSTREAM_MS_KEY,
+    UPSTREAM_REJECTED_KEY,
 )
 from meetinity_gateway.logs import without_query
 from meetinity_gateway.problems import (
@@ -75,7 +79,7 @@ from meetinity_gateway.problems import (
     PayloadTooLarge,
 )
 from meetinity_gateway.proxy.headers import request_headers, response_headers
-from meetinity_gateway.proxy.upstream import AllTargetsDown, Target, UpstreamPool, parse_targets
+from meetinity_gateway.proxy.upstream import Target, UpstreamBusy, UpstreamPool, parse_targets
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -315,11 +319,17 @@ class ProxyApp:
         pool = self.pool
         tried: list[Target] = []
         started = time.monotonic()
-        target = pool.acquire()
         environ[UPSTREAM_KEY] = self.name
+        environ[UPSTREAM_LIMIT_KEY] = pool.max_in_flight
+        try:
+            target = pool.acquire()
+        except UpstreamBusy:
+            environ[UPSTREAM_REJECTED_KEY] = "max_in_flight"
+            raise
         while True:
             headers["Host"] = target.host_header
             sent = time.perf_counter()
+            began = pool.clock()  # outcomes count toward the target state they started in
             try:
                 response = target.pool.urlopen(
                     method, target.base_path + target_path,
@@ -330,31 +340,31 @@ class ProxyApp:
                 )
             except GatewayError:
                 # The client's body failed us (too large, cut short): not the target's fault.
-                pool.done(target, trial_undecided=True)
+                pool.done(target)
                 raise
             except (NewConnectionError, ConnectTimeoutError) as exc:
                 # No connection, so nothing was sent: safe to retry for any method.
                 _attempted(environ, target, sent, exc)
-                pool.record(target, False)
+                pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started)
             except Exception as exc:
                 _attempted(environ, target, sent, exc)
-                pool.record(target, False)
+                pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started) if idempotent and replayable else None
             else:
                 _attempted(environ, target, sent)
+                # Whether an answer counts against the target is the pool's policy.
+                pool.answered(target, response.status, since=began)
                 if response.status not in _FAILURE_STATUSES:
-                    pool.record(target, True)
                     return target, response
                 # The target answered as a failing one: another may do better, if that is
                 # safe; when there is none, its own answer goes to the client.
-                pool.record(target, False)
                 following = None
                 if idempotent and replayable:
                     following = self._next(tried + [target], started)
@@ -374,7 +384,7 @@ class ProxyApp:
             return None
         try:
             return self.pool.acquire(tried)
-        except AllTargetsDown:
+        except UpstreamBusy:
             return None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
