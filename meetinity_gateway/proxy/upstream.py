@@ -699,7 +699,7 @@ class UpstreamPool:
                 alive = status not in self.failure_statuses
             if alive:
                 self._outcome(target, True, began, early=False)
-        return soonest
+        return soonest if self.degraded else None
 
     # -- the background thread -----------------------------------------------------------------
 
