@@ -316,6 +316,18 @@ def test_a_burst_of_failures_ejects_once():
     assert states(pool) == ["healthy"] and pool.snapshot()[0]["failures"] == 0
 
 
+def test_failures_while_ejected_neither_extend_nor_repeat_the_ejection():
+    pool, clock = clocked_pool("http://127.0.0.1:1, http://127.0.0.2:1", max_fails=1,
+                               max_eject_percent=100, eject_time=10)
+    target = pool.targets[0]
+    pool.record(target, False, since=clock())
+    clock.advance(4)
+    for _ in range(5):  # e.g. attempts of panic routing, or active checks
+        pool.record(target, False, since=clock())
+    row = pool.snapshot()[0]
+    assert row["ejections"] == 1 and row["ejected_for"] == 6
+
+
 def test_after_an_ejection_one_failure_does_not_eject_again_nor_double():
     pool, clock = clocked_pool("http://127.0.0.1:1, http://127.0.0.2:1", max_fails=3,
                                eject_time=10)
