@@ -18,6 +18,7 @@ on, and ``FaultyUpstream(port=…)`` brings a service back on the same address.
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -60,9 +61,10 @@ class _FaultHandler(_Handler):
             return None
         if mode == "reset":
             self.close_connection = True
-            # Linger 0: closing the socket sends RST instead of FIN.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
+            # Linger 0: closing the socket sends RST instead of FIN (struct linger is two
+            # u_short on Windows, two int elsewhere).
+            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             return None
         code = int(mode)
         return self.send_json({"service_error": code}, status=code)
