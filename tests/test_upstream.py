@@ -446,6 +446,23 @@ def test_concurrency_cap_refuses_at_once_and_counts():
     assert pool.in_flight == 0 and [row["outstanding"] for row in pool.snapshot()] == [0, 0]
 
 
+def test_a_refused_start_response_gives_the_slot_back(upstream):
+    app = ProxyApp(upstream.url, max_in_flight=1)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/echo", "SERVER_NAME": "gw",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "REMOTE_ADDR": "127.0.0.1"}
+
+    def refusing(status, headers, exc_info=None):
+        raise AssertionError("the server refuses these headers")
+
+    try:
+        for _ in range(3):
+            with pytest.raises(AssertionError):
+                app(dict(environ), refusing)
+            assert app.pool.in_flight == 0
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize("threads, cap", [
     (1, 1), (2, 1), (3, 1), (4, 2), (6, 4), (8, 6), (12, 9), (16, 12), (32, 24), (64, 48),
 ])

@@ -392,9 +392,14 @@ class ProxyApp:
             target, response = self.forward(environ)
         except GatewayError as exc:
             return exc(environ, start_response)
+        body = _UpstreamBody(response, self.chunk_size, self.name, self.pool, target)
         status = f"{response.status} {response.reason or ''}".rstrip()
-        start_response(status, response_headers(response.headers.items()))
-        return _UpstreamBody(response, self.chunk_size, self.name, self.pool, target)
+        try:
+            start_response(status, response_headers(response.headers.items()))
+        except BaseException:
+            body.close()  # a leaked slot would shrink the upstream's max_in_flight for good
+            raise
+        return body
 
 
 def _timed_out(exc: Exception) -> bool:
