@@ -97,8 +97,8 @@ Use alone::
 :param connect_timeout: seconds to wait for a TCP connection.
 :param read_timeout: seconds to wait for each read.
 :param chunk_size: bytes per write when sending a request body.
-:param clock: the monotonic clock of the health state (``time.perf_counter``); the
-    ``since`` values given to :meth:`~UpstreamPool.record` come from it.
+:param clock: the clock of the health state (``time.monotonic``); the ``since`` values
+    given to :meth:`~UpstreamPool.record` and :meth:`~UpstreamPool.answered` come from it.
 
 Security note: targets are trusted infrastructure. A resolver that returns addresses from
 an untrusted source can send user traffic (with its credentials) anywhere.
@@ -391,7 +391,7 @@ class UpstreamPool:
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
         chunk_size: int = 64 * 1024,
-        clock: t.Callable[[], float] = time.perf_counter,
+        clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         if not specs:
             raise ValueError("an upstream needs at least one target")
