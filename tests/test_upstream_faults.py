@@ -266,3 +266,19 @@ def test_the_cap_counts_until_the_response_body_is_sent(gateways, faulty):
     wait_until(lambda: gateway.pool("svc").in_flight == 0, timeout=5)
     service.mode = "ok"
     assert get(gateway.url + "/svc/echo").status_code == 200
+
+
+def test_shipped_gateway_serves_a_service_that_answered_503_three_times(gateway_factory,
+                                                                        upstream):
+    """The issue's reproduction, on the shipped gateway.ini: three requests to a path the
+    service answers 503 used to eject its only target for 10, 20, 40 s."""
+    gateway = gateway_factory()
+    client = session()
+    for _ in range(3):
+        response = client.get(gateway.url + "/api/auth/status?code=503", timeout=10)
+        assert response.status_code == 503 and response.json() == {"status": 503}
+    response = client.get(gateway.url + "/api/auth/echo", timeout=10)
+    assert response.status_code == 200
+    health = client.get(gateway.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["upstreams"] == {"user_service": "up"}
+    assert [row["state"] for row in health["targets"]["user_service"]] == ["healthy"]
