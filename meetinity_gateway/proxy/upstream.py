@@ -524,6 +524,8 @@ class UpstreamPool:
                 if panic:
                     log.warning("upstream %s: every target is ejected: routing to all of them "
                                 "(panic)", self.name)
+                else:
+                    log.info("upstream %s: a target is back, panic routing is over", self.name)
             if panic:
                 candidates = list(targets)
             best: Target | None = None
