@@ -38,7 +38,11 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.health import HealthApp, LiveApp
 from meetinity_gateway.proxy.app import ProxyApp
-from meetinity_gateway.proxy.upstream import BALANCERS
+from meetinity_gateway.proxy.upstream import (
+    BALANCERS,
+    default_max_in_flight,
+    parse_failure_statuses,
+)
 from meetinity_gateway.routing import Router, parse_route
 from meetinity_gateway.transform import apply_transforms
 
@@ -84,6 +88,26 @@ def _as_seconds_or_off(value: str) -> float:
     return as_positive_float(value)
 
 
+def _as_percent(value: str) -> int:
+    number = as_non_negative_int(value)
+    if number > 100:
+        raise ValueError("expected a percentage between 0 and 100")
+    return number
+
+
+def _as_max_in_flight(value: str) -> int | str | None:
+    """``auto`` (derived from ``server_threads``), ``off`` (no cap) or a positive number."""
+    lowered = value.strip().lower()
+    if lowered in ("auto", ""):
+        return "auto"
+    if lowered in ("off", "none", "0"):
+        return None
+    return as_positive_int(value)
+
+
+#: The server's worker threads when the ini does not say (``meetinity-gateway serve``'s).
+_DEFAULT_THREADS = 8
+
 _APP_PARAMS = {
     "connect_timeout": as_positive_float,
     "read_timeout": as_positive_float,
@@ -95,6 +119,11 @@ _APP_PARAMS = {
     "balance": _as_balance,
     "max_fails": as_positive_int,
     "eject_time": as_positive_float,
+    "failure_statuses": parse_failure_statuses,
+    "max_eject_percent": _as_percent,
+    "eject_recheck": _as_seconds_or_off,
+    "max_in_flight": _as_max_in_flight,
+    "server_threads": as_positive_int,
     "health_interval": _as_seconds_or_off,
     "dns_interval": _as_seconds_or_off,
     "idle_timeout": as_positive_float,
@@ -141,6 +170,11 @@ def app_factory(global_conf, **local_conf):
             raise error(f"unknown key (known keys: {known})", key)
 
     health_timeout = settings.pop("health_timeout", 2.0)
+    # The bulkhead: by default each upstream may hold all threads but a few (see
+    # default_max_in_flight), so one slow service cannot starve the others or /health/live.
+    threads = settings.pop("server_threads", _DEFAULT_THREADS)
+    if settings.get("max_in_flight", "auto") == "auto":
+        settings["max_in_flight"] = default_max_in_flight(threads)
     endpoints: dict[str, WSGIApplication] = {}
     for name, url in upstream_urls.items():
         try:

@@ -9,8 +9,10 @@
 
 Each target is probed with ``GET <target>/health``; an upstream is ``"up"`` when at least one
 of its targets answers 2xx within ``timeout`` (the gateway can still serve it), else
-``"down"``. 200 when every upstream is up, else 503 with ``"status": "error"``. ``state``
-is the pool's passive view (``healthy``, ``ejected``, ``half_open``; see
+``"down"``; an upstream that is up while its pool has ejected targets is ``"degraded"``
+(still served, the ejected targets' detail under ``targets``). 200 when no upstream is
+down (``"status": "ok"``, or ``"degraded"`` when one is), else 503 with ``"status":
+"error"``. ``state`` is the pool's passive view (``healthy`` or ``ejected``, see
 :mod:`meetinity_gateway.proxy.upstream`); these probes do not change it. Results are cached
 for ``cache_seconds`` so that a flood of ``/health`` requests cannot become a flood of
 upstream requests.
@@ -119,6 +121,8 @@ class HealthApp:
                     row["probe"] = "up" if (name, target) in up else "down"
                 details[name] = rows
                 upstreams[name] = "up" if any(row["probe"] == "up" for row in rows) else "down"
+                if upstreams[name] == "up" and pool.degraded:
+                    upstreams[name] = "degraded"
             self._cached = (time.monotonic(), (upstreams, details))
             return upstreams, details
 
@@ -128,9 +132,10 @@ class HealthApp:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         upstreams, details = self.report()
-        healthy = all(state == "up" for state in upstreams.values())
+        healthy = all(state != "down" for state in upstreams.values())
+        degraded = any(state == "degraded" for state in upstreams.values())
         payload = {
-            "status": "ok" if healthy else "error",
+            "status": ("degraded" if degraded else "ok") if healthy else "error",
             "service": SERVICE,
             "upstreams": upstreams,
             "targets": details,

@@ -13,7 +13,9 @@ __all__ = [
     "UPSTREAM_ATTEMPTS_KEY",
     "UPSTREAM_ERROR_KEY",
     "UPSTREAM_KEY",
+    "UPSTREAM_LIMIT_KEY",
     "UPSTREAM_MS_KEY",
+    "UPSTREAM_REJECTED_KEY",
     "TARGET_KEY",
 ]
 
@@ -23,6 +25,12 @@ __all__ = [
 ADDED_HEADERS_KEY = "meetinity_gateway.added_headers"
 #: The upstream's name (``user_service``), set by the proxy before it forwards.
 UPSTREAM_KEY = "meetinity_gateway.upstream"
+#: The upstream's cap on requests in flight (``max_in_flight``; ``None``: no cap), set by the
+#: proxy with ``UPSTREAM_KEY``.
+UPSTREAM_LIMIT_KEY = "meetinity_gateway.upstream_max_in_flight"
+#: Why the proxy refused the request without calling the upstream (``max_in_flight``: the
+#: cap was reached), set by the proxy.
+UPSTREAM_REJECTED_KEY = "meetinity_gateway.upstream_rejected"
 #: The upstream target actually called (``host:port``), set by the proxy.
 TARGET_KEY = "meetinity_gateway.target"
 #: Milliseconds (float) from sending the request upstream to its response headers (or to the

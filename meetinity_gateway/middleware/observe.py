@@ -37,6 +37,8 @@ Metrics (``namespace`` ``gateway``)::
     gateway_requests_in_flight                                      gauge
     gateway_upstream_request_duration_seconds{upstream,target}      histogram
     gateway_upstream_failures_total{upstream,target,reason}         counter (see below)
+    gateway_upstream_max_in_flight{upstream}                        gauge (the proxy's cap)
+    gateway_upstream_rejections_total{upstream,reason}              counter (max_in_flight)
     gateway_ratelimit_rejections_total{rule}                        counter
     gateway_auth_failures_total{reason}                             counter
 
@@ -112,7 +114,9 @@ from meetinity_gateway.keys import (
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
+    UPSTREAM_LIMIT_KEY,
     UPSTREAM_MS_KEY,
+    UPSTREAM_REJECTED_KEY,
 )
 from meetinity_gateway.logs import LOG_FORMATS, AccessRecord
 from meetinity_gateway.net import client_address
@@ -224,6 +228,14 @@ class _Metrics:
         self.upstream_failures = Counter(
             "upstream_failures", "Upstream calls without an answer, by reason "
             "(timeout, unavailable).", ("upstream", "target", "reason"), **common)
+        # The proxy's bulkhead, from its environ keys (the pool itself is not ours to see).
+        self.upstream_max_in_flight = Gauge(
+            "upstream_max_in_flight", "Cap on requests in flight to one upstream.",
+            ("upstream",), multiprocess_mode="max", **common)
+        self.upstream_rejections = Counter(
+            "upstream_rejections", "Requests refused without calling the upstream, by "
+            "reason (max_in_flight: its concurrency cap).", ("upstream", "reason"), **common)
+        self.upstream_limits: dict[str, int] = {}
         self.ratelimit_rejections = Counter(
             "ratelimit_rejections", "Requests refused with 429, by rate-limit rule.",
             ("rule",), **common)
@@ -432,6 +444,13 @@ class ObserveMiddleware:
                 elif upstream_ms is not None:
                     metrics.upstream_duration.labels(upstream, target).observe(
                         upstream_ms / 1000.0)
+            limit = environ.get(UPSTREAM_LIMIT_KEY)
+            if limit and metrics.upstream_limits.get(upstream) != limit:
+                metrics.upstream_limits[upstream] = limit
+                metrics.upstream_max_in_flight.labels(upstream).set(limit)
+            rejected = environ.get(UPSTREAM_REJECTED_KEY)
+            if rejected:
+                metrics.upstream_rejections.labels(upstream, rejected).inc()
         if status == 429:
             decision = environ.get(_RATELIMIT_KEY)
             if isinstance(decision, dict) and decision.get("allowed") is False:

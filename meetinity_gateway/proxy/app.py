@@ -16,8 +16,9 @@ balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive po
   most ``replay_size`` bytes, buffered) are; a POST or PATCH that reached a target never is.
   At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
-  request body over ``max_body_size`` a JSON 413, every target ejected a JSON 503 with
-  ``Retry-After`` — responses, never exceptions;
+  request body over ``max_body_size`` a JSON 413, a request over the upstream's
+  ``max_in_flight`` cap an immediate JSON 503 with ``Retry-After`` — responses, never
+  exceptions (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
@@ -43,7 +44,8 @@ Use alone::
 :param retry_budget: seconds after the first attempt when no new attempt starts.
 :param replay_size: largest body of an idempotent request buffered so it can be retried.
 :param pool_options: passed to :class:`~meetinity_gateway.proxy.upstream.UpstreamPool`
-    (``balance``, ``max_fails``, ``eject_time``, ``health_interval``, ``health_timeout``,
+    (``balance``, ``max_fails``, ``eject_time``, ``failure_statuses``, ``max_eject_percent``,
+    ``eject_recheck``, ``max_in_flight``, ``health_interval``, ``health_timeout``,
     ``dns_interval``, ``resolver``, ``idle_timeout``).
 
 Security note: a retried request reaches a second target; that is why only idempotent
@@ -70,7 +72,9 @@ from meetinity_gateway.keys import (
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
+    UPSTREAM_LIMIT_KEY,
     UPSTREAM_MS_KEY,
+    UPSTREAM_REJECTED_KEY,
 )
 from meetinity_gateway.logs import without_query
 from meetinity_gateway.problems import (
@@ -84,7 +88,7 @@ from meetinity_gateway.problems import (
     error_response,
 )
 from meetinity_gateway.proxy.headers import request_headers, response_headers
-from meetinity_gateway.proxy.upstream import AllTargetsDown, Target, UpstreamPool, parse_targets
+from meetinity_gateway.proxy.upstream import Target, UpstreamBusy, UpstreamPool, parse_targets
 from meetinity_gateway.proxy.wire import InvalidUpstreamResponse
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -185,10 +189,12 @@ class _UpstreamBody:
     """
 
     __slots__ = ("_response", "_chunk_size", "_upstream", "_pool", "_target", "_environ",
-                 "_start_response", "_sent")
+                 "_start_response", "_sent", "_began")
 
     def __init__(self, response, chunk_size: int, upstream: str, pool: UpstreamPool,
-                 target: Target, environ: WSGIEnvironment, start_response: StartResponse) -> None:
+                 target: Target, environ: WSGIEnvironment, start_response: StartResponse,
+                 began: float | None = None) -> None:
+        self._began = began  # the attempt's start (pool clock): its outcome counts there
         self._response = response
         self._chunk_size = chunk_size
         self._upstream = upstream
@@ -209,7 +215,7 @@ class _UpstreamBody:
     def _failed(self, exc: Exception):
         environ = self._environ
         reason = _note_failure(environ, exc)
-        self._pool.record(self._target, False)
+        self._pool.record(self._target, False, since=self._began)
         message = (f"upstream {self._upstream} timed out" if reason == "timeout"
                    else f"upstream {self._upstream} failed while answering")
         try:
@@ -348,7 +354,8 @@ class ProxyApp:
     def forward(self, environ: WSGIEnvironment):
         """Send the request to a target, retrying when safe; raises a :class:`GatewayError`.
 
-        Returns ``(target, response)``; the caller must close the response and call
+        Returns ``(target, response, began)``, ``began`` being the pool-clock start of the
+        attempt that answered; the caller must close the response and call
         ``pool.done(target)``.
         """
         method = environ["REQUEST_METHOD"]
@@ -365,11 +372,17 @@ class ProxyApp:
         pool = self.pool
         tried: list[Target] = []
         started = time.monotonic()
-        target = pool.acquire()
         environ[UPSTREAM_KEY] = self.name
+        environ[UPSTREAM_LIMIT_KEY] = pool.max_in_flight
+        try:
+            target = pool.acquire()
+        except UpstreamBusy:
+            environ[UPSTREAM_REJECTED_KEY] = "max_in_flight"
+            raise
         while True:
             headers["Host"] = target.host_header
             sent = time.perf_counter()
+            began = pool.clock()  # outcomes count toward the target state they started in
             try:
                 response = target.pool.urlopen(
                     method, target.base_path + target_path,
@@ -380,36 +393,36 @@ class ProxyApp:
                 )
             except GatewayError:
                 # The client's body failed us (too large, cut short): not the target's fault.
-                pool.done(target, trial_undecided=True)
+                pool.done(target)
                 raise
             except (NewConnectionError, ConnectTimeoutError) as exc:
                 # No connection, so nothing was sent: safe to retry for any method.
                 _attempted(environ, target, sent, exc)
-                pool.record(target, False)
+                pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started)
             except Exception as exc:
                 _attempted(environ, target, sent, exc)
-                pool.record(target, False)
+                pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started) if idempotent and replayable else None
             else:
                 _attempted(environ, target, sent)
+                # Whether an answer counts against the target is the pool's policy.
+                pool.answered(target, response.status, since=began)
                 if response.status not in _FAILURE_STATUSES:
-                    pool.record(target, True)
-                    return target, response
+                    return target, response, began
                 # The target answered as a failing one: another may do better, if that is
                 # safe; when there is none, its own answer goes to the client.
-                pool.record(target, False)
                 following = None
                 if idempotent and replayable:
                     following = self._next(tried + [target], started)
                 if following is None:
-                    return target, response
+                    return target, response, began
                 _release(response)
                 pool.done(target)
                 tried.append(target)
@@ -424,18 +437,23 @@ class ProxyApp:
             return None
         try:
             return self.pool.acquire(tried)
-        except AllTargetsDown:
+        except UpstreamBusy:
             return None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         try:
-            target, response = self.forward(environ)
+            target, response, began = self.forward(environ)
         except GatewayError as exc:
             return exc(environ, start_response)
+        body = _UpstreamBody(response, self.chunk_size, self.name, self.pool, target,
+                             environ, start_response, began)
         status = f"{response.status} {response.reason or ''}".rstrip()
-        start_response(status, response_headers(response.headers.items()))
-        return _UpstreamBody(response, self.chunk_size, self.name, self.pool, target,
-                             environ, start_response)
+        try:
+            start_response(status, response_headers(response.headers.items()))
+        except BaseException:
+            body.close()  # a leaked slot would shrink the upstream's max_in_flight for good
+            raise
+        return body
 
 
 def _timed_out(exc: Exception) -> bool:

@@ -1,4 +1,4 @@
-"""Upstream pools: targets, balancing, passive and active health, DNS re-resolution.
+"""Upstream pools: targets, balancing, outlier ejection, a concurrency cap, active checks, DNS.
 
 An :class:`UpstreamPool` is the set of *targets* behind one upstream name. It is written in
 one string (one ini value, or ``USER_SERVICE_URL``)::
@@ -15,18 +15,50 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
   connection; one target per URL).
 * **Balancing.** ``round_robin`` (smooth weighted round-robin, the default) or
   ``least_outstanding`` (fewest requests in flight per unit of weight).
-* **Passive health (outlier ejection).** ``max_fails`` consecutive failures of a target
-  (connect error, timeout, or a 502/503/504 from it) eject it for ``eject_time`` seconds,
-  doubled for each further ejection in a row (at most 8x). After that it is *half-open*: a
-  single request is let through, and its result decides. Every upstream has its own pool, so
-  a failing upstream never affects another one. When every target is ejected,
-  :meth:`UpstreamPool.acquire` raises :class:`AllTargetsDown`, a JSON 503 with
-  ``Retry-After``.
-* **Active health.** With ``health_interval > 0`` a daemon thread sends
-  ``GET <target>/health`` to every target at that interval; the results feed the same state
-  (a success re-admits an ejected target, a failure counts as one). It holds the pool only
-  through a weak reference and stops when :meth:`UpstreamPool.close` is called or the pool
-  is garbage collected: no signals, works the same on Windows.
+* **Outlier ejection** (passive health, after Envoy's outlier detection). ``max_fails``
+  consecutive failures of a target eject it for a while. What counts as a failure is the
+  target's doing, never the client's: no connection, a reset, a timeout — and an answer
+  with one of ``failure_statuses`` only where configured (empty by default: a service
+  answering 503 to some path is answering; a client could otherwise eject a service by
+  calling that path three times). The rules that keep ejection from black-holing a service:
+
+  - *a share cap*: never more than ``max_eject_percent`` % of the targets are ejected at
+    once (at least one may always be, so that a pool of one or two still shows its
+    outlier); a target over the cap stays in rotation;
+  - *panic routing*: when every target is ejected anyway (one-target pools, DNS changes,
+    ``max_eject_percent = 100``), requests go to all of them as if none were: a chance to
+    be served beats a certain 503;
+  - *one count per period*: an outcome counts only toward the state in which its attempt
+    started. Failures of requests that were already in flight when the target was ejected
+    (a burst of timeouts) or that started while it was ejected are spent: they neither
+    eject it again nor, after re-admission, count toward the next ejection;
+  - *no half-open trial*: when its ejection time is over, a target is re-admitted as a
+    whole and needs ``max_fails`` new failures to be ejected again. The n-th ejection in a
+    row lasts ``n * eject_time`` (at most 8x), and each ``eject_time`` a target spends
+    healthy takes one step back, so one unlucky request cannot double the next ejection;
+  - *prompt re-admission*: with ``eject_recheck > 0`` (the default), a target whose
+    ejection time is over is first asked ``GET <health_path>`` by the background thread,
+    then every ``eject_recheck`` seconds until it answers: it is back as soon as it answers
+    (an HTTP answer that traffic would not count as a failure — a 404 means reachable — or,
+    with ``health_interval`` on, a 2xx), and a still-dead target gets no real request.
+    With ``eject_recheck = 0`` it is re-admitted when its ejection time ends. A success of
+    a real request (panic routing) re-admits at once.
+
+* **Concurrency cap (bulkhead).** With ``max_in_flight = N``, at most N requests are in
+  flight to the upstream (from :meth:`UpstreamPool.acquire` to :meth:`UpstreamPool.done`,
+  i.e. until the response body was sent); beyond that :meth:`~UpstreamPool.acquire` raises
+  :class:`UpstreamBusy` at once — a JSON 503 with ``Retry-After``, no queueing. Set it
+  below the server's thread count (see :func:`default_max_in_flight`), so that a service
+  that never answers cannot hold every thread: the others and ``/health/live`` keep
+  theirs. ``rejected`` counts the refusals.
+* **Active health.** With ``health_interval > 0`` the background thread sends
+  ``GET <target><health_path>`` to every target at that interval; the results feed the same
+  state (a 2xx re-admits an ejected target whose ejection time is over, anything else counts
+  as a failure).
+* **Background thread.** DNS refresh, active checks and re-checks of ejected targets run in
+  one daemon thread per pool, started when first needed. It holds the pool only through a
+  weak reference and stops when :meth:`UpstreamPool.close` is called or the pool is garbage
+  collected: no signals, works the same on Windows.
 * **Connections.** Each target has its own keep-alive pool of ``pool_size`` connections
   (size it to the server's threads). A connection idle for more than ``idle_timeout``
   seconds is closed instead of reused: many servers drop idle keep-alive connections after
@@ -37,14 +69,24 @@ Use alone::
 
     from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
     pool = UpstreamPool(parse_targets("http://a:5001 weight=2, http://b:5001"), name="users")
-    target = pool.acquire()
-    ...  # target.pool.urlopen(...), then pool.record(target, ok) and pool.done(target)
+    target = pool.acquire()          # may raise UpstreamBusy
+    began = pool.clock()
+    ...  # target.pool.urlopen(...), then pool.answered(target, status, since=began)
+         # or pool.record(target, False, since=began); finally pool.done(target)
 
 :param specs: the targets (see :func:`parse_targets`).
 :param name: the upstream's name, for logs and errors.
 :param balance: ``round_robin`` or ``least_outstanding``.
 :param max_fails: consecutive failures that eject a target.
-:param eject_time: seconds of the first ejection (doubling on repeated ejections, max 8x).
+:param eject_time: seconds of a first ejection (``n * eject_time`` for the n-th in a row,
+    at most 8x).
+:param failure_statuses: answer statuses (5xx) that count as the target's failure; empty
+    by default (only connect errors, resets and timeouts count).
+:param max_eject_percent: largest share of the targets ejected at once, 0-100 (0: never
+    eject); at least one target may always be ejected.
+:param eject_recheck: seconds between active checks of a target whose ejection time is
+    over, until it answers (0: re-admit without asking when the time is over).
+:param max_in_flight: requests in flight to this upstream at most (``None``: no cap).
 :param health_interval: seconds between active ``GET /health`` rounds (0: off).
 :param health_path: the path probed on each target.
 :param health_timeout: seconds allowed to one probe.
@@ -55,6 +97,8 @@ Use alone::
 :param connect_timeout: seconds to wait for a TCP connection.
 :param read_timeout: seconds to wait for each read.
 :param chunk_size: bytes per write when sending a request body.
+:param clock: the clock of the health state (``time.monotonic``); the ``since`` values
+    given to :meth:`~UpstreamPool.record` and :meth:`~UpstreamPool.answered` come from it.
 
 Security note: targets are trusted infrastructure. A resolver that returns addresses from
 an untrusted source can send user traffic (with its credentials) anywhere.
@@ -63,7 +107,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import re
 import socket
 import threading
@@ -80,11 +123,13 @@ from meetinity_gateway.problems import ServiceUnavailable
 from meetinity_gateway.proxy.wire import GuardedHTTPConnection, GuardedHTTPSConnection
 
 __all__ = [
-    "AllTargetsDown",
     "BALANCERS",
     "Target",
     "TargetSpec",
+    "UpstreamBusy",
     "UpstreamPool",
+    "default_max_in_flight",
+    "parse_failure_statuses",
     "parse_targets",
     "system_resolver",
 ]
@@ -92,21 +137,60 @@ __all__ = [
 log = logging.getLogger("meetinity_gateway.upstream")
 
 BALANCERS = ("round_robin", "least_outstanding")
-#: An ejection lasts eject_time * 2**(n-1) for the n-th ejection in a row, at most this factor.
+#: The n-th ejection in a row lasts n * eject_time, at most this many times eject_time.
 _MAX_BACKOFF_FACTOR = 8
+#: Bounds of the background thread's sleep between two rounds of work (seconds).
+_MIN_WAIT, _MAX_WAIT = 0.02, 30.0
 
 Resolver = t.Callable[[str, int], t.List[str]]
 
 
-class AllTargetsDown(ServiceUnavailable):
-    """Every target of an upstream is ejected: 503 with ``Retry-After``."""
+class UpstreamBusy(ServiceUnavailable):
+    """The upstream already has ``max_in_flight`` requests in flight: 503 with
+    ``Retry-After``, answered at once (a bulkhead never queues)."""
 
-    def __init__(self, upstream: str, retry_after: int) -> None:
+    def __init__(self, upstream: str, limit: int, retry_after: int = 1) -> None:
         super().__init__(
-            f"upstream {upstream} has no healthy target",
+            f"upstream {upstream} is busy ({limit} requests in flight), try again later",
             headers=[("Retry-After", str(retry_after))],
         )
         self.retry_after = retry_after
+
+
+def default_max_in_flight(threads: int) -> int:
+    """The default cap per upstream for a server with ``threads`` worker threads.
+
+    ``threads - max(2, threads // 4)``, at least 1: two threads (a quarter of them on big
+    servers) stay free for the other upstreams and ``/health/live`` however slow one
+    upstream is. 8 threads -> 6, 4 -> 2, 16 -> 12, 32 -> 24; with 1 or 2 threads, 1.
+    """
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    return max(1, threads - max(2, threads // 4))
+
+
+def parse_failure_statuses(value: str | t.Iterable[int | str]) -> frozenset[int]:
+    """``"502, 503, 504"``, ``"5xx"`` or an iterable of codes; only 500-599 (a 4xx is the
+    client's doing, and a client must never be able to eject a target). Empty or ``none``:
+    no answer counts as a failure."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    codes: set[int] = set()
+    for item in items:
+        word = str(item).strip().lower()
+        if word in ("", "none", "off"):
+            continue
+        if word == "5xx":
+            codes.update(range(500, 600))
+            continue
+        try:
+            code = int(word)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a status code (expected 5xx codes, or 5xx)"
+                             ) from None
+        if not 500 <= code <= 599:
+            raise ValueError(f"{code}: only 5xx answers can count as a target's failure")
+        codes.add(code)
+    return frozenset(codes)
 
 
 # -- target specs ----------------------------------------------------------------------------
@@ -228,16 +312,22 @@ class _HTTPSPool(_IdleRecycling, HTTPSConnectionPool):
 
 # -- targets ---------------------------------------------------------------------------------
 
+_NEVER = float("-inf")
+
+
 class Target:
     """One address to send requests to, with its health state and connection pool.
 
     State fields are read and written under the owning :class:`UpstreamPool`'s lock.
+    ``period`` is when the target's current state began (its last ejection or
+    re-admission): an outcome of an attempt that started before it belongs to a past state
+    and does not count.
     """
 
     __slots__ = (
         "spec", "address", "weight", "base_path", "host_header", "pool",
-        "fails", "ejected_until", "ejections", "trial", "outstanding", "current",
-        "label",
+        "fails", "ejected", "ejected_until", "ejections", "period", "healthy_since",
+        "checked", "outstanding", "current", "label",
     )
 
     def __init__(self, spec: TargetSpec, address: str, pool_kwargs: dict) -> None:
@@ -254,10 +344,13 @@ class Target:
             kwargs.update(server_hostname=spec.host, assert_hostname=spec.host)
         self.pool = pool_class(address, spec.port, **kwargs)
         self.pool.idle_timeout = idle_timeout
-        self.fails = 0
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.trial = False
+        self.fails = 0              # consecutive failures in the current period
+        self.ejected = False
+        self.ejected_until = 0.0    # end of the ejection time (clock)
+        self.ejections = 0          # ejections in a row (the backoff step)
+        self.period = _NEVER        # when the current state began (clock)
+        self.healthy_since = _NEVER  # last re-admission (clock), for the backoff decay
+        self.checked = _NEVER       # last re-check while ejected (clock)
         self.outstanding = 0
         self.current = 0  # smooth weighted round-robin
         shown = f"[{address}]" if ":" in address else address
@@ -269,9 +362,8 @@ class Target:
         return f"Target({self.label!r})"
 
     def state(self, now: float) -> str:
-        if not self.ejected_until:
-            return "healthy"
-        return "ejected" if now < self.ejected_until else "half_open"
+        """``healthy`` or ``ejected``."""
+        return "ejected" if self.ejected else "healthy"
 
 
 # -- the pool --------------------------------------------------------------------------------
@@ -287,6 +379,10 @@ class UpstreamPool:
         balance: str = "round_robin",
         max_fails: int = 3,
         eject_time: float = 10.0,
+        failure_statuses: str | t.Iterable[int] = (),
+        max_eject_percent: int = 50,
+        eject_recheck: float = 1.0,
+        max_in_flight: int | None = None,
         health_interval: float = 0.0,
         health_path: str = "/health",
         health_timeout: float = 2.0,
@@ -297,6 +393,7 @@ class UpstreamPool:
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
         chunk_size: int = 64 * 1024,
+        clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         if not specs:
             raise ValueError("an upstream needs at least one target")
@@ -305,12 +402,16 @@ class UpstreamPool:
         for label, value in (("max_fails", max_fails), ("pool_size", pool_size)):
             if value < 1:
                 raise ValueError(f"{label} must be at least 1")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1 (None: no cap)")
+        if not 0 <= max_eject_percent <= 100:
+            raise ValueError("max_eject_percent must be between 0 and 100")
         for label, value in (("eject_time", eject_time), ("idle_timeout", idle_timeout),
                              ("health_timeout", health_timeout)):
             if not value > 0:
                 raise ValueError(f"{label} must be positive")
         for label, value in (("health_interval", health_interval),
-                             ("dns_interval", dns_interval)):
+                             ("dns_interval", dns_interval), ("eject_recheck", eject_recheck)):
             if value < 0:
                 raise ValueError(f"{label} must be 0 (off) or positive")
         self.specs = list(specs)
@@ -318,11 +419,18 @@ class UpstreamPool:
         self.balance = balance
         self.max_fails = max_fails
         self.eject_time = eject_time
+        self.failure_statuses = parse_failure_statuses(failure_statuses)
+        self.max_eject_percent = max_eject_percent
+        self.eject_recheck = eject_recheck
+        self.max_in_flight = max_in_flight
         self.health_interval = health_interval
         self.health_path = health_path
         self.health_timeout = health_timeout
         self.dns_interval = dns_interval
         self.resolver = resolver or system_resolver
+        self.clock = clock
+        #: Requests refused by the concurrency cap since the pool was made.
+        self.rejected = 0
         self._pool_kwargs = {
             "maxsize": pool_size,
             "block": False,
@@ -333,18 +441,18 @@ class UpstreamPool:
         }
         self._lock = threading.Lock()
         self._rotation = 0
+        self._in_flight = 0
+        self._panic = False
         self._stop = threading.Event()
         self._targets: tuple[Target, ...] = ()
         self._by_key: dict[tuple[int, str], Target] = {}
         self._resolving = dns_interval > 0 and any(not spec.is_ip for spec in self.specs)
         self.refresh()
         self._thread: threading.Thread | None = None
+        self._next_dns = time.monotonic() + dns_interval  # resolved once already, above
+        self._next_health = time.monotonic()
         if self._resolving or health_interval > 0:
-            self._thread = threading.Thread(
-                target=_maintain, args=(weakref.ref(self), self._stop, self._tick()),
-                name=f"upstream-{name}", daemon=True,
-            )
-            self._thread.start()
+            self._start_thread()
 
     def __repr__(self) -> str:
         return f"UpstreamPool({self.name!r}, {[t.label for t in self._targets]})"
@@ -352,6 +460,11 @@ class UpstreamPool:
     @property
     def targets(self) -> tuple[Target, ...]:
         return self._targets
+
+    @property
+    def in_flight(self) -> int:
+        """Requests acquired and not yet done."""
+        return self._in_flight
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -393,27 +506,38 @@ class UpstreamPool:
     # -- choosing ------------------------------------------------------------------------------
 
     def acquire(self, exclude: t.Container[Target] = ()) -> Target | None:
-        """A target for one request attempt (its ``outstanding`` is counted).
+        """A target for one request attempt (counted in flight until :meth:`done`).
 
-        ``None`` when only ``exclude``\\ d targets are usable; raises :class:`AllTargetsDown`
-        when no target is usable at all. Pair with :meth:`done`.
+        ``None`` when only ``exclude``\\ d targets are left. Raises :class:`UpstreamBusy`
+        when ``max_in_flight`` requests are in flight already; never because of ejections:
+        when every target is ejected, all of them are candidates (panic routing).
         """
-        now = time.monotonic()
         with self._lock:
-            best: Target | None = None
-            total = 0
-            usable = False
+            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+                self.rejected += 1
+                raise UpstreamBusy(self.name, self.max_in_flight)
+            now = self.clock()
             targets = self._targets
             count = len(targets)
+            candidates = [target for target in targets if not self._out(target, now)]
+            panic = not candidates
+            if panic != self._panic:
+                self._panic = panic
+                if panic:
+                    log.warning("upstream %s: every target is ejected: routing to all of them "
+                                "(panic)", self.name)
+                else:
+                    log.info("upstream %s: a target is back, panic routing is over", self.name)
+            if panic:
+                candidates = list(targets)
+            best: Target | None = None
+            total = 0
             round_robin = self.balance == "round_robin"
-            # Least-outstanding ties go round, not always to the first target.
+            # Least-outstanding ties go round, not always to the first candidate.
             self._rotation += 1
             start = 0 if round_robin else self._rotation % count
-            for offset in range(count):
-                target = targets[(start + offset) % count]
-                if target.ejected_until and (now < target.ejected_until or target.trial):
-                    continue
-                usable = True
+            for offset in range(len(candidates)):
+                target = candidates[(start + offset) % len(candidates)]
                 if target in exclude:
                     continue
                 if round_robin:
@@ -426,50 +550,97 @@ class UpstreamPool:
                 ):
                     best = target
             if best is None:
-                if usable:
-                    return None
-                wait = min(target.ejected_until for target in targets) - now
-                raise AllTargetsDown(self.name, max(1, math.ceil(wait)))
+                return None
             if round_robin:
                 best.current -= total
-            if best.ejected_until:
-                best.trial = True  # half-open: this request alone decides
             best.outstanding += 1
+            self._in_flight += 1
             return best
 
-    def record(self, target: Target, ok: bool) -> None:
-        """The health verdict of one attempt (or one probe) on ``target``."""
-        with self._lock:
-            if ok:
-                if target.ejected_until:
-                    log.info("upstream %s: target %s is back", self.name, target.label)
-                target.fails = 0
-                target.ejections = 0
-                target.ejected_until = 0.0
-                target.trial = False
-                return
-            target.fails += 1
-            if target.trial or target.fails >= self.max_fails:
-                target.ejections += 1
-                factor = min(2 ** (target.ejections - 1), _MAX_BACKOFF_FACTOR)
-                target.ejected_until = time.monotonic() + self.eject_time * factor
-                target.trial = False
-                target.fails = 0
-                log.warning("upstream %s: target %s ejected for %.1fs", self.name,
-                            target.label, self.eject_time * factor)
+    def _out(self, target: Target, now: float) -> bool:
+        """Is ``target`` out of rotation? (Under the lock.) Without re-checks, an ejection
+        whose time is over ends here."""
+        if not target.ejected:
+            return False
+        if not self.eject_recheck and now >= target.ejected_until:
+            self._readmit(target, now, "its ejection time is over")
+            return False
+        return True
 
-    def done(self, target: Target, trial_undecided: bool = False) -> None:
+    def done(self, target: Target) -> None:
         """The request on ``target`` is over (its response body closed)."""
         with self._lock:
             target.outstanding -= 1
-            if trial_undecided:
-                target.trial = False
+            self._in_flight -= 1
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def answered(self, target: Target, status: int, since: float | None = None) -> None:
+        """``target`` answered ``status`` to an attempt started at ``since`` (clock): a
+        failure when the status is one of ``failure_statuses``, else a success."""
+        self.record(target, status not in self.failure_statuses, since)
+
+    def record(self, target: Target, ok: bool, since: float | None = None) -> None:
+        """The outcome of one attempt on ``target`` started at ``since`` (``self.clock()``
+        time; ``None``: now). ``False`` is the target's failure: no connection, a reset, a
+        timeout (or a failing status, see :meth:`answered`)."""
+        self._outcome(target, ok, since, early=True)
+
+    def _outcome(self, target: Target, ok: bool, since: float | None, early: bool) -> None:
+        with self._lock:
+            now = self.clock()
+            if since is not None and since < target.period:
+                return  # started in an earlier state: counted (or forgiven) there
+            if ok:
+                target.fails = 0
+                if target.ejected and (early or now >= target.ejected_until):
+                    self._readmit(target, now, "it answered")
+                return
+            if target.ejected:
+                return  # one ejection per period: this failure is spent
+            target.fails += 1
+            if target.fails >= self.max_fails:
+                self._eject(target, now)
+
+    def _eject(self, target: Target, now: float) -> None:
+        """Eject ``target`` unless the share cap forbids it (under the lock)."""
+        ejected = sum(1 for other in self._targets if other.ejected)
+        allowed = 0
+        if self.max_eject_percent:
+            allowed = max(1, len(self._targets) * self.max_eject_percent // 100)
+        if ejected >= allowed:
+            log.debug("upstream %s: target %s not ejected: %d of %d targets are already "
+                      "(max_eject_percent)", self.name, target.label, ejected,
+                      len(self._targets))
+            return
+        # Each eject_time spent healthy since the last re-admission takes one step back.
+        healthy = now - target.healthy_since
+        steps_back = int(healthy // self.eject_time) if healthy != float("inf") else 0
+        target.ejections = max(0, target.ejections - steps_back) + 1
+        duration = self.eject_time * min(target.ejections, _MAX_BACKOFF_FACTOR)
+        target.ejected = True
+        target.ejected_until = now + duration
+        target.period = now
+        target.checked = _NEVER
+        target.fails = 0
+        log.warning("upstream %s: target %s ejected for %.1fs after %d consecutive failures",
+                    self.name, target.label, duration, self.max_fails)
+        if self.eject_recheck:
+            self._start_thread()
+
+    def _readmit(self, target: Target, now: float, why: str) -> None:
+        target.ejected = False
+        target.fails = 0
+        target.period = now
+        target.healthy_since = now
+        log.info("upstream %s: target %s is back (%s)", self.name, target.label, why)
 
     # -- active health ------------------------------------------------------------------------
 
-    def probe(self, target: Target, path: str | None = None,
-              timeout: float | None = None) -> bool:
-        """``GET <target><path>`` answered 2xx within ``timeout``?"""
+    def ask(self, target: Target, path: str | None = None,
+            timeout: float | None = None) -> int | None:
+        """``GET <target><path>``: the answer's status, or ``None`` when there was none
+        within ``timeout``."""
         try:
             response = target.pool.urlopen(
                 "GET", target.base_path + (path or self.health_path),
@@ -480,69 +651,141 @@ class UpstreamPool:
             )
         except Exception as exc:  # any failure to get an answer means "down"
             log.debug("upstream %s: probe of %s failed: %s", self.name, target.label, exc)
-            return False
-        return 200 <= response.status < 300
+            return None
+        return response.status
+
+    def probe(self, target: Target, path: str | None = None,
+              timeout: float | None = None) -> bool:
+        """``GET <target><path>`` answered 2xx within ``timeout``?"""
+        status = self.ask(target, path, timeout)
+        return status is not None and 200 <= status < 300
 
     def check(self) -> None:
-        """One round of active health checks, fed into the passive state."""
+        """One round of active health checks (2xx or a failure), fed into the passive state;
+        a success re-admits an ejected target only once its ejection time is over."""
         for target in self._targets:
             if self._stop.is_set():
                 return
-            self.record(target, self.probe(target))
+            began = self.clock()
+            self._outcome(target, self.probe(target), began, early=False)
 
-    def _tick(self) -> float:
-        intervals = []
+    def recheck(self) -> float | None:
+        """Ask every ejected target whose ejection time is over (and not asked in the last
+        ``eject_recheck`` seconds) ``GET <health_path>``; one that answers as traffic would
+        count a success is re-admitted. Returns the seconds until the next re-check is due
+        (``None``: no target is ejected)."""
+        now = self.clock()
+        due: list[Target] = []
+        soonest: float | None = None
+        with self._lock:
+            for target in self._targets:
+                if not target.ejected:
+                    continue
+                when = max(target.ejected_until, target.checked + self.eject_recheck)
+                if now >= when:
+                    due.append(target)
+                    target.checked = now
+                    when = now + self.eject_recheck
+                soonest = when - now if soonest is None else min(soonest, when - now)
+        for target in due:
+            if self._stop.is_set():
+                break
+            began = self.clock()
+            status = self.ask(target)
+            if status is None:
+                continue
+            # With active health checks on, the target must pass them (2xx); without, an
+            # answer that traffic would count as a success shows it is back (a service
+            # without a /health path answers 404: reachable).
+            if self.health_interval:
+                alive = 200 <= status < 300
+            else:
+                alive = status not in self.failure_statuses
+            if alive:
+                self._outcome(target, True, began, early=False)
+        return soonest if self.degraded else None
+
+    # -- the background thread -----------------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        """Start the maintenance thread unless it runs (or the pool is closed)."""
+        if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._thread = threading.Thread(
+            target=_maintain, args=(weakref.ref(self), self._stop),
+            name=f"upstream-{self.name}", daemon=True,
+        )
+        self._thread.start()
+
+    def maintain(self) -> float:
+        """One round of due background work (DNS, active checks, re-checks); returns the
+        seconds until the next one is due."""
+        waits = [_MAX_WAIT]
+        now = time.monotonic()
         if self._resolving:
-            intervals.append(self.dns_interval)
+            if now >= self._next_dns:
+                self._next_dns = now + self.dns_interval
+                self.refresh()
+            waits.append(self._next_dns - time.monotonic())
         if self.health_interval:
-            intervals.append(self.health_interval)
-        return min(intervals)
+            if now >= self._next_health:
+                self._next_health = now + self.health_interval
+                self.check()
+            waits.append(self._next_health - time.monotonic())
+        if self.eject_recheck:
+            soonest = self.recheck()
+            # Nothing ejected: an ejection starts the thread or finds it within a re-check.
+            waits.append(self.eject_recheck if soonest is None else soonest)
+        return min(max(min(waits), _MIN_WAIT), _MAX_WAIT)
 
     # -- reporting and shutdown ----------------------------------------------------------------
 
+    @property
+    def degraded(self) -> bool:
+        """Is any target ejected? (The service is still served: see panic routing.)"""
+        return any(target.ejected for target in self._targets)
+
     def snapshot(self) -> list[dict[str, t.Any]]:
-        """Per-target state for ``/health``."""
-        now = time.monotonic()
+        """Per-target state for ``/health``; an ejected target's row adds ``ejected_for``
+        (seconds of ejection time left, 0 while re-checks find it still down) and
+        ``ejections`` (in a row)."""
+        now = self.clock()
         with self._lock:
-            return [
-                {
+            rows = []
+            for target in self._targets:
+                row = {
                     "target": target.label,
                     "weight": target.weight,
                     "state": target.state(now),
                     "failures": target.fails,
                     "outstanding": target.outstanding,
                 }
-                for target in self._targets
-            ]
+                if target.ejected:
+                    row["ejected_for"] = round(max(0.0, target.ejected_until - now), 3)
+                    row["ejections"] = target.ejections
+                rows.append(row)
+            return rows
 
     def close(self) -> None:
         """Stop the background thread and close every connection."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
         for target in self._targets:
             target.pool.close()
 
 
-def _maintain(ref: weakref.ref, stop: threading.Event, tick: float) -> None:
-    """The background loop: DNS refresh and active checks, each when due."""
-    next_dns = next_health = time.monotonic()
-    pool = ref()
-    if pool is not None:
-        next_dns += pool.dns_interval  # resolved once already by __init__
-    del pool
-    while not stop.wait(tick):
+def _maintain(ref: weakref.ref, stop: threading.Event) -> None:
+    """The background loop: DNS refresh, active checks and re-checks, each when due."""
+    wait = 0.0
+    while not stop.wait(wait):
         pool = ref()
         if pool is None:
             return  # nobody uses the pool any more
-        now = time.monotonic()
         try:
-            if pool._resolving and now >= next_dns:
-                next_dns = now + pool.dns_interval
-                pool.refresh()
-            if pool.health_interval and now >= next_health:
-                next_health = now + pool.health_interval
-                pool.check()
+            wait = pool.maintain()
         except Exception:  # never let the thread die silently
             log.exception("upstream %s: maintenance failed", pool.name)
+            wait = 1.0
         del pool
