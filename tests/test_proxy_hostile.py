@@ -520,9 +520,9 @@ def test_reset_mid_body_tells_the_targets_health(raw):
     verdicts = []
     record = app.pool.record
 
-    def spy(target, ok):
+    def spy(target, ok, since=None):
         verdicts.append(ok)
-        record(target, ok)
+        record(target, ok, since)
 
     app.pool.record = spy
     try:
