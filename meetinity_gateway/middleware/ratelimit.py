@@ -109,6 +109,7 @@ from meetinity_gateway.config import (
     as_bool,
     as_non_negative_int,
     as_positive_float,
+    as_positive_int,
     as_str,
     cast_settings,
     prepare,
@@ -130,8 +131,10 @@ RATELIMIT_KEY = "meetinity_gateway.ratelimit"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RULE = re.compile(
     r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?"
-    r"(?P<prefix>/\S*)(?:\s+(?P<limits>.*?))?\s*$"
+    r"(?P<prefixes>/[^\s,]*(?:\s*,\s*/[^\s,]*)*)(?:\s+(?P<limits>.*?))?\s*$"
 )
+# key = address | claim:NAME (a claim name: no spaces, at most 128 characters)
+_KEY = re.compile(r"^(?:address|claim:(?P<claim>[^\s]{1,128}))$")
 _OFF = {"", "off", "none"}
 _ON_ERROR = ("open", "closed")
 # Response headers this layer owns: the wrapped app's copies are dropped.
@@ -139,6 +142,9 @@ _OWN_HEADERS = frozenset(
     {"ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining",
      "x-ratelimit-reset"}
 )
+# Set by the auth layer after verifying the token (named here: middlewares do not import
+# each other).
+_CLAIMS_KEY = "meetinity_gateway.claims"
 # Identifiers are joined with "/" by limits; the namespace keeps our keys apart from other
 # users of a shared Redis.
 _NAMESPACE = "meetinity_gateway"
@@ -171,17 +177,22 @@ def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One rule: the requests under ``prefix`` (with one of ``methods``) share ``limits``."""
+    """One rule: the requests under any of ``prefixes`` (with one of ``methods``) share one
+    budget of ``limits``. ``prefixes`` may be given as one string."""
 
     name: str
-    prefix: str
+    prefixes: tuple[str, ...]
     limits: tuple[RateLimitItem, ...]
     methods: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"rule name {self.name!r}: use letters, digits, '_', '.', '-'")
-        object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+        prefixes = (self.prefixes,) if isinstance(self.prefixes, str) else self.prefixes
+        normalized = tuple(dict.fromkeys(normalize_prefix(p) for p in prefixes))
+        if not normalized:
+            raise ValueError(f"rule {self.name!r} has no path prefix")
+        object.__setattr__(self, "prefixes", normalized)
         if self.methods is not None:
             methods = {m.upper() for m in self.methods}
             if "GET" in methods:
@@ -193,24 +204,49 @@ class Rule:
             return [self.name]
         return [f"{self.name}-{item.get_expiry()}s" for item in self.limits]
 
+    @property
+    def prefix(self) -> str:
+        """The first prefix (the only one of most rules)."""
+        return self.prefixes[0]
+
     def describe(self) -> str:
         methods = ",".join(sorted(self.methods)) if self.methods else "*"
         limits = "; ".join(str(item) for item in self.limits) or "off"
-        return f"{self.name}: {methods} {self.prefix} {limits}"
+        return f"{self.name}: {methods} {', '.join(self.prefixes)} {limits}"
 
 
 def parse_rule(name: str, spec: str) -> Rule:
-    """Parse ``[METHODS] PREFIX LIMITS``; raises ValueError with the reason."""
+    """Parse ``[METHODS] PREFIX[, PREFIX…] LIMITS``; raises ValueError with the reason."""
     match = _RULE.match(spec or "")
     if not match:
-        raise ValueError("expected '[METHODS] PREFIX LIMITS', e.g. '/api/auth 10/minute'")
+        raise ValueError("expected '[METHODS] PREFIX[, PREFIX…] LIMITS', "
+                         "e.g. '/api/auth 10/minute'")
     methods = None
     if match.group("methods"):
         methods = frozenset(m.strip().upper() for m in match.group("methods").split(","))
-    prefix = match.group("prefix")
-    if prefix.endswith("/*"):
-        prefix = prefix[:-2] or "/"
-    return Rule(name, prefix, parse_limits(match.group("limits") or ""), methods)
+    prefixes = []
+    for prefix in match.group("prefixes").split(","):
+        prefix = prefix.strip()
+        if prefix.endswith("/*"):
+            prefix = prefix[:-2] or "/"
+        prefixes.append(prefix)
+    return Rule(name, tuple(prefixes), parse_limits(match.group("limits") or ""), methods)
+
+
+def parse_key(spec: str) -> str | None:
+    """``address`` → ``None`` (count by client address); ``claim:NAME`` → ``NAME``.
+
+    Raises ValueError for anything else.
+    """
+    match = _KEY.match((spec or "").strip())
+    if not match:
+        raise ValueError("expected 'address' or 'claim:NAME' (e.g. 'claim:sub')")
+    return match.group("claim")
+
+
+def share_of(item: RateLimitItem, processes: int) -> RateLimitItem:
+    """``item`` with its quota divided among ``processes`` (rounded down, at least 1)."""
+    return type(item)(max(1, item.amount // processes), item.multiples, item.namespace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,17 +281,19 @@ def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
     family, _, variant = scheme.partition("+")
     if family in ("redis", "rediss", "valkey", "valkeys"):
         options: dict[str, t.Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        if variant in ("", "unix", "sentinel"):
-            # The clients' default retries (redis-py: 10, with backoff up to 1 s) would turn
-            # one failure into seconds of waiting; one immediate retry still absorbs a
-            # connection gone stale when the server restarted.
-            client = "valkey" if family.startswith("valkey") else "redis"
-            try:
-                retry = __import__(f"{client}.retry", fromlist=["Retry"])
-                backoff = __import__(f"{client}.backoff", fromlist=["NoBackoff"])
-            except ImportError:
-                return options  # limits reports the missing package itself
-            options["retry"] = retry.Retry(backoff.NoBackoff(), 1)
+        # One attempt per call. redis-py retries timeouts and connection errors by default
+        # (3 times with backoff in 6.x+, around the connect and again around the command),
+        # so a frozen server would cost several timeouts per request; the breaker in the
+        # middleware is the retry policy. A pooled connection the server has closed is
+        # still replaced when it is taken from the pool (redis-py checks it), so a restart
+        # costs no failure.
+        client = "valkey" if family.startswith("valkey") else "redis"
+        try:
+            retry = __import__(f"{client}.retry", fromlist=["Retry"])
+            backoff = __import__(f"{client}.backoff", fromlist=["NoBackoff"])
+        except ImportError:
+            return options  # limits reports the missing package itself
+        options["retry"] = retry.Retry(backoff.NoBackoff(), 0)
         return options
     if family == "memcached":
         return {"connect_timeout": timeout, "timeout": timeout}
@@ -298,7 +336,10 @@ class RateLimitMiddleware:
         retry_interval: float = 1.0,
         warn_interval: float = 60.0,
         trusted_proxies: int = 0,
+        key: str = "address",
         key_header: str | None = None,
+        namespace: str = "ratelimit",
+        processes: int = 1,
         legacy_headers: bool = False,
         storage: Storage | None = None,
     ) -> None:
@@ -322,14 +363,26 @@ class RateLimitMiddleware:
                               key="strategy", value=strategy)
         if on_error not in _ON_ERROR:
             raise ConfigError("expected 'open' or 'closed'", key="on_error", value=on_error)
-        for key, number in (("storage_timeout", storage_timeout),
-                            ("retry_interval", retry_interval),
-                            ("warn_interval", warn_interval)):
+        for name, number in (("storage_timeout", storage_timeout),
+                             ("retry_interval", retry_interval),
+                             ("warn_interval", warn_interval)):
             if not (number > 0 and math.isfinite(number)):
-                raise ConfigError("expected a positive number", key=key, value=str(number))
+                raise ConfigError("expected a positive number", key=name, value=str(number))
         if trusted_proxies < 0:
             raise ConfigError("expected a whole number of at least 0", key="trusted_proxies",
                               value=str(trusted_proxies))
+        if not (isinstance(processes, int) and processes >= 1):
+            raise ConfigError("expected a whole number of at least 1", key="processes",
+                              value=str(processes))
+        try:
+            self.claim = parse_key(key)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="key", value=str(key)) from None
+        if not _NAME.match(namespace or ""):
+            raise ConfigError("use 1 to 64 letters, digits, '_', '.', '-'", key="namespace",
+                              value=str(namespace))
+        self.namespace = namespace
+        self.processes = processes
         self.on_error = on_error
         self.retry_interval = float(retry_interval)
         self.warn_interval = float(warn_interval)
@@ -347,6 +400,10 @@ class RateLimitMiddleware:
         except NotImplementedError:
             raise ConfigError(f"the storage {redact(storage_uri)!r} cannot do {strategy}",
                               key="strategy", value=strategy) from None
+        # Counts this process alone while the shared storage is failing (on_error=open):
+        # each process allows its share of every limit instead of everything.
+        self.fallback: RateLimiter = STRATEGIES[strategy](
+            self._open_storage("memory://", storage_timeout))
 
         self._build_matchers()
         self._policy_headers = {
@@ -356,7 +413,18 @@ class RateLimitMiddleware:
             )
             for rule in self._all_rules()
         }
-        self._retry_at = 0.0  # time.monotonic() before which the storage is left alone
+        self._shares = {
+            rule.name: tuple(share_of(item, processes) for item in rule.limits)
+            for rule in self._all_rules()
+        }
+        # Circuit breaker around the storage. Healthy: every request counts there. After a
+        # failure: the storage is "failing"; requests apply on_error at once without touching
+        # it, except one probe at a time (holding _probe), at most every retry_interval; the
+        # first success, probe or not, closes the breaker.
+        self._failing = False
+        self._failing_since = 0.0
+        self._retry_at = 0.0  # time.monotonic() before which no probe is sent
+        self._probe = threading.Lock()
         self._next_warning = 0.0
         self._suppressed = 0
         self._warn_lock = threading.Lock()
@@ -411,14 +479,22 @@ class RateLimitMiddleware:
             chosen: dict[str, Rule] = {}
             for rule in self.rules:
                 if rule.methods is None:
-                    chosen.setdefault(rule.prefix, rule)
+                    for prefix in rule.prefixes:
+                        if prefix in chosen:
+                            raise ConfigError(
+                                f"rules {chosen[prefix].name!r} and {rule.name!r} both cover "
+                                f"{prefix}", key="rules", value=rule.name)
+                        chosen[prefix] = rule
+            specific: dict[str, Rule] = {}
             for rule in self.rules:
                 if method is not None and rule.methods and method in rule.methods:
-                    if rule.prefix in chosen and chosen[rule.prefix].methods:
-                        raise ConfigError(
-                            f"rules {chosen[rule.prefix].name!r} and {rule.name!r} both cover "
-                            f"{method} {rule.prefix}", key="rules", value=rule.name)
-                    chosen[rule.prefix] = rule
+                    for prefix in rule.prefixes:
+                        if prefix in specific:
+                            raise ConfigError(
+                                f"rules {specific[prefix].name!r} and {rule.name!r} both "
+                                f"cover {method} {prefix}", key="rules", value=rule.name)
+                        specific[prefix] = rule
+            chosen.update(specific)
             return chosen
 
         self._tables: dict[str | None, tuple[PrefixMatcher, dict[str, Rule]]] = {}
@@ -440,7 +516,17 @@ class RateLimitMiddleware:
         return self.default
 
     def key_for(self, environ: WSGIEnvironment) -> str:
-        """Who is counted: ``key:<sha256 of the header>`` or ``addr:<client address>``."""
+        """Who is counted: ``claim.NAME:<sha256 of the claim>`` (with ``key=claim:NAME``,
+        when the request carries verified claims), ``key:<sha256 of the header>`` (with
+        ``key_header``, when sent) or ``addr:<client address>``."""
+        if self.claim is not None:
+            # Only the auth layer writes this environ key, after verifying the token; request
+            # headers can only ever become HTTP_* keys, so a client cannot forge it.
+            claims = environ.get(_CLAIMS_KEY)
+            value = claims.get(self.claim) if isinstance(claims, dict) else None
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
+                digest = hashlib.sha256(str(value).encode("utf-8", "surrogatepass"))
+                return f"claim.{self.claim}:{digest.hexdigest()}"
         if self._key_environ:
             value = environ.get(self._key_environ)
             if value:
@@ -449,19 +535,22 @@ class RateLimitMiddleware:
                 return "key:" + hashlib.sha256(value.encode("latin-1")).hexdigest()
         return "addr:" + (client_address(environ, self.trusted_proxies) or "unknown")
 
-    def _count(self, rule: Rule, key: str) -> tuple[bool, list[_Count]]:
+    def _count(self, rule: Rule, key: str, local: bool = False) -> tuple[bool, list[_Count]]:
         """Hit each limit (shortest window first, stopping at the first refusal), then read
-        where each stands. The hit alone decides; the stats only feed the headers."""
+        where each stands. The hit alone decides; the stats only feed the headers.
+        ``local``: count this process' share in the fallback storage."""
+        limiter = self.fallback if local else self.limiter
+        items = self._shares[rule.name] if local else rule.limits
         allowed = True
         refused_at = None
-        for index, item in enumerate(rule.limits):
-            if not self.limiter.hit(item, _NAMESPACE, rule.name, key):
+        for index, item in enumerate(items):
+            if not limiter.hit(item, _NAMESPACE, self.namespace, rule.name, key):
                 allowed, refused_at = False, index
                 break
         now = time.time()
         counts = []
-        for index, (policy, item) in enumerate(zip(rule.policy_names(), rule.limits)):
-            stats = self.limiter.get_window_stats(item, _NAMESPACE, rule.name, key)
+        for index, (policy, item) in enumerate(zip(rule.policy_names(), items)):
+            stats = limiter.get_window_stats(item, _NAMESPACE, self.namespace, rule.name, key)
             remaining = 0 if index == refused_at else max(0, int(stats.remaining))
             reset_in = max(0, math.ceil(stats.reset_time - now))
             if index == refused_at:
@@ -469,8 +558,33 @@ class RateLimitMiddleware:
             counts.append(_Count(item, policy, remaining, reset_in))
         return allowed, counts
 
+    def _storage_turn(self) -> tuple[bool, bool]:
+        """(may this request use the storage, is it the probe holding ``_probe``)."""
+        if not self._failing:
+            return True, False
+        if not self._probe.acquire(blocking=False):
+            return False, False  # another request is probing
+        # Checked under the lock: a probe that just failed has already moved _retry_at.
+        if time.monotonic() < self._retry_at:
+            self._probe.release()
+            return False, False
+        return True, True
+
+    def _storage_ok(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("rate limit storage %s answers again after %.1f s; counting there",
+                     self._uri_for_logs(), time.monotonic() - self._failing_since)
+
+    def _uri_for_logs(self) -> str:
+        return redact(self.storage_uri) if self.storage_uri else "(custom)"
+
     def _storage_failed(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.retry_interval
+        now = time.monotonic()
+        self._retry_at = now + self.retry_interval
+        if not self._failing:
+            self._failing_since = now
+            self._failing = True
         with self._warn_lock:
             now = time.monotonic()
             if now < self._next_warning:
@@ -478,10 +592,12 @@ class RateLimitMiddleware:
                 return
             suppressed, self._suppressed = self._suppressed, 0
             self._next_warning = now + self.warn_interval
+        policy = (f"open, each process allowing 1/{self.processes} of each limit"
+                  if self.on_error == "open" else "closed")
         log.warning(
-            "rate limit storage %s failed (%s: %s); failing %s%s",
-            redact(self.storage_uri) if self.storage_uri else "(custom)",
-            type(exc).__name__, exc, self.on_error,
+            "rate limit storage %s failed (%s: %s); failing %s; one request probes it every "
+            "%gs%s",
+            self._uri_for_logs(), type(exc).__name__, exc, policy, self.retry_interval,
             f" ({suppressed} more failures since the last warning)" if suppressed else "",
         )
 
@@ -511,16 +627,26 @@ class RateLimitMiddleware:
         if rule is None:
             return self.app(environ, start_response)
 
+        who = self.key_for(environ)
         counts: list[_Count] | None = None
         allowed = True
-        if time.monotonic() >= self._retry_at:
+        use_storage, probing = self._storage_turn()
+        if use_storage:
             try:
-                allowed, counts = self._count(rule, self.key_for(environ))
+                allowed, counts = self._count(rule, who)
             except Exception as exc:  # any backend, any failure: on_error decides, never a 500
                 self._storage_failed(exc)
+            else:
+                self._storage_ok()
+            finally:
+                if probing:
+                    self._probe.release()
         failed = counts is None
+        if failed and self.on_error == "open":
+            allowed, counts = self._count(rule, who, local=True)
         environ[RATELIMIT_KEY] = {
             "rule": rule.name, "allowed": allowed, "storage_failed": failed,
+            "namespace": self.namespace,
         }
         headers = self._headers(rule, counts)
 
@@ -555,7 +681,10 @@ _PARAMS = {
     "retry_interval": as_positive_float,
     "warn_interval": as_positive_float,
     "trusted_proxies": as_non_negative_int,
+    "key": as_str,
     "key_header": lambda value: value.strip() or None,
+    "namespace": as_str,
+    "processes": as_positive_int,
     "legacy_headers": as_bool,
 }
 
