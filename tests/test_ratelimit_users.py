@@ -306,3 +306,21 @@ def test_shipped_ini_wires_the_per_user_variables(monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_pipeline(SHIPPED_INI)
     assert "[filter:userlimit]" in str(info.value) and "rule.matching" in str(info.value)
+
+
+def test_every_rate_limit_variable_is_documented():
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(SHIPPED_INI, encoding="utf-8")
+    names = set()
+    for section in ("filter:ratelimit", "filter:userlimit"):
+        for value in parser[section].values():
+            names.update(re.findall(r"\$\{([A-Z0-9_]+)", value))
+    assert {"RATE_LIMIT_USERS", "RATE_LIMIT_EVENTS", "RATE_LIMIT_MATCHING",
+            "RATE_LIMIT_MESSAGING", "RATELIMIT_PROCESSES"} <= names
+    env_example = (SHIPPED_INI.parent / ".env.example").read_text(encoding="utf-8")
+    readme = (SHIPPED_INI.parent / "README.md").read_text(encoding="utf-8")
+    for name in names:
+        assert re.search(rf"^{name}=", env_example, re.M), name
+        assert f"`{name}`" in readme, name

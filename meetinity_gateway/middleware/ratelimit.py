@@ -8,12 +8,32 @@ For every request the middleware
    ``/api/auth`` covers ``/api/auth/login``, never ``/api/authX``), a rule naming the method
    winning over one for any method at the same prefix; the ``default`` limits apply to the
    paths no rule covers; no rule and no default → the request passes untouched;
-3. counts the caller — the client address (``REMOTE_ADDR``, or the address ``trusted_proxies``
-   hops back in ``X-Forwarded-For``), or the value of ``key_header`` when configured and
-   sent — with one atomic ``hit`` per limit of the rule (never a check-then-increment race);
+3. counts the caller — with ``key="claim:NAME"`` the verified claim ``NAME`` of the token
+   (``environ["meetinity_gateway.claims"]``, set by the auth layer), else the value of
+   ``key_header`` when configured and sent, else the client address (``REMOTE_ADDR``, or the
+   address ``trusted_proxies`` hops back in ``X-Forwarded-For``) — with one atomic ``hit``
+   per limit of the rule (never a check-then-increment race);
 4. refuses with 429 in the standard JSON shape and ``Retry-After`` (delta-seconds, at least
    1) when a limit is exhausted, else calls the wrapped app, leaving
-   ``{"rule", "allowed", "storage_failed"}`` in ``environ["meetinity_gateway.ratelimit"]``.
+   ``{"rule", "allowed", "storage_failed", "namespace"}`` in
+   ``environ["meetinity_gateway.ratelimit"]`` (an inner instance overwrites an outer one's).
+
+**Per user.** The same filter used a second time *after* auth, with ``key="claim:sub"``,
+limits signed-in users one by one (two users behind one NAT get a budget each); requests
+without claims (anonymous routes) fall back to the address. A claim is only ever read from
+the verified claims — no request header can choose or change the key. Give each instance its
+own ``namespace``: counters are stored as ``meetinity_gateway/NAMESPACE/RULE/WHO``, so two
+instances on one storage never spend each other's budgets.
+
+**When the storage fails** (down, refused, or slower than ``storage_timeout``): each request
+makes one attempt (the Redis client's own retries are turned off), and the storage is then
+marked failing. While it is failing, requests do not touch it: they apply ``on_error`` at
+once, and one request at a time — at most every ``retry_interval`` — probes the storage with
+its own count; the first success ends the failure (logged), counting goes back to the storage.
+``on_error="open"`` counts each caller in this process' memory meanwhile, allowing
+``limit // processes`` (at least 1) per window, so N processes together stay within the
+limit instead of letting everything through; ``on_error="closed"`` answers 503 with
+``Retry-After``. A warning is logged at most once per ``warn_interval``.
 
 Every response of a limited path, allowed or not, carries the headers of
 draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` lists the rule's limits
@@ -36,14 +56,16 @@ Use alone around any WSGI app::
         storage_uri="redis://127.0.0.1:6379/0",   # every process shares one budget
     )
 
-A rule is ``[METHODS] PREFIX LIMITS``: ``METHODS`` comma-separated (``GET,POST``; left out,
-every method; ``HEAD`` comes with ``GET``), ``PREFIX`` a path prefix (a trailing ``/*`` is
-accepted, as in routes), ``LIMITS`` in ``limits`` notation, several separated by ``;``
-(``10/minute; 100/hour``, ``5 per 10 seconds``); ``off`` (or nothing) disables the rule.
+A rule is ``[METHODS] PREFIX[, PREFIX…] LIMITS``: ``METHODS`` comma-separated (``GET,POST``;
+left out, every method; ``HEAD`` comes with ``GET``), ``PREFIX`` a path prefix (a trailing
+``/*`` is accepted, as in routes; several prefixes share one budget: one per service),
+``LIMITS`` in ``limits`` notation, several separated by ``;`` (``10/minute; 100/hour``,
+``5 per 10 seconds``); ``off`` (or nothing) disables the rule. One prefix belongs to one rule
+per method.
 
 :param app: the WSGI application to wrap.
-:param rules: ``{name: "[METHODS] PREFIX LIMITS"}`` (or :class:`Rule` objects). Names are
-    letters, digits, ``_ . -``; they name the counters and the policies.
+:param rules: ``{name: "[METHODS] PREFIX[, PREFIX…] LIMITS"}`` (or :class:`Rule` objects).
+    Names are letters, digits, ``_ . -``; they name the counters and the policies.
 :param default: limits for the paths no rule covers (``None`` or ``"off"``: none).
 :param strategy: ``sliding-window-counter`` (default: smooth, two counters per key),
     ``fixed-window`` (one counter, bursts of twice the quota around a window edge) or
@@ -56,17 +78,21 @@ accepted, as in routes), ``LIMITS`` in ``limits`` notation, several separated by
 :param storage_timeout: seconds a storage operation may take (connect and each read) before
     it counts as a failure; applied to the Redis and memcached families (default 0.5). Query
     options in the URI (``?socket_timeout=…``) win.
-:param on_error: when the storage fails — ``open`` (default): let the request through and
-    log a warning at most once per ``warn_interval``; ``closed``: answer 503 with
-    ``Retry-After``. Never a 500, never longer than the timeouts. After a failure the storage
-    is left alone for ``retry_interval`` seconds, so an unreachable Redis does not cost every
-    request a timeout.
-:param retry_interval: seconds to skip the storage after a failure (default 1).
+:param on_error: when the storage fails — ``open`` (default): count in this process'
+    memory, ``limit // processes`` per window; ``closed``: answer 503 with ``Retry-After``.
+    Never a 500; only the probing request waits for the storage, at most one attempt.
+:param retry_interval: seconds between two probes of a failing storage (default 1).
+:param processes: how many gateway processes share the storage's budget (default 1): while
+    it fails, each allows its share of every limit.
 :param warn_interval: seconds between two warnings about the failing storage (default 60).
 :param trusted_proxies: proxies in front of the gateway trusted to append to
     ``X-Forwarded-For`` (default 0: the header is ignored).
+:param key: ``address`` (default) or ``claim:NAME`` — count signed-in callers by the verified
+    claim ``NAME`` (``claim:sub``); place the filter after auth. Hashed before storage.
 :param key_header: count callers by this request header (e.g. ``X-API-Key``) when they send
     it, by address otherwise. The value is hashed before it reaches the storage.
+:param namespace: names this instance's counters (default ``ratelimit``); give every
+    instance sharing a storage its own.
 :param legacy_headers: also send ``X-RateLimit-Limit/-Remaining/-Reset`` (default off).
 :param storage: a ready ``limits`` storage object, instead of ``storage_uri``.
 
@@ -74,8 +100,15 @@ In gateway.ini::
 
     [filter:ratelimit]
     use = egg:meetinity_gateway#ratelimit
-    rule.auth = /api/auth ${RATE_LIMIT_AUTH:-10/minute}
+    rule.auth = /api/auth ${RATE_LIMIT_AUTH:-60/minute}
     default = ${RATE_LIMIT_DEFAULT:-off}
+    storage_uri = ${RATELIMIT_STORAGE_URI:-memory://}
+
+    [filter:userlimit]
+    use = egg:meetinity_gateway#ratelimit
+    key = claim:sub
+    namespace = userlimit
+    rule.users = /api/users, /api/profile ${RATE_LIMIT_USERS:-300/minute}
     storage_uri = ${RATELIMIT_STORAGE_URI:-memory://}
 
 Security: with ``trusted_proxies=0`` behind a load balancer every client shares the
@@ -85,7 +118,8 @@ value is a new budget, so key by a header only when something in front rejects u
 keys, and keep address-keyed rules (such as ``/api/auth``) for brute-force protection.
 ``memory://`` counts per process: N processes allow N times the quota — use Redis when the
 gateway runs in several processes or hosts. ``on_error=open`` trades protection for
-availability while the storage is down.
+availability while the storage is down (bounded by ``processes``: set it to the real number
+of processes sharing the storage, or the local share is too generous).
 """
 from __future__ import annotations
 
