@@ -131,9 +131,10 @@ def parse_commands(buffer: bytearray) -> list[str]:
 
 class RedisProxy:
     """A TCP proxy in front of a Redis that records what clients do: every connection, every
-    command (by name, with the time it passed), and how many connections were *waiting* at
-    once — a command sent and nothing answered yet: against a frozen Redis, that is a client
-    still inside its timeout. ``reset()`` starts a new measurement."""
+    command (by name, with the time it passed), how many times a connection started waiting
+    (``waits``: sent something, nothing answered yet — against a frozen Redis, one attempt of
+    a client still inside its timeout, however many commands it pipelined) and the most
+    connections waiting at once (``max_waiting``). ``reset()`` starts a new measurement."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -156,6 +157,7 @@ class RedisProxy:
         with self._lock:
             self.connections = 0
             self.commands: list[tuple[float, str]] = []
+            self.waits = 0
             self.max_waiting = len(self._waiting)
 
     def _accept(self) -> None:
@@ -201,7 +203,9 @@ class RedisProxy:
                         buffer += data
                         now = time.monotonic()
                         self.commands += [(now, name) for name in parse_commands(buffer)]
-                        self._waiting.add(number)
+                        if number not in self._waiting:
+                            self.waits += 1
+                            self._waiting.add(number)
                         self.max_waiting = max(self.max_waiting, len(self._waiting))
                     else:
                         self._waiting.discard(number)

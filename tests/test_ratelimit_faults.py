@@ -101,7 +101,7 @@ def test_frozen_redis_costs_one_attempt_per_request(redis_server, proxy, start_g
     # One command reached Redis for this request, on one connection: no retry, no second
     # connection. (redis-py's default, or our former Retry(NoBackoff(), 1), sent it twice.)
     assert [name for _, name in proxy.commands] == ["EVALSHA"], proxy.commands
-    assert proxy.connections == 0
+    assert proxy.connections == 0 and proxy.waits == 1
     # Functional bound: one timeout, not two (generous for a loaded machine).
     assert TIMEOUT * 0.9 <= elapsed < 2 * TIMEOUT
 
@@ -136,9 +136,9 @@ def test_only_one_request_at_a_time_probes_a_frozen_redis(redis_server, proxy, s
     # Never more than one request waiting on Redis at a time, at most one probe per
     # retry_interval, and only the probes paid the timeout; the rest answered at once.
     assert proxy.max_waiting <= 1
-    probes = len(proxy.commands)
+    probes = proxy.waits
     assert 1 <= probes <= duration / RETRY_INTERVAL + 1, proxy.commands
-    slow = [elapsed for _, elapsed, _ in results if elapsed >= TIMEOUT * 0.5]
+    slow = [elapsed for _, elapsed, _ in results if elapsed >= TIMEOUT * 0.9]
     assert len(slow) <= probes
     assert len(results) > 4 * probes  # the others did not wait for the storage
     assert all(elapsed < 2 * TIMEOUT for _, elapsed, _ in results)

@@ -575,16 +575,18 @@ class RateLimitMiddleware:
         ``local``: count this process' share in the fallback storage."""
         limiter = self.fallback if local else self.limiter
         items = self._shares[rule.name] if local else rule.limits
+        # The local counters are named apart: the fallback's memory storage may be shared.
+        namespace = self.namespace + ".local" if local else self.namespace
         allowed = True
         refused_at = None
         for index, item in enumerate(items):
-            if not limiter.hit(item, _NAMESPACE, self.namespace, rule.name, key):
+            if not limiter.hit(item, _NAMESPACE, namespace, rule.name, key):
                 allowed, refused_at = False, index
                 break
         now = time.time()
         counts = []
         for index, (policy, item) in enumerate(zip(rule.policy_names(), items)):
-            stats = limiter.get_window_stats(item, _NAMESPACE, self.namespace, rule.name, key)
+            stats = limiter.get_window_stats(item, _NAMESPACE, namespace, rule.name, key)
             remaining = 0 if index == refused_at else max(0, int(stats.remaining))
             reset_in = max(0, math.ceil(stats.reset_time - now))
             if index == refused_at:
