@@ -15,7 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from limits.storage import MemoryStorage
+from webtest import TestApp
+from werkzeug.middleware.lint import LintMiddleware
 
+from meetinity_gateway.middleware.ratelimit import RateLimitMiddleware
 from tests.conftest import require_tool
 from tests.redisserver import RedisProxy, RedisServer, parse_commands
 from tests.servers import shipped_gateway, session
@@ -219,3 +223,110 @@ def test_restarted_redis_is_used_again_without_a_failed_request(redis_server, st
         client = session()
         counts = [remaining(timed_get(url, client)[0]) for _ in range(3)]
         assert counts == [99, 98, 97]  # a fresh server, a fresh count, no fallback
+
+
+# -- the breaker, unit by unit, with a storage that fails and stalls on command -----------------
+
+class FlakyStorage(MemoryStorage):
+    """limits' memory storage that fails (``down``) or stalls until ``release`` is set
+    (``stall``) on command, counting the calls that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://")
+        self.down = False
+        self.stall = False
+        self.release = threading.Event()
+        self.calls = 0
+        self.entered = threading.Event()
+
+    def incr(self, *args, **kwargs):
+        self.calls += 1
+        self.entered.set()
+        if self.stall:
+            self.release.wait(CLIENT_TIMEOUT)
+        if self.down:
+            raise ConnectionError("storage down (test)")
+        return super().incr(*args, **kwargs)
+
+
+def breaker_app(storage, **kwargs):
+    middleware = RateLimitMiddleware(hello, rules={"auth": "/api/auth 1000/minute"},
+                                     strategy="fixed-window", storage=storage,
+                                     retry_interval=0.2, **kwargs)
+    return middleware, TestApp(LintMiddleware(middleware),
+                               extra_environ={"REMOTE_ADDR": "198.51.100.7"})
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+@pytest.mark.parametrize("on_error, status", [("open", 200), ("closed", 503)])
+def test_breaker_skips_the_storage_then_probes_and_closes(on_error, status):
+    storage = FlakyStorage()
+    middleware, app = breaker_app(storage, on_error=on_error)
+    app.get("/api/auth")
+    assert storage.calls == 1
+    storage.down = True
+    app.get("/api/auth", status=status)  # the failure that opens the breaker
+    assert storage.calls == 2
+    for _ in range(5):
+        app.get("/api/auth", status=status)  # no storage call at all
+    assert storage.calls == 2
+    time.sleep(0.25)
+    app.get("/api/auth", status=status)  # one probe, still down
+    app.get("/api/auth", status=status)
+    assert storage.calls == 3
+    storage.down = False
+    time.sleep(0.25)
+    app.get("/api/auth")  # the probe succeeds: closed
+    for _ in range(3):
+        app.get("/api/auth")
+    assert storage.calls == 7
+
+
+def test_one_probe_at_a_time_and_the_others_do_not_wait():
+    storage = FlakyStorage()
+    middleware, app = breaker_app(storage)
+    storage.down = True
+    app.get("/api/auth")  # opens the breaker
+    time.sleep(0.25)
+    storage.stall, storage.entered = True, threading.Event()
+    probe = threading.Thread(target=app.get, args=("/api/auth",))
+    probe.start()
+    try:
+        assert storage.entered.wait(CLIENT_TIMEOUT)  # the probe is inside the storage
+        time.sleep(0.25)  # past retry_interval: only the lock keeps the others out
+        calls = storage.calls
+        for _ in range(10):
+            started = time.monotonic()
+            app.get("/api/auth")
+            assert time.monotonic() - started < CLIENT_TIMEOUT / 2  # did not wait for it
+        assert storage.calls == calls
+    finally:
+        storage.release.set()
+        probe.join(CLIENT_TIMEOUT)
+
+
+def test_a_late_success_of_an_earlier_request_does_not_close_the_breaker():
+    storage = FlakyStorage()
+    middleware, app = breaker_app(storage)
+    storage.stall = True
+    early = threading.Thread(target=app.get, args=("/api/auth",))
+    early.start()  # inside the storage, will succeed once released
+    try:
+        assert storage.entered.wait(CLIENT_TIMEOUT)
+        storage.stall, storage.down = False, True
+        app.get("/api/auth")  # fails: the breaker opens
+        storage.down = False
+    finally:
+        storage.release.set()
+        early.join(CLIENT_TIMEOUT)
+    calls = storage.calls
+    app.get("/api/auth")  # before retry_interval: the breaker is still open
+    assert storage.calls == calls
+    time.sleep(0.25)
+    app.get("/api/auth")
+    app.get("/api/auth")
+    assert storage.calls == calls + 2  # the probe closed it

@@ -29,7 +29,7 @@ instances on one storage never spend each other's budgets.
 makes one attempt (the Redis client's own retries are turned off), and the storage is then
 marked failing. While it is failing, requests do not touch it: they apply ``on_error`` at
 once, and one request at a time — at most every ``retry_interval`` — probes the storage with
-its own count; the first success ends the failure (logged), counting goes back to the storage.
+its own count; a successful probe ends the failure (logged), counting goes back to the storage.
 ``on_error="open"`` counts each caller in this process' memory meanwhile, allowing
 ``limit // processes`` (at least 1) per window, so N processes together stay within the
 limit instead of letting everything through; ``on_error="closed"`` answers 503 with
@@ -453,8 +453,9 @@ class RateLimitMiddleware:
         }
         # Circuit breaker around the storage. Healthy: every request counts there. After a
         # failure: the storage is "failing"; requests apply on_error at once without touching
-        # it, except one probe at a time (holding _probe), at most every retry_interval; the
-        # first success, probe or not, closes the breaker.
+        # it, except one probe at a time (holding _probe), at most every retry_interval; only
+        # a probe's success closes the breaker (a request that started before the failure and
+        # got through late says little about a storage answering some calls in time).
         self._failing = False
         self._failing_since = 0.0
         self._retry_at = 0.0  # time.monotonic() before which no probe is sent
@@ -606,8 +607,8 @@ class RateLimitMiddleware:
             return False, False
         return True, True
 
-    def _storage_ok(self) -> None:
-        if self._failing:
+    def _storage_ok(self, probing: bool) -> None:
+        if probing and self._failing:
             self._failing = False
             log.info("rate limit storage %s answers again after %.1f s; counting there",
                      self._uri_for_logs(), time.monotonic() - self._failing_since)
@@ -673,7 +674,7 @@ class RateLimitMiddleware:
             except Exception as exc:  # any backend, any failure: on_error decides, never a 500
                 self._storage_failed(exc)
             else:
-                self._storage_ok()
+                self._storage_ok(probing)
             finally:
                 if probing:
                     self._probe.release()
