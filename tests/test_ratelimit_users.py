@@ -9,6 +9,8 @@ import re
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from limits.storage import MemoryStorage
 from webtest import TestApp
 from werkzeug.middleware.lint import LintMiddleware
@@ -324,3 +326,28 @@ def test_every_rate_limit_variable_is_documented():
     for name in names:
         assert re.search(rf"^{name}=", env_example, re.M), name
         assert f"`{name}`" in readme, name
+
+
+# -- rules with several prefixes: the matcher against a reference ----------------------------
+
+_SEGMENT = st.sampled_from(["api", "users", "user", "auth", "x", "profile"])
+_PREFIX = st.lists(_SEGMENT, max_size=3).map(lambda segments: "/" + "/".join(segments))
+
+
+@settings(max_examples=150, deadline=None, print_blob=True)
+@given(st.lists(st.lists(_PREFIX, min_size=1, max_size=3), min_size=1, max_size=4),
+       st.lists(_SEGMENT | st.just("usersX"), max_size=4))
+def test_rule_for_is_the_rule_with_the_longest_covering_prefix(rule_prefixes, segments):
+    owner: dict[str, str] = {}
+    rules = {}
+    for number, prefixes in enumerate(rule_prefixes):
+        mine = [p for p in dict.fromkeys(prefixes) if p not in owner]  # one rule per prefix
+        if mine:
+            owner.update((p, f"r{number}") for p in mine)
+            rules[f"r{number}"] = ", ".join(mine) + " 5/minute"
+    middleware = RateLimitMiddleware(hello, rules=rules)
+    path = "/" + "/".join(segments)
+    covering = [p for p in owner if p == "/" or path == p or path.startswith(p + "/")]
+    expected = owner[max(covering, key=len)] if covering else None
+    rule = middleware.rule_for("GET", path)
+    assert (rule.name if rule else None) == expected
