@@ -146,6 +146,18 @@ def test_claim_values_are_hashed_before_they_reach_the_storage():
     assert all(re.search(r"/userlimit/users/claim\.sub:[0-9a-f]{64}/", key) is None
                for key in keys)  # default namespace: ratelimit
     assert all(re.search(r"/ratelimit/users/claim\.sub:[0-9a-f]{64}/", key) for key in keys)
+    # A URI-like claim name brings no "/" or braces into the keys.
+    storage = MemoryStorage()
+    app = user_app(storage=storage, key="claim:https://example.com/{uid}")
+    app.get("/api/users", extra_environ={CLAIMS: {"https://example.com/{uid}": "u-1"}})
+    app.get("/api/users", extra_environ={CLAIMS: {"https://example.com/{uid}": "u-1"}})
+    app.get("/api/users", extra_environ={CLAIMS: {"https://example.com/{uid}": "u-1"}},
+            status=429)
+    keys = list(storage.storage)
+    assert keys and all(re.fullmatch(
+        r"LIMITER/meetinity_gateway/ratelimit/users/claim\.[0-9a-f]{16}:[0-9a-f]{64}/2/1/minute"
+        r"(/\d+)?",  # sliding-window-counter: a window number
+        key) for key in keys), keys
 
 
 # -- configuration ----------------------------------------------------------------------------

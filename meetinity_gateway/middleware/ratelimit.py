@@ -417,6 +417,13 @@ class RateLimitMiddleware:
                               value=str(namespace))
         self.namespace = namespace
         self.processes = processes
+        # The claim's name goes into storage keys: a URI-like name ("https://…/uid") would
+        # bring "/" (limits' separator) and braces (Redis Cluster hash tags) along.
+        self._claim_tag = None
+        if self.claim is not None:
+            self._claim_tag = "claim." + (
+                self.claim if _NAME.match(self.claim)
+                else hashlib.sha256(self.claim.encode("utf-8", "surrogatepass")).hexdigest()[:16])
         self.on_error = on_error
         self.retry_interval = float(retry_interval)
         self.warn_interval = float(warn_interval)
@@ -561,7 +568,7 @@ class RateLimitMiddleware:
             value = claims.get(self.claim) if isinstance(claims, dict) else None
             if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
                 digest = hashlib.sha256(str(value).encode("utf-8", "surrogatepass"))
-                return f"claim.{self.claim}:{digest.hexdigest()}"
+                return f"{self._claim_tag}:{digest.hexdigest()}"
         if self._key_environ:
             value = environ.get(self._key_environ)
             if value:
