@@ -50,10 +50,12 @@ def gateway_factory(monkeypatch, upstream):
 
     def start(**env):
         """Shipped gateway.ini with ``env``; defaults: this test's upstream, the test JWT
-        secret, and an auth rate limit high enough never to trigger by accident."""
+        secret, and rate limits (per address on auth, per user on the services) high enough
+        never to trigger by accident."""
         env.setdefault("USER_SERVICE_URL", upstream.url)
         env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
-        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
+        for limit in ("AUTH", "USERS", "EVENTS", "MATCHING", "MESSAGING"):
+            env.setdefault(f"RATE_LIMIT_{limit}", "100000/minute")
         server = shipped_gateway(monkeypatch, env)
         servers.append(server)
         return server

@@ -282,18 +282,20 @@ def test_concurrent_hits_never_over_admit(strategy):
 
 # -- storage failures -----------------------------------------------------------------------
 
-def test_storage_down_fails_open_with_one_warning(caplog):
+def test_storage_down_fails_open_to_a_local_count_with_one_warning(caplog):
     pytest.importorskip("redis")
     url = f"redis://:pw-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
+    avoid_window_edge(60)
     app = app_with(storage_uri=url, retry_interval=0.01, warn_interval=3600)
     with caplog.at_level(logging.WARNING, logger="meetinity_gateway.ratelimit"):
-        for _ in range(5):
+        for remaining in (2, 1, 0):
             response = app.get("/api/auth")
-            assert response.status_int == 200
             assert response.headers["RateLimit-Policy"] == '"auth";q=3;w=60'
-            assert "RateLimit" not in response.headers
+            assert ratelimit_of(response)[:2] == ("auth", remaining)  # the local count
             assert response.json["ratelimit"]["storage_failed"] is True
-            time.sleep(0.02)  # past retry_interval: the storage is tried again each time
+            time.sleep(0.02)  # past retry_interval: the storage is probed again each time
+        refused = app.get("/api/auth", status=429)  # not unlimited: one process' share
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
     warnings = [r for r in caplog.records if r.name == "meetinity_gateway.ratelimit"]
     assert len(warnings) == 1 and "failing open" in warnings[0].getMessage()
     assert "pw-secret" not in warnings[0].getMessage()  # the password is masked
@@ -354,14 +356,28 @@ def test_shipped_ini_fails_at_start_on_a_bad_limit(monkeypatch):
     assert "[filter:ratelimit]" in message and "rule.auth" in message and "lots" in message
 
 
-def test_shipped_ini_limits_auth_only_by_default(monkeypatch):
+def test_shipped_ini_limits_auth_per_address_and_services_per_user(monkeypatch):
     monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
     pipeline = load_pipeline(SHIPPED_INI)
+    layers = []
     layer = pipeline.app
-    while not isinstance(layer, RateLimitMiddleware):
+    while hasattr(layer, "app"):
+        if isinstance(layer, RateLimitMiddleware):
+            layers.append(layer)
         layer = layer.app
-    assert layer.describe() == ["auth: * /api/auth 10 per 1 minute"]
-    assert layer.rule_for("GET", "/api/users/1") is None
+    by_address, by_user = layers
+    # One login is 4 auth calls: 60/minute lets 15 logins a minute through one address.
+    assert by_address.describe() == ["auth: * /api/auth 60 per 1 minute"]
+    assert (by_address.claim, by_address.namespace) == (None, "ratelimit")
+    assert by_address.rule_for("GET", "/api/users/1") is None
+    assert (by_user.claim, by_user.namespace) == ("sub", "userlimit")
+    assert by_user.describe() == [
+        "users: * /api/users, /api/profile 300 per 1 minute",
+        "events: * /api/events, /api/registrations, /api/event-categories 300 per 1 minute",
+        "matching: * /api/matching 120 per 1 minute",
+        "messaging: * /api/conversations 300 per 1 minute",
+    ]
+    assert by_user.rule_for("GET", "/api/auth/login") is None
 
 
 # -- end to end: waitress, Redis, several processes -----------------------------------------
@@ -428,17 +444,19 @@ def test_trusted_proxy_clients_are_counted_apart(gateway_factory):
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 def test_redis_killed_mid_run(redis_server, gateway_factory, on_error, upstream):
     gateway = gateway_factory(RATELIMIT_STORAGE_URI=redis_server.url, RATE_LIMIT_AUTH="50/minute",
-                              RATELIMIT_ON_ERROR=on_error, RATELIMIT_STORAGE_TIMEOUT="0.5")
+                              RATELIMIT_ON_ERROR=on_error, RATELIMIT_STORAGE_TIMEOUT="0.5",
+                              RATELIMIT_PROCESSES="5")
+    avoid_window_edge(60)
     client = session()
     first = _get(gateway.url + "/api/auth/x", client)
-    assert first.status_code == 200 and "RateLimit" in first.headers
+    assert first.status_code == 200 and ratelimit_of(first)[1] == 49
     redis_server.stop()
-    for _ in range(3):
+    for n in range(3):
         response = _get(gateway.url + "/api/auth/x", client)  # bounded: no hang
         if on_error == "open":
             assert response.status_code == 200
             assert response.json()["path"] == "/auth/x"  # really served by the upstream
-            assert "RateLimit" not in response.headers
+            assert ratelimit_of(response)[1] == 10 - 1 - n  # this process' share: 50 / 5
         else:
             assert response.status_code == 503
             assert response.json()["error"]["code"] == 503
@@ -447,19 +465,21 @@ def test_redis_killed_mid_run(redis_server, gateway_factory, on_error, upstream)
 
 
 def test_counting_resumes_when_redis_comes_back(redis_server, gateway_factory):
-    gateway = gateway_factory(RATELIMIT_STORAGE_URI=redis_server.url, RATE_LIMIT_AUTH="50/minute")
+    gateway = gateway_factory(RATELIMIT_STORAGE_URI=redis_server.url, RATE_LIMIT_AUTH="50/minute",
+                              RATELIMIT_PROCESSES="2")
+    avoid_window_edge(60)
     client = session()
-    assert "RateLimit" in _get(gateway.url + "/api/auth/x", client).headers
+    assert ratelimit_of(_get(gateway.url + "/api/auth/x", client))[1] == 49
     redis_server.stop()
-    assert "RateLimit" not in _get(gateway.url + "/api/auth/x", client).headers
+    assert ratelimit_of(_get(gateway.url + "/api/auth/x", client))[1] == 24  # local: 50 / 2
     with RedisServer(redis_server.executable, port=redis_server.port):
         deadline = time.monotonic() + CLIENT_TIMEOUT
-        while time.monotonic() < deadline:  # the storage is retried after retry_interval
-            response = _get(gateway.url + "/api/auth/x", client)
-            if "RateLimit" in response.headers:
+        while time.monotonic() < deadline:  # the storage is probed every retry_interval
+            remaining = ratelimit_of(_get(gateway.url + "/api/auth/x", client))[1]
+            if remaining > 24:
                 break
             time.sleep(0.1)
-        assert ratelimit_of(response)[1] == 49  # a fresh Redis: a fresh count
+        assert remaining == 49  # a fresh Redis: a fresh count
 
 
 @pytest.mark.parametrize("on_error, status", [("open", 200), ("closed", 503)])
@@ -495,7 +515,7 @@ def test_redis_keys_are_namespaced_and_expire(redis_server, gateway_factory):
     _get(gateway.url + "/api/auth/x")
     client = redis.Redis.from_url(redis_server.url, socket_timeout=CLIENT_TIMEOUT)
     keys = [key.decode() for key in client.keys("*")]
-    assert keys and all("meetinity_gateway/auth/addr:127.0.0.1" in key for key in keys)
+    assert keys and all("meetinity_gateway/ratelimit/auth/addr:127.0.0.1" in key for key in keys)
     assert all(0 < client.ttl(key) <= 120 for key in keys)
     client.close()
 

@@ -8,12 +8,32 @@ For every request the middleware
    ``/api/auth`` covers ``/api/auth/login``, never ``/api/authX``), a rule naming the method
    winning over one for any method at the same prefix; the ``default`` limits apply to the
    paths no rule covers; no rule and no default → the request passes untouched;
-3. counts the caller — the client address (``REMOTE_ADDR``, or the address ``trusted_proxies``
-   hops back in ``X-Forwarded-For``), or the value of ``key_header`` when configured and
-   sent — with one atomic ``hit`` per limit of the rule (never a check-then-increment race);
+3. counts the caller — with ``key="claim:NAME"`` the verified claim ``NAME`` of the token
+   (``environ["meetinity_gateway.claims"]``, set by the auth layer), else the value of
+   ``key_header`` when configured and sent, else the client address (``REMOTE_ADDR``, or the
+   address ``trusted_proxies`` hops back in ``X-Forwarded-For``) — with one atomic ``hit``
+   per limit of the rule (never a check-then-increment race);
 4. refuses with 429 in the standard JSON shape and ``Retry-After`` (delta-seconds, at least
    1) when a limit is exhausted, else calls the wrapped app, leaving
-   ``{"rule", "allowed", "storage_failed"}`` in ``environ["meetinity_gateway.ratelimit"]``.
+   ``{"rule", "allowed", "storage_failed", "namespace"}`` in
+   ``environ["meetinity_gateway.ratelimit"]`` (an inner instance overwrites an outer one's).
+
+**Per user.** The same filter used a second time *after* auth, with ``key="claim:sub"``,
+limits signed-in users one by one (two users behind one NAT get a budget each); requests
+without claims (anonymous routes) fall back to the address. A claim is only ever read from
+the verified claims — no request header can choose or change the key. Give each instance its
+own ``namespace``: counters are stored as ``meetinity_gateway/NAMESPACE/RULE/WHO``, so two
+instances on one storage never spend each other's budgets.
+
+**When the storage fails** (down, refused, or slower than ``storage_timeout``): each request
+makes one attempt (the Redis client's own retries are turned off), and the storage is then
+marked failing. While it is failing, requests do not touch it: they apply ``on_error`` at
+once, and one request at a time — at most every ``retry_interval`` — probes the storage with
+its own count; a successful probe ends the failure (logged), counting goes back to the storage.
+``on_error="open"`` counts each caller in this process' memory meanwhile, allowing
+``limit // processes`` (at least 1) per window, so N processes together stay within the
+limit instead of letting everything through; ``on_error="closed"`` answers 503 with
+``Retry-After``. A warning is logged at most once per ``warn_interval``.
 
 Every response of a limited path, allowed or not, carries the headers of
 draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` lists the rule's limits
@@ -36,14 +56,16 @@ Use alone around any WSGI app::
         storage_uri="redis://127.0.0.1:6379/0",   # every process shares one budget
     )
 
-A rule is ``[METHODS] PREFIX LIMITS``: ``METHODS`` comma-separated (``GET,POST``; left out,
-every method; ``HEAD`` comes with ``GET``), ``PREFIX`` a path prefix (a trailing ``/*`` is
-accepted, as in routes), ``LIMITS`` in ``limits`` notation, several separated by ``;``
-(``10/minute; 100/hour``, ``5 per 10 seconds``); ``off`` (or nothing) disables the rule.
+A rule is ``[METHODS] PREFIX[, PREFIX…] LIMITS``: ``METHODS`` comma-separated (``GET,POST``;
+left out, every method; ``HEAD`` comes with ``GET``), ``PREFIX`` a path prefix (a trailing
+``/*`` is accepted, as in routes; several prefixes share one budget: one per service),
+``LIMITS`` in ``limits`` notation, several separated by ``;`` (``10/minute; 100/hour``,
+``5 per 10 seconds``); ``off`` (or nothing) disables the rule. One prefix belongs to one rule
+per method.
 
 :param app: the WSGI application to wrap.
-:param rules: ``{name: "[METHODS] PREFIX LIMITS"}`` (or :class:`Rule` objects). Names are
-    letters, digits, ``_ . -``; they name the counters and the policies.
+:param rules: ``{name: "[METHODS] PREFIX[, PREFIX…] LIMITS"}`` (or :class:`Rule` objects).
+    Names are letters, digits, ``_ . -``; they name the counters and the policies.
 :param default: limits for the paths no rule covers (``None`` or ``"off"``: none).
 :param strategy: ``sliding-window-counter`` (default: smooth, two counters per key),
     ``fixed-window`` (one counter, bursts of twice the quota around a window edge) or
@@ -56,17 +78,21 @@ accepted, as in routes), ``LIMITS`` in ``limits`` notation, several separated by
 :param storage_timeout: seconds a storage operation may take (connect and each read) before
     it counts as a failure; applied to the Redis and memcached families (default 0.5). Query
     options in the URI (``?socket_timeout=…``) win.
-:param on_error: when the storage fails — ``open`` (default): let the request through and
-    log a warning at most once per ``warn_interval``; ``closed``: answer 503 with
-    ``Retry-After``. Never a 500, never longer than the timeouts. After a failure the storage
-    is left alone for ``retry_interval`` seconds, so an unreachable Redis does not cost every
-    request a timeout.
-:param retry_interval: seconds to skip the storage after a failure (default 1).
+:param on_error: when the storage fails — ``open`` (default): count in this process'
+    memory, ``limit // processes`` per window; ``closed``: answer 503 with ``Retry-After``.
+    Never a 500; only the probing request waits for the storage, at most one attempt.
+:param retry_interval: seconds between two probes of a failing storage (default 1).
+:param processes: how many gateway processes share the storage's budget (default 1): while
+    it fails, each allows its share of every limit.
 :param warn_interval: seconds between two warnings about the failing storage (default 60).
 :param trusted_proxies: proxies in front of the gateway trusted to append to
     ``X-Forwarded-For`` (default 0: the header is ignored).
+:param key: ``address`` (default) or ``claim:NAME`` — count signed-in callers by the verified
+    claim ``NAME`` (``claim:sub``); place the filter after auth. Hashed before storage.
 :param key_header: count callers by this request header (e.g. ``X-API-Key``) when they send
     it, by address otherwise. The value is hashed before it reaches the storage.
+:param namespace: names this instance's counters (default ``ratelimit``); give every
+    instance sharing a storage its own.
 :param legacy_headers: also send ``X-RateLimit-Limit/-Remaining/-Reset`` (default off).
 :param storage: a ready ``limits`` storage object, instead of ``storage_uri``.
 
@@ -74,8 +100,15 @@ In gateway.ini::
 
     [filter:ratelimit]
     use = egg:meetinity_gateway#ratelimit
-    rule.auth = /api/auth ${RATE_LIMIT_AUTH:-10/minute}
+    rule.auth = /api/auth ${RATE_LIMIT_AUTH:-60/minute}
     default = ${RATE_LIMIT_DEFAULT:-off}
+    storage_uri = ${RATELIMIT_STORAGE_URI:-memory://}
+
+    [filter:userlimit]
+    use = egg:meetinity_gateway#ratelimit
+    key = claim:sub
+    namespace = userlimit
+    rule.users = /api/users, /api/profile ${RATE_LIMIT_USERS:-300/minute}
     storage_uri = ${RATELIMIT_STORAGE_URI:-memory://}
 
 Security: with ``trusted_proxies=0`` behind a load balancer every client shares the
@@ -85,7 +118,8 @@ value is a new budget, so key by a header only when something in front rejects u
 keys, and keep address-keyed rules (such as ``/api/auth``) for brute-force protection.
 ``memory://`` counts per process: N processes allow N times the quota — use Redis when the
 gateway runs in several processes or hosts. ``on_error=open`` trades protection for
-availability while the storage is down.
+availability while the storage is down (bounded by ``processes``: set it to the real number
+of processes sharing the storage, or the local share is too generous).
 """
 from __future__ import annotations
 
@@ -109,6 +143,7 @@ from meetinity_gateway.config import (
     as_bool,
     as_non_negative_int,
     as_positive_float,
+    as_positive_int,
     as_str,
     cast_settings,
     prepare,
@@ -130,8 +165,10 @@ RATELIMIT_KEY = "meetinity_gateway.ratelimit"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RULE = re.compile(
     r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?"
-    r"(?P<prefix>/\S*)(?:\s+(?P<limits>.*?))?\s*$"
+    r"(?P<prefixes>/[^\s,]*(?:\s*,\s*/[^\s,]*)*)(?:\s+(?P<limits>.*?))?\s*$"
 )
+# key = address | claim:NAME (a claim name: no spaces, at most 128 characters)
+_KEY = re.compile(r"^(?:address|claim:(?P<claim>[^\s]{1,128}))$")
 _OFF = {"", "off", "none"}
 _ON_ERROR = ("open", "closed")
 # Response headers this layer owns: the wrapped app's copies are dropped.
@@ -139,6 +176,9 @@ _OWN_HEADERS = frozenset(
     {"ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining",
      "x-ratelimit-reset"}
 )
+# Set by the auth layer after verifying the token (named here: middlewares do not import
+# each other).
+_CLAIMS_KEY = "meetinity_gateway.claims"
 # Identifiers are joined with "/" by limits; the namespace keeps our keys apart from other
 # users of a shared Redis.
 _NAMESPACE = "meetinity_gateway"
@@ -171,17 +211,22 @@ def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One rule: the requests under ``prefix`` (with one of ``methods``) share ``limits``."""
+    """One rule: the requests under any of ``prefixes`` (with one of ``methods``) share one
+    budget of ``limits``. ``prefixes`` may be given as one string."""
 
     name: str
-    prefix: str
+    prefixes: tuple[str, ...]
     limits: tuple[RateLimitItem, ...]
     methods: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"rule name {self.name!r}: use letters, digits, '_', '.', '-'")
-        object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+        prefixes = (self.prefixes,) if isinstance(self.prefixes, str) else self.prefixes
+        normalized = tuple(dict.fromkeys(normalize_prefix(p) for p in prefixes))
+        if not normalized:
+            raise ValueError(f"rule {self.name!r} has no path prefix")
+        object.__setattr__(self, "prefixes", normalized)
         if self.methods is not None:
             methods = {m.upper() for m in self.methods}
             if "GET" in methods:
@@ -193,24 +238,49 @@ class Rule:
             return [self.name]
         return [f"{self.name}-{item.get_expiry()}s" for item in self.limits]
 
+    @property
+    def prefix(self) -> str:
+        """The first prefix (the only one of most rules)."""
+        return self.prefixes[0]
+
     def describe(self) -> str:
         methods = ",".join(sorted(self.methods)) if self.methods else "*"
         limits = "; ".join(str(item) for item in self.limits) or "off"
-        return f"{self.name}: {methods} {self.prefix} {limits}"
+        return f"{self.name}: {methods} {', '.join(self.prefixes)} {limits}"
 
 
 def parse_rule(name: str, spec: str) -> Rule:
-    """Parse ``[METHODS] PREFIX LIMITS``; raises ValueError with the reason."""
+    """Parse ``[METHODS] PREFIX[, PREFIX…] LIMITS``; raises ValueError with the reason."""
     match = _RULE.match(spec or "")
     if not match:
-        raise ValueError("expected '[METHODS] PREFIX LIMITS', e.g. '/api/auth 10/minute'")
+        raise ValueError("expected '[METHODS] PREFIX[, PREFIX…] LIMITS', "
+                         "e.g. '/api/auth 10/minute'")
     methods = None
     if match.group("methods"):
         methods = frozenset(m.strip().upper() for m in match.group("methods").split(","))
-    prefix = match.group("prefix")
-    if prefix.endswith("/*"):
-        prefix = prefix[:-2] or "/"
-    return Rule(name, prefix, parse_limits(match.group("limits") or ""), methods)
+    prefixes = []
+    for prefix in match.group("prefixes").split(","):
+        prefix = prefix.strip()
+        if prefix.endswith("/*"):
+            prefix = prefix[:-2] or "/"
+        prefixes.append(prefix)
+    return Rule(name, tuple(prefixes), parse_limits(match.group("limits") or ""), methods)
+
+
+def parse_key(spec: str) -> str | None:
+    """``address`` → ``None`` (count by client address); ``claim:NAME`` → ``NAME``.
+
+    Raises ValueError for anything else.
+    """
+    match = _KEY.match((spec or "").strip())
+    if not match:
+        raise ValueError("expected 'address' or 'claim:NAME' (e.g. 'claim:sub')")
+    return match.group("claim")
+
+
+def share_of(item: RateLimitItem, processes: int) -> RateLimitItem:
+    """``item`` with its quota divided among ``processes`` (rounded down, at least 1)."""
+    return type(item)(max(1, item.amount // processes), item.multiples, item.namespace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,17 +315,19 @@ def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
     family, _, variant = scheme.partition("+")
     if family in ("redis", "rediss", "valkey", "valkeys"):
         options: dict[str, t.Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        if variant in ("", "unix", "sentinel"):
-            # The clients' default retries (redis-py: 10, with backoff up to 1 s) would turn
-            # one failure into seconds of waiting; one immediate retry still absorbs a
-            # connection gone stale when the server restarted.
-            client = "valkey" if family.startswith("valkey") else "redis"
-            try:
-                retry = __import__(f"{client}.retry", fromlist=["Retry"])
-                backoff = __import__(f"{client}.backoff", fromlist=["NoBackoff"])
-            except ImportError:
-                return options  # limits reports the missing package itself
-            options["retry"] = retry.Retry(backoff.NoBackoff(), 1)
+        # One attempt per call. redis-py retries timeouts and connection errors by default
+        # (3 times with backoff in 6.x+, around the connect and again around the command),
+        # so a frozen server would cost several timeouts per request; the breaker in the
+        # middleware is the retry policy. A pooled connection the server has closed is
+        # still replaced when it is taken from the pool (redis-py checks it), so a restart
+        # costs no failure.
+        client = "valkey" if family.startswith("valkey") else "redis"
+        try:
+            retry = __import__(f"{client}.retry", fromlist=["Retry"])
+            backoff = __import__(f"{client}.backoff", fromlist=["NoBackoff"])
+        except ImportError:
+            return options  # limits reports the missing package itself
+        options["retry"] = retry.Retry(backoff.NoBackoff(), 0)
         return options
     if family == "memcached":
         return {"connect_timeout": timeout, "timeout": timeout}
@@ -298,7 +370,10 @@ class RateLimitMiddleware:
         retry_interval: float = 1.0,
         warn_interval: float = 60.0,
         trusted_proxies: int = 0,
+        key: str = "address",
         key_header: str | None = None,
+        namespace: str = "ratelimit",
+        processes: int = 1,
         legacy_headers: bool = False,
         storage: Storage | None = None,
     ) -> None:
@@ -322,14 +397,33 @@ class RateLimitMiddleware:
                               key="strategy", value=strategy)
         if on_error not in _ON_ERROR:
             raise ConfigError("expected 'open' or 'closed'", key="on_error", value=on_error)
-        for key, number in (("storage_timeout", storage_timeout),
-                            ("retry_interval", retry_interval),
-                            ("warn_interval", warn_interval)):
+        for name, number in (("storage_timeout", storage_timeout),
+                             ("retry_interval", retry_interval),
+                             ("warn_interval", warn_interval)):
             if not (number > 0 and math.isfinite(number)):
-                raise ConfigError("expected a positive number", key=key, value=str(number))
+                raise ConfigError("expected a positive number", key=name, value=str(number))
         if trusted_proxies < 0:
             raise ConfigError("expected a whole number of at least 0", key="trusted_proxies",
                               value=str(trusted_proxies))
+        if not (isinstance(processes, int) and processes >= 1):
+            raise ConfigError("expected a whole number of at least 1", key="processes",
+                              value=str(processes))
+        try:
+            self.claim = parse_key(key)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="key", value=str(key)) from None
+        if not _NAME.match(namespace or ""):
+            raise ConfigError("use 1 to 64 letters, digits, '_', '.', '-'", key="namespace",
+                              value=str(namespace))
+        self.namespace = namespace
+        self.processes = processes
+        # The claim's name goes into storage keys: a URI-like name ("https://…/uid") would
+        # bring "/" (limits' separator) and braces (Redis Cluster hash tags) along.
+        self._claim_tag = None
+        if self.claim is not None:
+            self._claim_tag = "claim." + (
+                self.claim if _NAME.match(self.claim)
+                else hashlib.sha256(self.claim.encode("utf-8", "surrogatepass")).hexdigest()[:16])
         self.on_error = on_error
         self.retry_interval = float(retry_interval)
         self.warn_interval = float(warn_interval)
@@ -347,6 +441,10 @@ class RateLimitMiddleware:
         except NotImplementedError:
             raise ConfigError(f"the storage {redact(storage_uri)!r} cannot do {strategy}",
                               key="strategy", value=strategy) from None
+        # Counts this process alone while the shared storage is failing (on_error=open):
+        # each process allows its share of every limit instead of everything.
+        self.fallback: RateLimiter = STRATEGIES[strategy](
+            self._open_storage("memory://", storage_timeout))
 
         self._build_matchers()
         self._policy_headers = {
@@ -356,7 +454,19 @@ class RateLimitMiddleware:
             )
             for rule in self._all_rules()
         }
-        self._retry_at = 0.0  # time.monotonic() before which the storage is left alone
+        self._shares = {
+            rule.name: tuple(share_of(item, processes) for item in rule.limits)
+            for rule in self._all_rules()
+        }
+        # Circuit breaker around the storage. Healthy: every request counts there. After a
+        # failure: the storage is "failing"; requests apply on_error at once without touching
+        # it, except one probe at a time (holding _probe), at most every retry_interval; only
+        # a probe's success closes the breaker (a request that started before the failure and
+        # got through late says little about a storage answering some calls in time).
+        self._failing = False
+        self._failing_since = 0.0
+        self._retry_at = 0.0  # time.monotonic() before which no probe is sent
+        self._probe = threading.Lock()
         self._next_warning = 0.0
         self._suppressed = 0
         self._warn_lock = threading.Lock()
@@ -411,14 +521,22 @@ class RateLimitMiddleware:
             chosen: dict[str, Rule] = {}
             for rule in self.rules:
                 if rule.methods is None:
-                    chosen.setdefault(rule.prefix, rule)
+                    for prefix in rule.prefixes:
+                        if prefix in chosen:
+                            raise ConfigError(
+                                f"rules {chosen[prefix].name!r} and {rule.name!r} both cover "
+                                f"{prefix}", key="rules", value=rule.name)
+                        chosen[prefix] = rule
+            specific: dict[str, Rule] = {}
             for rule in self.rules:
                 if method is not None and rule.methods and method in rule.methods:
-                    if rule.prefix in chosen and chosen[rule.prefix].methods:
-                        raise ConfigError(
-                            f"rules {chosen[rule.prefix].name!r} and {rule.name!r} both cover "
-                            f"{method} {rule.prefix}", key="rules", value=rule.name)
-                    chosen[rule.prefix] = rule
+                    for prefix in rule.prefixes:
+                        if prefix in specific:
+                            raise ConfigError(
+                                f"rules {specific[prefix].name!r} and {rule.name!r} both "
+                                f"cover {method} {prefix}", key="rules", value=rule.name)
+                        specific[prefix] = rule
+            chosen.update(specific)
             return chosen
 
         self._tables: dict[str | None, tuple[PrefixMatcher, dict[str, Rule]]] = {}
@@ -440,7 +558,17 @@ class RateLimitMiddleware:
         return self.default
 
     def key_for(self, environ: WSGIEnvironment) -> str:
-        """Who is counted: ``key:<sha256 of the header>`` or ``addr:<client address>``."""
+        """Who is counted: ``claim.NAME:<sha256 of the claim>`` (with ``key=claim:NAME``,
+        when the request carries verified claims), ``key:<sha256 of the header>`` (with
+        ``key_header``, when sent) or ``addr:<client address>``."""
+        if self.claim is not None:
+            # Only the auth layer writes this environ key, after verifying the token; request
+            # headers can only ever become HTTP_* keys, so a client cannot forge it.
+            claims = environ.get(_CLAIMS_KEY)
+            value = claims.get(self.claim) if isinstance(claims, dict) else None
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
+                digest = hashlib.sha256(str(value).encode("utf-8", "surrogatepass"))
+                return f"{self._claim_tag}:{digest.hexdigest()}"
         if self._key_environ:
             value = environ.get(self._key_environ)
             if value:
@@ -449,19 +577,24 @@ class RateLimitMiddleware:
                 return "key:" + hashlib.sha256(value.encode("latin-1")).hexdigest()
         return "addr:" + (client_address(environ, self.trusted_proxies) or "unknown")
 
-    def _count(self, rule: Rule, key: str) -> tuple[bool, list[_Count]]:
+    def _count(self, rule: Rule, key: str, local: bool = False) -> tuple[bool, list[_Count]]:
         """Hit each limit (shortest window first, stopping at the first refusal), then read
-        where each stands. The hit alone decides; the stats only feed the headers."""
+        where each stands. The hit alone decides; the stats only feed the headers.
+        ``local``: count this process' share in the fallback storage."""
+        limiter = self.fallback if local else self.limiter
+        items = self._shares[rule.name] if local else rule.limits
+        # The local counters are named apart: the fallback's memory storage may be shared.
+        namespace = self.namespace + ".local" if local else self.namespace
         allowed = True
         refused_at = None
-        for index, item in enumerate(rule.limits):
-            if not self.limiter.hit(item, _NAMESPACE, rule.name, key):
+        for index, item in enumerate(items):
+            if not limiter.hit(item, _NAMESPACE, namespace, rule.name, key):
                 allowed, refused_at = False, index
                 break
         now = time.time()
         counts = []
-        for index, (policy, item) in enumerate(zip(rule.policy_names(), rule.limits)):
-            stats = self.limiter.get_window_stats(item, _NAMESPACE, rule.name, key)
+        for index, (policy, item) in enumerate(zip(rule.policy_names(), items)):
+            stats = limiter.get_window_stats(item, _NAMESPACE, namespace, rule.name, key)
             remaining = 0 if index == refused_at else max(0, int(stats.remaining))
             reset_in = max(0, math.ceil(stats.reset_time - now))
             if index == refused_at:
@@ -469,8 +602,33 @@ class RateLimitMiddleware:
             counts.append(_Count(item, policy, remaining, reset_in))
         return allowed, counts
 
+    def _storage_turn(self) -> tuple[bool, bool]:
+        """(may this request use the storage, is it the probe holding ``_probe``)."""
+        if not self._failing:
+            return True, False
+        if not self._probe.acquire(blocking=False):
+            return False, False  # another request is probing
+        # Checked under the lock: a probe that just failed has already moved _retry_at.
+        if time.monotonic() < self._retry_at:
+            self._probe.release()
+            return False, False
+        return True, True
+
+    def _storage_ok(self, probing: bool) -> None:
+        if probing and self._failing:
+            self._failing = False
+            log.info("rate limit storage %s answers again after %.1f s; counting there",
+                     self._uri_for_logs(), time.monotonic() - self._failing_since)
+
+    def _uri_for_logs(self) -> str:
+        return redact(self.storage_uri) if self.storage_uri else "(custom)"
+
     def _storage_failed(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.retry_interval
+        now = time.monotonic()
+        self._retry_at = now + self.retry_interval
+        if not self._failing:
+            self._failing_since = now
+            self._failing = True
         with self._warn_lock:
             now = time.monotonic()
             if now < self._next_warning:
@@ -478,10 +636,12 @@ class RateLimitMiddleware:
                 return
             suppressed, self._suppressed = self._suppressed, 0
             self._next_warning = now + self.warn_interval
+        policy = (f"open, each process allowing 1/{self.processes} of each limit"
+                  if self.on_error == "open" else "closed")
         log.warning(
-            "rate limit storage %s failed (%s: %s); failing %s%s",
-            redact(self.storage_uri) if self.storage_uri else "(custom)",
-            type(exc).__name__, exc, self.on_error,
+            "rate limit storage %s failed (%s: %s); failing %s; one request probes it every "
+            "%gs%s",
+            self._uri_for_logs(), type(exc).__name__, exc, policy, self.retry_interval,
             f" ({suppressed} more failures since the last warning)" if suppressed else "",
         )
 
@@ -511,16 +671,26 @@ class RateLimitMiddleware:
         if rule is None:
             return self.app(environ, start_response)
 
+        who = self.key_for(environ)
         counts: list[_Count] | None = None
         allowed = True
-        if time.monotonic() >= self._retry_at:
+        use_storage, probing = self._storage_turn()
+        if use_storage:
             try:
-                allowed, counts = self._count(rule, self.key_for(environ))
+                allowed, counts = self._count(rule, who)
             except Exception as exc:  # any backend, any failure: on_error decides, never a 500
                 self._storage_failed(exc)
+            else:
+                self._storage_ok(probing)
+            finally:
+                if probing:
+                    self._probe.release()
         failed = counts is None
+        if failed and self.on_error == "open":
+            allowed, counts = self._count(rule, who, local=True)
         environ[RATELIMIT_KEY] = {
             "rule": rule.name, "allowed": allowed, "storage_failed": failed,
+            "namespace": self.namespace,
         }
         headers = self._headers(rule, counts)
 
@@ -555,7 +725,10 @@ _PARAMS = {
     "retry_interval": as_positive_float,
     "warn_interval": as_positive_float,
     "trusted_proxies": as_non_negative_int,
+    "key": as_str,
     "key_header": lambda value: value.strip() or None,
+    "namespace": as_str,
+    "processes": as_positive_int,
     "legacy_headers": as_bool,
 }
 
