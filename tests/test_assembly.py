@@ -54,6 +54,7 @@ def test_pipeline_order_is_outermost_first(shipped_env):
     expected = {"observe": "ObserveMiddleware",
                 "errors": "ErrorMiddleware", "cors": "CorsMiddleware",
                 "ratelimit": "RateLimitMiddleware", "auth": "AuthMiddleware",
+                "authorize": "AuthorizeMiddleware", "userlimit": "RateLimitMiddleware",
                 "gateway": "Router"}
     assert len(classes) == len(pipeline.names)
     for name, cls in zip(pipeline.names, classes):

@@ -24,7 +24,7 @@ def test_check_prints_pipeline_and_routes(monkeypatch, capsys):
     start = lines.index("pipeline (outermost first):")
     pipeline = [line.split(". ", 1)[1] for line in lines[start + 1:lines.index("routes:")]]
     assert pipeline[0] == "observe" and pipeline[-1] == "gateway"
-    order = ["observe", "errors", "cors", "ratelimit", "auth", "gateway"]
+    order = ["observe", "errors", "cors", "ratelimit", "auth", "authorize", "userlimit", "gateway"]
     assert pipeline == [name for name in order if name in pipeline]
     assert "  users: * /api/users/* -> user_service /users" in lines
     assert "  health: GET /health -> @health" in lines
