@@ -119,6 +119,15 @@ def test_other_spellings_of_someone_elses_id_are_refused(path):
     assert calls == []
 
 
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method",
+                                    "X-Method-Override"])
+def test_a_method_override_must_be_allowed_too(header):
+    app, calls = client(ADA)
+    app.get("/api/users/7", headers={header: "delete"}, status=403)
+    app.post("/api/users/42", headers={header: "PUT"}, status=200)
+    assert calls == [("POST", "/api/users/42")]
+
+
 def test_no_claims_is_401_naming_the_rule_and_the_denial_is_in_the_environ():
     seen = {}
 

@@ -61,8 +61,11 @@ In gateway.ini (after ``auth`` in the pipeline)::
     rule.user_own = PUT, PATCH, DELETE, POST /api/users/<int:id>/* -> sub=<id>
 
 Security notes: the path is matched as the router will match it (``PATH_INFO``, after the
-error edge refused dot-segments and encoded slashes). Rules only see what the token says: a
-request body naming another user (``{"user_id": 9}``) is the service's to check.
+error edge refused dot-segments and encoded slashes), and also with repeated slashes merged
+and a trailing slash dropped; a request carrying ``X-HTTP-Method-Override`` (or
+``X-HTTP-Method``, ``X-Method-Override``) must be allowed as that method too. Rules only
+see what the token says: a request body naming another user (``{"user_id": 9}``) is the
+service's to check.
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ from werkzeug.routing import RequestRedirect
 from meetinity_gateway.config import ConfigError, as_list, as_str, prepare
 from meetinity_gateway.keys import AUTHZ_DENIED_KEY, CLAIMS_KEY
 from meetinity_gateway.pathrules import PathTemplate, build_map, parse_path
+from meetinity_gateway.preflight import METHOD_OVERRIDE_KEYS
 from meetinity_gateway.problems import error_response
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -315,8 +319,16 @@ class AuthorizeMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         claims = environ.get(CLAIMS_KEY)
-        rule, allowed = self.decide(environ.get("PATH_INFO") or "/",
-                                    environ.get("REQUEST_METHOD", "GET"), claims)
+        path = environ.get("PATH_INFO") or "/"
+        # A framework behind may honour X-HTTP-Method-Override: the request must be allowed
+        # as the method it claims to be, too.
+        methods = [environ.get("REQUEST_METHOD", "GET")] + [
+            value.strip().upper() for key in METHOD_OVERRIDE_KEYS
+            if (value := environ.get(key)) and value.strip()]
+        for method in methods:
+            rule, allowed = self.decide(path, method, claims)
+            if not allowed:
+                break
         if allowed:
             return self.app(environ, start_response)
         name = rule.name if rule is not None else "default"
