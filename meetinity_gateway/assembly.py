@@ -248,12 +248,26 @@ def app_factory(global_conf, **local_conf):
     router.upstreams = dict(mounted)
     router.unmounted_upstreams = list(unmounted_names)
     try:
-        apply_transforms(router, transform_specs)
+        apply_transforms(_AllRoutes(router), transform_specs)
     except ConfigError as exc:
         raise exc.locate(file=file) from None
     log.info("upstreams mounted: %s; not mounted (empty URL): %s",
              ", ".join(mounted) or "none", ", ".join(unmounted_names) or "none")
     return router
+
+
+class _AllRoutes:
+    """The router as the header rules see it: unmounted routes may be named too (their
+    rules apply the day the service is mounted), only mounted ones are wrapped."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.routes = router.routes + router.unmounted
+        self._mounted = {route.name for route in router.routes}
+
+    def wrap_route(self, name, wrapper) -> None:
+        if name in self._mounted:
+            self._router.wrap_route(name, wrapper)
 
 
 def _route_policies(routes, unmounted, policy_specs, endpoints, mounted, settings,

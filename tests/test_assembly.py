@@ -230,6 +230,14 @@ def test_an_empty_upstream_url_unmounts_its_routes(tmp_path):
     assert router.unmounted_upstreams == ["other"]
     assert "other" not in router.endpoints
     assert router.describe()[-1] == "other: * /api/other/* -> other [not mounted: other has no URL]"
+    # Header rules may name an unmounted route; a typo is still caught.
+    transform = "transform.t = other response set X-A b\n"
+    assert load_pipeline(write(tmp_path, GOOD + "upstream.other = \n"
+                               "route.other = /api/other/* -> other\n" + transform)).router
+    with pytest.raises(ConfigError, match="unknown route 'othr'"):
+        load_pipeline(write(tmp_path, GOOD + "upstream.other = \n"
+                            "route.other = /api/other/* -> other\n" + transform.replace(
+                                "= other", "= othr")))
     # Ties with unmounted routes are found now, not on the day their URL is set.
     path = write(tmp_path, GOOD + "upstream.other = \nroute.other = /api/svc/* -> other\n")
     with pytest.raises(ConfigError, match="already routed by svc"):
