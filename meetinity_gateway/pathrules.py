@@ -60,6 +60,12 @@ class PathTemplate:
     signature: str                 # the template with parameter names erased
 
     @property
+    def base_signature(self) -> str:
+        """The signature of the path itself: a prefix template covers it too, so two
+        templates with the same base signature both accept that path (a tie)."""
+        return self.signature[:-2] if self.prefix else self.signature
+
+    @property
     def names(self) -> frozenset[str]:
         return frozenset(name for name, _ in self.params)
 

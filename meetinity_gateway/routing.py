@@ -187,9 +187,7 @@ class Router:
             for other in seen:
                 # The same paths twice, for a common method: which one wins would depend on
                 # the file order. (A prefix route covers its own path too.)
-                same = other.template.signature == route.template.signature or (
-                    other.template.path == route.template.path
-                    and not other.params and not route.params)
+                same = other.template.base_signature == route.template.base_signature
                 # A rule for some methods beside one for all of them is no tie: the rule
                 # naming the method wins (its rules go first below).
                 overlap = (other.methods is None and route.methods is None) or bool(

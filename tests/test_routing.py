@@ -192,6 +192,8 @@ def test_path_parameters_go_into_the_environ():
     ("GET,POST /a/<x> -> x", "POST /a/<y> -> x"),
     ("/a/<int:x> -> x", "/a/<int:y> -> x"),
     ("/a/* -> x", "/a -> x"),
+    ("/a/<x>/* -> x", "/a/<y> -> x"),
+    ("/a/<int:x>/b/* -> x", "/a/<int:y>/b -> x"),
 ])
 def test_ties_that_file_order_would_decide_are_refused(first, second):
     with pytest.raises(ValueError, match="already routed by a"):

@@ -231,7 +231,7 @@ class AuthorizeMiddleware:
         seen: dict[str, Rule] = {}
         for rule in self.rules:
             for other in seen.values():
-                same = other.template.signature == rule.template.signature
+                same = other.template.base_signature == rule.template.base_signature
                 # A rule for some methods beside one for all of them is no tie: the rule
                 # naming the method wins (its rules go first in the map).
                 overlap = (other.methods is None and rule.methods is None) or bool(
