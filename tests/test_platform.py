@@ -6,8 +6,11 @@ upstream of its own, so every assertion says which service got what — or that 
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meetinity_gateway.cli import main
+from tests.rawclient import exchange
 from tests.servers import SHIPPED_INI, TEST_JWT_SECRET, make_token, session, shipped_gateway
 from tests.upstream import Upstream
 
@@ -213,3 +216,67 @@ def test_check_says_what_is_mounted_and_prints_the_policies(monkeypatch, capsys)
     assert any(line.startswith("  conversations: ") and "not mounted" in line for line in lines)
     assert "  user_own: DELETE,PATCH,POST,PUT /api/users/<id>/* -> sub=<id>" in lines
     assert "  users_list: GET /api/users -> role=admin" in lines
+
+
+# -- the class: no spelling of another user's id lets a write through --------------------------
+
+@pytest.fixture(scope="module")
+def shipped_once():
+    import os
+
+    monkeypatch = pytest.MonkeyPatch()
+    for key in list(os.environ):
+        if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
+                           "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE", "MATCHING_")) \
+                or key.endswith("_SERVICE_URL"):
+            monkeypatch.delenv(key, raising=False)
+    upstreams = {name: Upstream().start() for name in SERVICES}
+    server = None
+    try:
+        env = {f"{name.upper()}_SERVICE_URL": upstream.url
+               for name, upstream in upstreams.items()}
+        env.update(JWT_SECRET=TEST_JWT_SECRET, RATE_LIMIT_AUTH="100000/minute")
+        server = shipped_gateway(monkeypatch, env)
+        yield server, upstreams
+    finally:
+        if server is not None:
+            server.stop()
+        for upstream in upstreams.values():
+            upstream.stop()
+        monkeypatch.undo()
+
+
+_DIGITS = {"7": ["7", "%37", "\u0667", "\uff17", "\u07c7", "\u0967"]}
+
+
+@st.composite
+def spellings_of_seven(draw):
+    """Ways a service's int converter, or a lenient router, may read as 7."""
+    digit = draw(st.sampled_from(_DIGITS["7"]))
+    zeros = draw(st.sampled_from(["", "0", "00", "%30"]))
+    segment = zeros + digit
+    if not segment.isascii():
+        segment = "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode())
+                          for c in segment)
+    before = draw(st.sampled_from(["/", "//", "/./", "/%2F"]))
+    after = draw(st.sampled_from(["", "/", "//", "/photo", ";x", "/.", "?x=1", "#f"]))
+    return "/api/users" + before + segment + after
+
+
+@settings(max_examples=120, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=spellings_of_seven(),
+       method=st.sampled_from(["PUT", "PATCH", "DELETE", "POST"]),
+       override=st.sampled_from([None, "PUT", "DELETE"]))
+def test_property_no_write_reaches_another_users_resource(shipped_once, path, method, override):
+    server, upstreams = shipped_once
+    before = counts(upstreams)
+    headers = {"Authorization": f"Bearer {ADA}"}
+    if override:
+        headers["X-HTTP-Method-Override"] = override
+    request = (f"{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+               + "Connection: close\r\n\r\n").encode("latin-1")
+    response = exchange(server.port, request)
+    assert counts(upstreams) == before, (path, response)
+    assert response.status in (400, 403, 404), (path, response)
