@@ -242,3 +242,9 @@ def test_an_empty_upstream_url_unmounts_its_routes(tmp_path):
     path = write(tmp_path, GOOD + "upstream.other = \nroute.other = /api/svc/* -> other\n")
     with pytest.raises(ConfigError, match="already routed by svc"):
         load_pipeline(path)
+
+
+def test_the_start_up_log_says_which_services_are_mounted(tmp_path, caplog):
+    caplog.set_level("INFO", logger="meetinity_gateway")
+    load_pipeline(write(tmp_path, GOOD + "upstream.other = \nroute.other = /o/* -> other\n"))
+    assert "upstreams mounted: svc; not mounted (empty URL): other" in caplog.messages
