@@ -12,7 +12,9 @@ The file has PasteDeploy's layout, so PasteDeploy-aware servers (``gunicorn --pa
     [app:gateway]
     use = egg:meetinity_gateway#main
     upstream.user_service = ${USER_SERVICE_URL:-http://127.0.0.1:5001}
+    upstream.event_service = ${EVENT_SERVICE_URL:-}      ; empty: not mounted
     route.users = /api/users/* -> user_service /users
+    policy.users = read_timeout=10, max_body_size=2M    ; this route's upstream policy
 
 ``use = egg:DIST#NAME`` resolves through the distribution's ``paste.filter_factory`` /
 ``paste.app_factory`` entry points; ``use = call:module:function`` names a factory directly.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import importlib
+import logging
 import typing as t
 from importlib import metadata
 from pathlib import Path
@@ -38,18 +41,21 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.health import HealthApp, LiveApp
 from meetinity_gateway.proxy.app import ProxyApp
+from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.upstream import (
     BALANCERS,
     default_max_in_flight,
     parse_failure_statuses,
 )
-from meetinity_gateway.routing import Router, parse_route
+from meetinity_gateway.routing import Route, Router, parse_route
 from meetinity_gateway.transform import apply_transforms
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIApplication
 
 __all__ = ["Pipeline", "app_factory", "load_app", "load_pipeline"]
+
+log = logging.getLogger("meetinity_gateway")
 
 
 @dataclasses.dataclass
@@ -60,15 +66,16 @@ class Pipeline:
     names: list[str]
     router: Router | None
     file: str
+    #: The built filters by pipeline name (the middleware objects), outermost first.
+    layers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
 
     @property
     def max_body_size(self) -> int | None:
         """The largest request body any proxy endpoint accepts (None: no proxy endpoint)."""
-        sizes = [
-            endpoint.max_body_size
-            for endpoint in (self.router.endpoints.values() if self.router else ())
-            if isinstance(endpoint, ProxyApp)
-        ]
+        apps = []
+        if self.router:
+            apps = list(self.router.endpoints.values()) + list(self.router.route_apps.values())
+        sizes = [app.max_body_size for app in apps if isinstance(app, ProxyApp)]
         return max(sizes) if sizes else None
 
 
@@ -133,13 +140,67 @@ _APP_PARAMS = {
 }
 _BUILTIN_ENDPOINTS = {"@health", "@live"}
 
+# What a route may set for itself (policy.ROUTE = key=value, …); the globals are defaults.
+# idle_timeout is a property of the connection pool: a route changing it gets its own pool.
+_ROUTE_POLICY = {
+    "connect_timeout": as_positive_float,
+    "read_timeout": as_positive_float,
+    "max_body_size": as_size,
+    "retries": as_non_negative_int,
+    "retry_budget": _as_seconds_or_off,
+    "replay_size": as_size,
+    "idle_timeout": as_positive_float,
+}
+_DEFAULTS = {"connect_timeout": 3.0, "read_timeout": 30.0, "max_body_size": 10 * 1024 * 1024,
+             "retries": 2, "retry_budget": 10.0, "replay_size": 64 * 1024, "idle_timeout": 4.0}
+
+
+def _parse_policy(spec: str) -> dict[str, t.Any]:
+    """``read_timeout=60, max_body_size=50M`` → typed values; ValueError with the reason."""
+    policy: dict[str, t.Any] = {}
+    for item in [part.strip() for part in spec.split(",") if part.strip()]:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _ROUTE_POLICY:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(_ROUTE_POLICY)}")
+        try:
+            policy[key] = _ROUTE_POLICY[key](value)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    if not policy:
+        raise ValueError(f"expected KEY=VALUE pairs, KEY one of {', '.join(_ROUTE_POLICY)}")
+    return policy
+
+
+def _size_text(size: int) -> str:
+    for unit, factor in (("G", 1024 ** 3), ("M", 1024 ** 2), ("k", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _seconds_text(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _policy_note(policy: t.Mapping[str, t.Any]) -> str:
+    return (f"connect {_seconds_text(policy['connect_timeout'])}, "
+            f"read {_seconds_text(policy['read_timeout'])}, "
+            f"body {_size_text(policy['max_body_size'])}, retries {policy['retries']}, "
+            f"idle {_seconds_text(policy['idle_timeout'])}")
+
 
 def app_factory(global_conf, **local_conf):
     """``paste.app_factory`` for ``egg:meetinity_gateway#main``: the router and its endpoints.
 
-    Keys: ``upstream.NAME = URL [weight=N], …`` (see :mod:`meetinity_gateway.proxy.upstream`),
-    ``route.NAME = SPEC`` (see :mod:`meetinity_gateway.routing`) and the settings in
-    ``_APP_PARAMS``.
+    Keys: ``upstream.NAME = URL [weight=N], …`` (see :mod:`meetinity_gateway.proxy.upstream`;
+    an empty value leaves the upstream *unmounted*: its routes are listed but never matched,
+    so their paths get the JSON 404), ``route.NAME = SPEC`` (see
+    :mod:`meetinity_gateway.routing`), ``policy.ROUTE = KEY=VALUE, …`` (that route's
+    ``connect_timeout``, ``read_timeout``, ``max_body_size``, ``retries``, ``retry_budget``,
+    ``replay_size``, ``idle_timeout``; the globals are the defaults), ``transform.NAME`` and
+    the settings in ``_APP_PARAMS``.
     """
     file = global_conf.get("__file__")
     values = prepare(local_conf, global_conf)
@@ -149,6 +210,7 @@ def app_factory(global_conf, **local_conf):
 
     upstream_urls: dict[str, str] = {}
     route_specs: dict[str, str] = {}
+    policy_specs: dict[str, str] = {}
     transform_specs: dict[str, str] = {}  # transform.NAME: header rules (transform.py)
     settings: dict[str, t.Any] = {}
     for key, value in values.items():
@@ -157,6 +219,8 @@ def app_factory(global_conf, **local_conf):
             upstream_urls[name] = value.strip()
         elif kind == "route" and name:
             route_specs[name] = value
+        elif kind == "policy" and name:
+            policy_specs[name] = value
         elif kind == "transform" and name:
             transform_specs[name] = value
         elif key in _APP_PARAMS:
@@ -165,7 +229,7 @@ def app_factory(global_conf, **local_conf):
             except ValueError as exc:
                 raise error(str(exc), key) from None
         else:
-            keys = ["upstream.NAME", "route.NAME", "transform.NAME"]
+            keys = ["upstream.NAME", "route.NAME", "policy.ROUTE", "transform.NAME"]
             known = ", ".join(sorted(_APP_PARAMS) + keys)
             raise error(f"unknown key (known keys: {known})", key)
 
@@ -175,39 +239,122 @@ def app_factory(global_conf, **local_conf):
     threads = settings.pop("server_threads", _DEFAULT_THREADS)
     if settings.get("max_in_flight", "auto") == "auto":
         settings["max_in_flight"] = default_max_in_flight(threads)
+    mounted = {name: url for name, url in upstream_urls.items() if url}
+    unmounted_names = [name for name, url in upstream_urls.items() if not url]
     endpoints: dict[str, WSGIApplication] = {}
-    for name, url in upstream_urls.items():
+    for name, url in mounted.items():
         try:
             endpoints[name] = ProxyApp(url, name=name, health_timeout=health_timeout,
                                        **settings)
         except ValueError as exc:
             raise error(str(exc), f"upstream.{name}") from None
     endpoints["@health"] = HealthApp(
-        {name: endpoints[name].pool for name in upstream_urls}, timeout=health_timeout
+        {name: endpoints[name].pool for name in mounted}, timeout=health_timeout
     )
     endpoints["@live"] = LiveApp()
 
-    routes = []
+    routes: list[Route] = []
+    unmounted: list[Route] = []
     for name, spec in route_specs.items():
         try:
             route = parse_route(name, spec)
         except ValueError as exc:
             raise error(str(exc), f"route.{name}") from None
+        if route.target in unmounted_names:
+            unmounted.append(route)
+            continue
         if route.target not in endpoints:
             known = ", ".join(sorted(endpoints))
             raise error(f"unknown target {route.target!r} (known: {known})", f"route.{name}")
         routes.append(route)
-    if not routes:
+    if not routes and not unmounted:
         raise ConfigError("no routes: add route.NAME = PATH -> TARGET keys", file=file)
+
+    route_apps, notes = _route_policies(
+        routes, unmounted, policy_specs, endpoints, mounted, settings, health_timeout, error)
     try:
-        router = Router(routes, endpoints)
+        router = Router(routes, endpoints, route_apps=route_apps, notes=notes,
+                        unmounted=unmounted)
+        # Ties among the unmounted routes fail now, not on the day their URL is set.
+        Router(routes + unmounted, {route.target: LiveApp() for route in routes + unmounted})
     except ValueError as exc:
         raise ConfigError(str(exc), file=file) from None
+    router.upstreams = dict(mounted)
+    router.unmounted_upstreams = list(unmounted_names)
     try:
-        apply_transforms(router, transform_specs)
+        apply_transforms(_AllRoutes(router), transform_specs)
     except ConfigError as exc:
         raise exc.locate(file=file) from None
+    log.info("upstreams mounted: %s; not mounted (empty URL): %s",
+             ", ".join(mounted) or "none", ", ".join(unmounted_names) or "none")
     return router
+
+
+class _AllRoutes:
+    """The router as the header rules see it: unmounted routes may be named too (their
+    rules apply the day the service is mounted), only mounted ones are wrapped."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.routes = router.routes + router.unmounted
+        self._mounted = {route.name for route in router.routes}
+
+    def wrap_route(self, name, wrapper) -> None:
+        if name in self._mounted:
+            self._router.wrap_route(name, wrapper)
+
+
+def _route_policies(routes, unmounted, policy_specs, endpoints, mounted, settings,
+                    health_timeout, error):
+    """Per-route proxy apps for ``policy.ROUTE`` keys, and each proxied route's effective
+    policy as a note for ``check``."""
+    route_apps: dict[str, WSGIApplication] = {}
+    notes: dict[str, str] = {}
+    by_name = {route.name: route for route in routes + unmounted}
+    globals_ = {key: settings.get(key, default) for key, default in _DEFAULTS.items()}
+    policies: dict[str, dict[str, t.Any]] = {}
+    for name, spec in policy_specs.items():
+        key = f"policy.{name}"
+        route = by_name.get(name)
+        if route is None:
+            raise error(f"no route named {name!r} (routes: {', '.join(by_name)})", key)
+        if route.target in _BUILTIN_ENDPOINTS:
+            raise error(f"route {name} goes to {route.target}, not to an upstream", key)
+        try:
+            policies[name] = _parse_policy(spec)
+        except ValueError as exc:
+            raise error(str(exc), key) from None
+    # Routes with the same idle timeout on the same upstream share one connection pool.
+    pools: dict[tuple[str, float], t.Any] = {}
+    for route in routes:
+        if route.target in _BUILTIN_ENDPOINTS:
+            continue
+        effective = {**globals_, **policies.get(route.name, {})}
+        notes[route.name] = _policy_note(effective)
+        if route.name not in policies:
+            continue
+        shared = endpoints[route.target]
+        proxy_settings = {k: v for k, v in effective.items() if k != "idle_timeout"}
+        proxy_settings["trusted_proxies"] = settings.get("trusted_proxies", 0)
+        try:
+            if effective["idle_timeout"] == globals_["idle_timeout"]:
+                pool = shared.pool
+            else:
+                pool_key = (route.target, effective["idle_timeout"])
+                if pool_key not in pools:
+                    pool_settings = {k: v for k, v in settings.items()
+                                     if k not in _ROUTE_POLICY and k != "trusted_proxies"}
+                    pools[pool_key] = ProxyApp(
+                        mounted[route.target], name=route.target,
+                        health_timeout=health_timeout, idle_timeout=effective["idle_timeout"],
+                        connect_timeout=effective["connect_timeout"],
+                        read_timeout=effective["read_timeout"], **pool_settings,
+                    ).pool
+                pool = pools[pool_key]
+            route_apps[route.name] = ProxyApp(pool, name=route.target, **proxy_settings)
+        except ValueError as exc:
+            raise error(str(exc), f"policy.{route.name}") from None
+    return route_apps, notes
 
 
 # -- the loader -----------------------------------------------------------------------------
@@ -300,6 +447,7 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
 
     app = _build(parser, "app", app_name, file)
     router = app if isinstance(app, Router) else None
+    layers: dict[str, t.Any] = {}
     # Wrap innermost first, so the first name in the list ends up outermost.
     for filter_name in reversed(filter_names):
         make_filter = _build(parser, "filter", filter_name, file)
@@ -307,7 +455,42 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
             app = make_filter(app)
         except ConfigError as exc:
             raise exc.locate(file=file, section=f"filter:{filter_name}")
-    return Pipeline(app=app, names=filter_names + [app_name], router=router, file=file)
+        layers[filter_name] = app
+        if router is not None:
+            _check_rules_against_routes(app, router, file, f"filter:{filter_name}")
+    layers = {name: layers[name] for name in filter_names}
+    return Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
+                    layers=layers)
+
+
+def _check_rules_against_routes(layer, router: Router, file: str, section: str) -> None:
+    """A layer with per-path rules (``route_checks()``, e.g. authorize) may only name paths
+    and methods some route serves — mounted or not: a rule for a route that does not exist
+    is a typo that would silently never apply."""
+    checks = getattr(layer, "route_checks", None)
+    if checks is None:
+        return
+    every = router.routes + router.unmounted
+    table = Router(every, {route.target: LiveApp() for route in every})
+    samples = [(route, route.template.sample()) for route in every]
+    for key, value, sample, prefix, methods in checks():
+        below = "/" if sample == "/" else sample + "/"
+        for method in methods or [None]:
+            if prefix and any(
+                (path == sample or path.startswith(below))
+                and (method is None or route.methods is None or method in route.methods)
+                for route, path in samples
+            ):
+                continue  # a route lives below the rule's prefix
+            try:
+                table.match(sample, method or "GET")
+            except NotFound:
+                raise ConfigError(f"no route serves {sample}", file=file, section=section,
+                                  key=key, value=value) from None
+            except MethodNotAllowed:
+                if method is not None:
+                    raise ConfigError(f"no route serves {method} {sample}", file=file,
+                                      section=section, key=key, value=value) from None
 
 
 def load_app(config_path: str | Path = "gateway.ini", name: str = "main") -> WSGIApplication:

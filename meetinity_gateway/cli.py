@@ -55,9 +55,21 @@ def _print_pipeline(pipeline) -> None:
     for position, name in enumerate(pipeline.names, 1):
         print(f"  {position}. {name}")
     if pipeline.router is not None:
+        router = pipeline.router
         print("routes:")
-        for line in pipeline.router.describe():
+        for line in router.describe():
             print(f"  {line}")
+        print("upstreams mounted: " + (", ".join(router.upstreams) or "none"))
+        print("upstreams not mounted (empty URL): "
+              + (", ".join(router.unmounted_upstreams) or "none"))
+        print("upstream policy per route (effective values):")
+        for name, note in router.notes.items():
+            print(f"  {name}: {note}")
+    for name, layer in getattr(pipeline, "layers", {}).items():
+        if hasattr(layer, "route_checks"):  # an authorization layer: its policy table
+            print(f"authorization ({name}, most specific rule wins):")
+            for line in layer.describe():
+                print(f"  {line}")
 
 
 def _load(config: Path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "ADDED_HEADERS_KEY",
     "AUTH_ERROR_KEY",
+    "AUTHZ_DENIED_KEY",
+    "CLAIMS_KEY",
     "TRACE_ID_KEY",
     "UPSTREAM_ATTEMPTS_KEY",
     "UPSTREAM_ERROR_KEY",
@@ -46,3 +48,7 @@ UPSTREAM_ATTEMPTS_KEY = "meetinity_gateway.upstream_attempts"
 AUTH_ERROR_KEY = "meetinity_gateway.auth_error"
 #: The W3C trace id (32 hex digits) of the request, set by the observability layer.
 TRACE_ID_KEY = "meetinity_gateway.trace_id"
+#: The verified claims of the request's token (a dict), set by the auth layer.
+CLAIMS_KEY = "meetinity_gateway.claims"
+#: The name of the authorization rule that refused the request, set by the authorize layer.
+AUTHZ_DENIED_KEY = "meetinity_gateway.authz_denied"

@@ -6,17 +6,31 @@ A route is written in one ini value (keys cannot hold ``:``, values can)::
 
 * ``PATH`` matches exactly; ``PATH/*`` matches ``PATH`` and everything below it on segment
   boundaries (``/api/users/*`` covers ``/api/users`` and ``/api/users/7``, not
-  ``/api/usersX``).
+  ``/api/usersX``). ``PATH`` may hold Werkzeug converters: ``/api/users/<int:id>/
+  recommendations``, ``/api/things/<uuid:key>/*`` (see :mod:`meetinity_gateway.pathrules`).
+* The most specific route wins, by Werkzeug's own rule ordering, whatever the file order:
+  static segments beat converters (``/api/users/<int:id>/recommendations`` beats
+  ``/api/users/*`` for ``/api/users/7/recommendations``, while ``/api/users/x/
+  recommendations`` stays with ``/api/users/*``), ``int`` beats ``string``, a longer prefix
+  beats a shorter one. Two routes accepting the same paths with overlapping methods are a
+  configuration error (the winner would depend on file order).
 * ``METHODS``: comma-separated (``GET,POST``); left out, every method. ``HEAD`` comes with
-  ``GET``.
+  ``GET``. A route for some methods wins over an all-methods route on the same path, and
+  falls through to it (or to a less specific route) for the other methods.
 * ``TARGET``: an endpoint name (an upstream, or the built-in ``@health`` / ``@live``).
-* ``REWRITE``: for a prefix route, the path that replaces ``PATH`` upstream
-  (``/api/users/* -> user_service /users`` sends ``/api/users/7`` to ``/users/7``).
+* ``REWRITE``: the upstream path. For a prefix route it replaces ``PATH`` and the rest is
+  appended (``/api/users/* -> user_service /users`` sends ``/api/users/7`` to
+  ``/users/7``); for an exact route it is the whole path. It may use the route's parameters:
+  ``/api/users/<int:id>/recommendations -> event_service /users/<id>/recommendations``.
 
 No slash redirects, no merged slashes: the gateway never answers 3xx by itself. Unmatched
-paths get the JSON 404, a wrong method the JSON 405 with ``Allow``. The matched route's name
-and the upstream path go into the environ (``meetinity_gateway.route``,
-``meetinity_gateway.upstream_path``).
+paths get the JSON 404, a wrong method the JSON 405 with ``Allow``. The matched route's name,
+its path parameters and the upstream path go into the environ (``meetinity_gateway.route``,
+``meetinity_gateway.path_params``, ``meetinity_gateway.upstream_path``).
+
+A route may have its own endpoint app (``route_apps``: the assembly gives a route with its
+own upstream policy its own proxy app) and its own description notes (``notes``, printed by
+``check`` and ``routes``).
 """
 from __future__ import annotations
 
@@ -26,20 +40,28 @@ import typing as t
 
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import BaseConverter, Map, RequestRedirect, Rule
+from werkzeug.routing import RequestRedirect
 
-from meetinity_gateway.paths import normalize_prefix
+from meetinity_gateway.pathrules import (
+    REST,
+    PathTemplate,
+    build_map,
+    parse_path,
+    parse_rewrite,
+    substitute,
+)
 from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.app import UPSTREAM_PATH_KEY
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ROUTE_KEY", "Route", "Router", "parse_route"]
+__all__ = ["PATH_PARAMS_KEY", "ROUTE_KEY", "Route", "Router", "parse_route"]
 
 ROUTE_KEY = "meetinity_gateway.route"
+#: The matched route's path parameters (``{"id": 7}``), set by the router.
+PATH_PARAMS_KEY = "meetinity_gateway.path_params"
 
-_METHOD = re.compile(r"^[A-Z]+$")
 _SPEC = re.compile(
     r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?"
     r"(?P<path>/\S*)\s*->\s*(?P<target>@?[A-Za-z_][A-Za-z0-9_.-]*)"
@@ -57,6 +79,19 @@ class Route:
     prefix: bool = True
     rewrite: str | None = None
     methods: frozenset[str] | None = None
+    template: PathTemplate | None = None
+
+    def __post_init__(self) -> None:
+        if self.template is None:
+            text = self.path if not self.prefix else (
+                "/*" if self.path == "/" else self.path + "/*")
+            object.__setattr__(self, "template", parse_path(text))
+
+    @property
+    def params(self) -> tuple[tuple[str, str], ...]:
+        """The path parameters, ``(name, converter)`` in order."""
+        assert self.template is not None
+        return self.template.params
 
     def describe(self) -> str:
         methods = ",".join(sorted(self.methods)) if self.methods else "*"
@@ -64,17 +99,28 @@ class Route:
         if self.prefix and self.path == "/":
             path = "/*"
         rewrite = f" {self.rewrite}" if self.rewrite is not None else ""
-        return f"{self.name}: {methods} {path} -> {self.target}{rewrite}"
+        line = f"{self.name}: {methods} {path} -> {self.target}{rewrite}"
+        if self.params:
+            line += " (parameters: " + ", ".join(f"{n}:{c}" for n, c in self.params) + ")"
+        return line
 
-    def upstream_path(self, path_info: str) -> str:
+    def upstream_path(self, path_info: str, values: t.Mapping[str, t.Any] | None = None) -> str:
+        """The path sent upstream for ``path_info``, matched with ``values`` (the Werkzeug
+        match: parameters, and the rest below a prefix)."""
         if self.rewrite is None:
             return path_info
-        rest = path_info[len(self.path):] if self.path != "/" else path_info
-        base = self.rewrite.rstrip("/")
-        path = base + rest
-        if not path.startswith("/"):
-            path = "/" + path
-        return path
+        base = substitute(self.rewrite, values or {})
+        if not self.prefix:
+            return base
+        if values is None:
+            # No match at hand (a tool, a test): only a prefix without parameters can say.
+            suffix = path_info[len(self.path):] if self.path != "/" else path_info
+        elif REST in values:
+            suffix = "/" + values[REST]
+        else:
+            suffix = "/" if path_info.endswith("/") and path_info != "/" else ""
+        path = base.rstrip("/") + suffix
+        return path if path.startswith("/") else "/" + path
 
 
 def parse_route(name: str, spec: str) -> Route:
@@ -82,14 +128,10 @@ def parse_route(name: str, spec: str) -> Route:
     match = _SPEC.match(spec)
     if not match:
         raise ValueError("expected '[METHODS] PATH[/*] -> TARGET [REWRITE]'")
-    raw_path = match.group("path")
-    prefix = raw_path == "/*" or raw_path.endswith("/*")
-    path = normalize_prefix(raw_path[:-2] or "/" if prefix else raw_path)
+    template = parse_path(match.group("path"))
     rewrite = match.group("rewrite")
     if rewrite is not None:
-        if not prefix:
-            raise ValueError("a rewrite needs a prefix route (PATH/*)")
-        rewrite = normalize_prefix(rewrite)
+        rewrite = parse_rewrite(rewrite, template)
     methods = None
     if match.group("methods"):
         methods = frozenset(m.strip().upper() for m in match.group("methods").split(","))
@@ -97,19 +139,13 @@ def parse_route(name: str, spec: str) -> Route:
             methods = None
     return Route(
         name=name,
-        path=path,
+        path=template.path,
         target=match.group("target"),
-        prefix=prefix,
+        prefix=template.prefix,
         rewrite=rewrite,
         methods=methods,
+        template=template,
     )
-
-
-class _RestConverter(BaseConverter):
-    """The rest of a path below a prefix: may be empty, may hold slashes."""
-
-    regex = ".*"
-    part_isolating = False
 
 
 class Router:
@@ -117,62 +153,99 @@ class Router:
 
     :param routes: the route table.
     :param endpoints: WSGI apps by target name; every route's target must be there.
+    :param route_apps: apps answering particular routes instead of their target's endpoint
+        (by route name), e.g. a proxy app with the route's own timeouts.
+    :param notes: extra text per route name for :meth:`describe` (effective policy).
+    :param unmounted: routes left out because their upstream is not configured; listed by
+        :meth:`describe`, never matched (their paths get the 404).
     """
 
-    def __init__(self, routes: t.Sequence[Route], endpoints: t.Mapping[str, WSGIApplication]):
+    def __init__(
+        self,
+        routes: t.Sequence[Route],
+        endpoints: t.Mapping[str, WSGIApplication],
+        *,
+        route_apps: t.Mapping[str, WSGIApplication] | None = None,
+        notes: t.Mapping[str, str] | None = None,
+        unmounted: t.Sequence[Route] = (),
+    ):
         self.routes = list(routes)
         self.endpoints = dict(endpoints)
-        seen: dict[str, str] = {}
+        self.route_apps = dict(route_apps or {})
+        self.notes = dict(notes or {})
+        self.unmounted = list(unmounted)
+        #: Upstream name → URL of the mounted upstreams, and the names left unmounted (an
+        #: empty URL); set by the assembly, printed by ``check``.
+        self.upstreams: dict[str, str] = {}
+        self.unmounted_upstreams: list[str] = []
+        seen: list[Route] = []
         rules = []
         for route in self.routes:
             if route.target not in self.endpoints:
                 raise ValueError(f"route {route.name}: unknown target {route.target!r}")
-            # A prefix route covers its own path too: the same path twice is ambiguous.
-            if route.path in seen:
-                raise ValueError(
-                    f"route {route.name}: {route.path} already routed by {seen[route.path]}"
-                )
-            seen[route.path] = route.name
-            methods = sorted(route.methods) if route.methods else None
-            rules.append(Rule(route.path, endpoint=route, methods=methods))
-            if route.prefix:
-                below = "/<rest:rest>" if route.path == "/" else route.path + "/<rest:rest>"
-                rules.append(Rule(below, endpoint=route, methods=methods))
-        self.map = Map(
-            rules,
-            strict_slashes=False,
-            merge_slashes=False,
-            redirect_defaults=False,
-            converters={"rest": _RestConverter},
-        )
+            assert route.template is not None
+            for other in seen:
+                # The same paths twice, for a common method: which one wins would depend on
+                # the file order. (A prefix route covers its own path too.)
+                same = other.template.base_signature == route.template.base_signature
+                # A rule for some methods beside one for all of them is no tie: the rule
+                # naming the method wins (its rules go first below).
+                overlap = (other.methods is None and route.methods is None) or bool(
+                    other.methods and route.methods and other.methods & route.methods)
+                if same and overlap:
+                    raise ValueError(
+                        f"route {route.name}: {route.template.text} already routed by "
+                        f"{other.name} ({other.template.text})"
+                    )
+            seen.append(route)
+        # Werkzeug orders rules by specificity, then keeps file order among equals: routes
+        # naming methods go first, so they win over an all-methods route on the same path.
+        for route in sorted(self.routes, key=lambda r: r.methods is None):
+            rules.extend(route.template.rules(route, route.methods))
+        self.map = build_map(rules)
         # Matching needs no per-request binding: the gateway routes on the path alone.
         self._adapter = self.map.bind("gateway", "/")
-        # The app answering each route: its target's endpoint, maybe wrapped (wrap_route).
-        self._apps = {route.name: self.endpoints[route.target] for route in self.routes}
+        # The app answering each route: its own, else its target's endpoint; maybe wrapped.
+        self._apps = {route.name: self.route_apps.get(route.name, self.endpoints[route.target])
+                      for route in self.routes}
 
     def wrap_route(self, name: str, wrapper: t.Callable[[WSGIApplication], WSGIApplication]):
         """Answer route ``name`` with ``wrapper(current app)`` (e.g. its header rules)."""
         self._apps[name] = wrapper(self._apps[name])
 
-    def describe(self) -> list[str]:
-        return [route.describe() for route in self.routes]
+    def describe(self, notes: bool = False) -> list[str]:
+        """One line per route (parameters included); with ``notes``, each route's note
+        (its effective upstream policy) in brackets."""
+        lines = []
+        for route in self.routes:
+            note = self.notes.get(route.name) if notes else None
+            lines.append(route.describe() + (f" [{note}]" if note else ""))
+        for route in self.unmounted:
+            lines.append(f"{route.describe()} [not mounted: {route.target} has no URL]")
+        return lines
 
-    def match(self, path_info: str, method: str) -> Route:
-        """The route for this request; raises the gateway's NotFound / MethodNotAllowed."""
+    def match_route(self, path_info: str, method: str) -> tuple[Route, dict[str, t.Any]]:
+        """The route and its match values; raises the gateway's NotFound / MethodNotAllowed."""
         try:
-            route, _ = self._adapter.match(path_info or "/", method)
+            route, values = self._adapter.match(path_info or "/", method)
         except WerkzeugMethodNotAllowed as exc:
             raise MethodNotAllowed(exc.valid_methods or ()) from None
         except (WerkzeugNotFound, RequestRedirect):
             raise NotFound(f"no route for {path_info or '/'}") from None
-        return route
+        return route, values
+
+    def match(self, path_info: str, method: str) -> Route:
+        """The route for this request; raises the gateway's NotFound / MethodNotAllowed."""
+        return self.match_route(path_info, method)[0]
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         path_info = environ.get("PATH_INFO", "")
         try:
-            route = self.match(path_info, environ.get("REQUEST_METHOD", "GET"))
+            route, values = self.match_route(path_info, environ.get("REQUEST_METHOD", "GET"))
         except (NotFound, MethodNotAllowed) as exc:
             return exc(environ, start_response)
         environ[ROUTE_KEY] = route.name
-        environ[UPSTREAM_PATH_KEY] = route.upstream_path(path_info or "/")
+        if route.params:
+            environ[PATH_PARAMS_KEY] = {name: values[name] for name, _ in route.params}
+        environ[UPSTREAM_PATH_KEY] = route.upstream_path(path_info or "/", values)
         return self._apps[route.name](environ, start_response)

@@ -32,7 +32,8 @@ def _clean_gateway_env(monkeypatch):
         if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
                            "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE", "USER_SERVICE_URL",
                            "EVENT_SERVICE_URL", "HEALTH_TIMEOUT", "LOG_", "METRICS_", "TRACE_",
-                           "PROMETHEUS_MULTIPROC_DIR")):
+                           "PROMETHEUS_MULTIPROC_DIR", "MATCHING_SERVICE_URL",
+                           "MESSAGING_SERVICE_URL", "MATCHING_SUGGEST_")):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
 

@@ -54,7 +54,8 @@ def test_pipeline_order_is_outermost_first(shipped_env):
     expected = {"observe": "ObserveMiddleware",
                 "errors": "ErrorMiddleware", "cors": "CorsMiddleware",
                 "ratelimit": "RateLimitMiddleware", "auth": "AuthMiddleware",
-                "userlimit": "RateLimitMiddleware", "gateway": "Router"}
+                "authorize": "AuthorizeMiddleware", "userlimit": "RateLimitMiddleware",
+                "gateway": "Router"}
     assert len(classes) == len(pipeline.names)
     for name, cls in zip(pipeline.names, classes):
         assert expected[name] == cls
@@ -169,3 +170,81 @@ def test_env_file_beside_the_ini(tmp_path, monkeypatch):
     pipeline = load_pipeline(path)
     assert pipeline.router.endpoints["svc"].base_url == "http://127.0.0.1:5123"
     monkeypatch.delenv("GW_TEST_DOTENV_URL", raising=False)
+
+
+# -- per-route upstream policy (issue 12, point 4) ---------------------------------------------
+
+POLICY = GOOD + (
+    "route.slow = /api/slow/* -> svc /slow\n"
+    "route.idle = /api/idle/* -> svc /idle\n"
+    "read_timeout = 30\nretries = 2\n"
+    "policy.slow = read_timeout=120, connect_timeout=1.5, max_body_size=50M, retries=0\n"
+    "policy.idle = idle_timeout=1\n"
+)
+
+
+def test_route_policies_get_their_own_proxy_app_sharing_the_pool(tmp_path):
+    pipeline = load_pipeline(write(tmp_path, POLICY))
+    router = pipeline.router
+    shared = router.endpoints["svc"]
+    slow = router.route_apps["slow"]
+    assert isinstance(slow, ProxyApp) and slow.pool is shared.pool
+    assert (slow.timeout, slow.max_body_size, slow.retries) == ((1.5, 120.0), 50 * 2 ** 20, 0)
+    # An idle timeout of its own needs a connection pool of its own.
+    idle = router.route_apps["idle"]
+    assert idle.pool is not shared.pool
+    assert idle.pool.targets[0].pool.idle_timeout == 1.0
+    assert set(router.route_apps) == {"slow", "idle"}  # the others use the upstream's app
+    assert router.notes == {
+        "svc": "connect 3s, read 30s, body 10M, retries 2, idle 4s",
+        "slow": "connect 1.5s, read 120s, body 50M, retries 0, idle 4s",
+        "idle": "connect 3s, read 30s, body 10M, retries 2, idle 1s",
+    }
+    # waitress' own body cap follows the largest route limit.
+    assert pipeline.max_body_size == 50 * 2 ** 20
+
+
+@pytest.mark.parametrize("line, message", [
+    ("policy.svc = read_timeout=soon", "read_timeout: expected a number"),
+    ("policy.svc = colour=blue", "expected KEY=VALUE with KEY one of"),
+    ("policy.svc = read_timeout", "expected KEY=VALUE"),
+    ("policy.svc = ", "expected KEY=VALUE pairs"),
+    ("policy.nope = retries=0", "no route named 'nope'"),
+    ("route.live = GET /live -> @live\npolicy.live = retries=0", "goes to @live"),
+])
+def test_bad_route_policies_name_the_key(tmp_path, line, message):
+    path = write(tmp_path, GOOD + line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    key = line.splitlines()[-1].split(" =")[0]
+    assert (info.value.file, info.value.section, info.value.key) == (
+        str(path), "app:gateway", key)
+    assert message in info.value.message
+
+
+def test_an_empty_upstream_url_unmounts_its_routes(tmp_path):
+    path = write(tmp_path, GOOD + "upstream.other = \nroute.other = /api/other/* -> other\n"
+                 "policy.other = retries=0\n")
+    router = load_pipeline(path).router
+    assert router.upstreams == {"svc": "http://127.0.0.1:5001"}
+    assert router.unmounted_upstreams == ["other"]
+    assert "other" not in router.endpoints
+    assert router.describe()[-1] == "other: * /api/other/* -> other [not mounted: other has no URL]"
+    # Header rules may name an unmounted route; a typo is still caught.
+    transform = "transform.t = other response set X-A b\n"
+    assert load_pipeline(write(tmp_path, GOOD + "upstream.other = \n"
+                               "route.other = /api/other/* -> other\n" + transform)).router
+    with pytest.raises(ConfigError, match="unknown route 'othr'"):
+        load_pipeline(write(tmp_path, GOOD + "upstream.other = \n"
+                            "route.other = /api/other/* -> other\n" + transform.replace(
+                                "= other", "= othr")))
+    # Ties with unmounted routes are found now, not on the day their URL is set.
+    path = write(tmp_path, GOOD + "upstream.other = \nroute.other = /api/svc/* -> other\n")
+    with pytest.raises(ConfigError, match="already routed by svc"):
+        load_pipeline(path)
+
+
+def test_the_start_up_log_says_which_services_are_mounted(tmp_path, caplog):
+    caplog.set_level("INFO", logger="meetinity_gateway")
+    load_pipeline(write(tmp_path, GOOD + "upstream.other = \nroute.other = /o/* -> other\n"))
+    assert "upstreams mounted: svc; not mounted (empty URL): other" in caplog.messages

@@ -368,6 +368,8 @@ def test_preflight_lookalikes_need_a_token_even_when_preflights_are_allowed(head
     assert_401(response, "missing bearer token", False)
 
 
+# werkzeug's lint does not know that a HEAD answer keeps the GET's Content-Length.
+@pytest.mark.filterwarnings("ignore:Content-Length and the number of bytes")
 def test_preflight_shapes_in_other_methods_need_a_token():
     app = client(allow_preflights=True)
     for method in ("get", "post", "put", "delete", "patch", "head"):
@@ -812,7 +814,7 @@ def test_e2e_garbage_header_is_a_clean_401(gateway_factory, upstream):
         assert response.status_code == 401
         assert response.json()["error"]["message"] == "authorization header too long"
         # The server is still fine afterwards.
-        assert http.get(gateway.url + "/api/users", headers=auth_headers()).status_code == 200
+        assert http.get(gateway.url + "/api/users/42", headers=auth_headers()).status_code == 200
     assert len(upstream.requests) == 1
 
 

@@ -100,6 +100,16 @@ def test_lower_case_methods_are_refused_before_anything(shipped, method):
     assert len(upstream.requests) == before
 
 
+@pytest.mark.parametrize("target", ["*", "http://gateway.test/api/users/7",
+                                    "HTTP://other.example:80/api/users/7?x=1"])
+def test_other_target_forms_need_a_token_too(shipped, target):
+    server, upstream = shipped
+    before = len(upstream.requests)
+    response = send(server, "OPTIONS", target, [ACRM, ("X-HTTP-Method-Override", "DELETE")])
+    assert response.status in (400, 401, 404)
+    assert len(upstream.requests) == before
+
+
 def test_with_a_valid_token_options_is_forwarded(shipped):
     # The positive control: the same request with a token does reach the service.
     server, upstream = shipped

@@ -20,7 +20,8 @@ every request it
    ``log_query``), ``status``, ``duration_ms`` (until the body was sent and closed),
    ``bytes_out`` (body bytes), ``client`` (the address the rate limiter counts), ``route``,
    ``upstream``, ``target``, ``upstream_ms`` (of the last attempt), ``user`` (the JWT ``sub``)
-   and ``trace_id``; ``attempts`` is added when the proxy retried, ``error`` when the
+   and ``trace_id``; ``attempts`` is added when the proxy retried, ``authz_denied`` (the
+   refusing rule's name) when the authorization layer refused, ``error`` when the
    response was cut off by an exception, ``upstream_error`` (``timeout``, ``unavailable``,
    ``invalid``) when the last upstream attempt failed, also after its headers were relayed.
    Headers are never
@@ -109,6 +110,7 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.keys import (
     AUTH_ERROR_KEY,
+    AUTHZ_DENIED_KEY,
     TARGET_KEY,
     TRACE_ID_KEY,
     UPSTREAM_ATTEMPTS_KEY,
@@ -491,6 +493,9 @@ class ObserveMiddleware:
         attempts = environ.get(UPSTREAM_ATTEMPTS_KEY)
         if attempts and len(attempts) > 1:
             fields["attempts"] = len(attempts)
+        denied_by = environ.get(AUTHZ_DENIED_KEY)
+        if denied_by:
+            fields["authz_denied"] = denied_by  # the authorization rule that refused
         if exchange.error:
             fields["error"] = exchange.error
         upstream_error = environ.get(UPSTREAM_ERROR_KEY)
