@@ -81,6 +81,8 @@ def write_ini(path: Path, text: str) -> Path:
 
 def shipped_gateway(monkeypatch, env: dict[str, str], threads: int = 4) -> WaitressServer:
     """The shipped gateway.ini, with ``env`` set, under waitress in this process."""
+    # The app sizes its pools and bulkhead from GATEWAY_THREADS: keep it the server's.
+    env = {"GATEWAY_THREADS": str(threads), **env}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     pipeline = load_pipeline(SHIPPED_INI)
