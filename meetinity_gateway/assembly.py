@@ -30,13 +30,16 @@ from pathlib import Path
 
 from meetinity_gateway.config import (
     ConfigError,
+    as_list,
     as_non_negative_int,
     as_positive_float,
     as_positive_int,
     as_size,
+    config_fingerprint,
     prepare,
 )
 from meetinity_gateway.health import HealthApp, LiveApp
+from meetinity_gateway.net import DEFAULT_ALLOW, parse_networks
 from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.proxy.upstream import BALANCERS
 from meetinity_gateway.routing import Router, parse_route
@@ -56,6 +59,8 @@ class Pipeline:
     names: list[str]
     router: Router | None
     file: str
+    #: 12 hex digits naming the ini file and .env contents it was built from.
+    fingerprint: str | None = None
 
     @property
     def max_body_size(self) -> int | None:
@@ -101,6 +106,8 @@ _APP_PARAMS = {
     "retries": as_non_negative_int,
     "retry_budget": _as_seconds_or_off,
     "replay_size": as_size,
+    # Networks that see /health's per-target detail and /status (as METRICS_ALLOW).
+    "detail_allow": as_list,
 }
 _BUILTIN_ENDPOINTS = {"@health", "@live"}
 
@@ -141,6 +148,14 @@ def app_factory(global_conf, **local_conf):
             raise error(f"unknown key (known keys: {known})", key)
 
     health_timeout = settings.pop("health_timeout", 2.0)
+    detail_allow = settings.pop("detail_allow", list(DEFAULT_ALLOW))
+    try:
+        parse_networks(detail_allow)
+    except ValueError as exc:
+        raise error(str(exc), "detail_allow") from None
+    # The loader names the exact version it read; PasteDeploy does not, so read it here.
+    fingerprint = global_conf.get("__fingerprint__") or (
+        config_fingerprint(file) if file else None)
     endpoints: dict[str, WSGIApplication] = {}
     for name, url in upstream_urls.items():
         try:
@@ -149,7 +164,9 @@ def app_factory(global_conf, **local_conf):
         except ValueError as exc:
             raise error(str(exc), f"upstream.{name}") from None
     endpoints["@health"] = HealthApp(
-        {name: endpoints[name].pool for name in upstream_urls}, timeout=health_timeout
+        {name: endpoints[name].pool for name in upstream_urls}, timeout=health_timeout,
+        detail_allow=detail_allow, trusted_proxies=settings.get("trusted_proxies", 0),
+        fingerprint=fingerprint,
     )
     endpoints["@live"] = LiveApp()
 
@@ -182,7 +199,8 @@ def _read(path: Path) -> configparser.ConfigParser:
     if not path.is_file():
         raise ConfigError("configuration file not found", file=str(path))
     parser = configparser.ConfigParser(
-        defaults={"here": str(path.parent), "__file__": str(path)},
+        defaults={"here": str(path.parent), "__file__": str(path),
+                  "__fingerprint__": config_fingerprint(path)},
         interpolation=configparser.BasicInterpolation(),
     )
     parser.optionxform = str  # keys keep their case, as PasteDeploy does
@@ -273,7 +291,8 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
             app = make_filter(app)
         except ConfigError as exc:
             raise exc.locate(file=file, section=f"filter:{filter_name}")
-    return Pipeline(app=app, names=filter_names + [app_name], router=router, file=file)
+    return Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
+                    fingerprint=parser.defaults()["__fingerprint__"])
 
 
 def load_app(config_path: str | Path = "gateway.ini", name: str = "main") -> WSGIApplication:

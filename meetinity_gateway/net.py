@@ -4,15 +4,36 @@ A client can put anything in ``X-Forwarded-For``; only the entries appended by p
 run are trustworthy. With ``trusted_hops=N`` the gateway trusts the last N proxies in front
 of it: the client is the address N hops back from the peer address (``REMOTE_ADDR``).
 ``trusted_hops=0`` (the default everywhere) ignores the header completely.
+
+Allow-lists of networks (who may read ``/metrics``, the ``/health`` detail, ``/status``) are
+parsed by :func:`parse_networks` and checked by :func:`client_allowed`, against that same
+trusted client address: a spoofed ``X-Forwarded-For`` never gets a client in.
 """
 from __future__ import annotations
 
+import ipaddress
 import typing as t
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIEnvironment
 
-__all__ = ["client_address", "forwarded_chain", "trusted_chain", "trusted_value"]
+__all__ = [
+    "DEFAULT_ALLOW",
+    "address_allowed",
+    "client_address",
+    "client_allowed",
+    "forwarded_chain",
+    "parse_networks",
+    "trusted_chain",
+    "trusted_value",
+]
+
+Network = t.Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: Loopback and private ranges: the default allow-list of the operator-only endpoints.
+DEFAULT_ALLOW = (
+    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
+)
 
 
 def _split(header: str | None) -> list[str]:
@@ -51,3 +72,33 @@ def trusted_value(header: str | None, trusted_hops: int) -> str | None:
     if not values:
         return None
     return values[-trusted_hops] if len(values) >= trusted_hops else values[0]
+
+
+def parse_networks(items: t.Iterable[str]) -> tuple[Network, ...]:
+    """``["10.0.0.0/8", "::1", …]`` as networks; ValueError naming the first bad item."""
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"expected networks like 127.0.0.1/32, 10.0.0.0/8, ::1, "
+                             f"not {item!r}") from None
+    return tuple(networks)
+
+
+def address_allowed(address: str, networks: t.Sequence[Network]) -> bool:
+    """Whether ``address`` (IPv4, IPv6, IPv4-mapped IPv6) is in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return any(ip in network for network in networks)
+
+
+def client_allowed(environ: WSGIEnvironment, networks: t.Sequence[Network],
+                   trusted_hops: int = 0) -> bool:
+    """Whether the request's trusted client address is in one of ``networks``."""
+    return address_allowed(client_address(environ, trusted_hops), networks)
