@@ -43,6 +43,7 @@ from meetinity_gateway.net import DEFAULT_ALLOW, parse_networks
 from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.proxy.upstream import BALANCERS
 from meetinity_gateway.routing import Router, parse_route
+from meetinity_gateway.shared import shared
 from meetinity_gateway.transform import apply_transforms
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -159,8 +160,13 @@ def app_factory(global_conf, **local_conf):
     endpoints: dict[str, WSGIApplication] = {}
     for name, url in upstream_urls.items():
         try:
-            endpoints[name] = ProxyApp(url, name=name, health_timeout=health_timeout,
-                                       **settings)
+            # Across a reload, an upstream whose URL and settings stay keeps its pool: the
+            # targets' health, in-flight counts and keep-alive connections (shared.py).
+            identity = (name, url, health_timeout, tuple(sorted(settings.items())))
+            endpoints[name] = shared(
+                "upstream", identity,
+                lambda url=url, name=name: ProxyApp(url, name=name,
+                                                    health_timeout=health_timeout, **settings))
         except ValueError as exc:
             raise error(str(exc), f"upstream.{name}") from None
     endpoints["@health"] = HealthApp(
@@ -208,7 +214,9 @@ def _read(path: Path) -> configparser.ConfigParser:
         with path.open(encoding="utf-8") as handle:
             parser.read_file(handle)
     except configparser.Error as exc:
-        raise ConfigError(f"not a valid ini file: {exc}", file=str(path)) from None
+        # configparser's messages span lines; a configuration error is one line.
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"not a valid ini file: {reason}", file=str(path)) from None
     return parser
 
 

@@ -25,6 +25,7 @@ from meetinity_gateway.config import (
     load_env,
     refresh_env,
 )
+from meetinity_gateway.reload import install_sighup, serving_app
 
 log = logging.getLogger("meetinity_gateway")
 
@@ -187,10 +188,12 @@ def cmd_serve(args) -> int:
         os.environ["GATEWAY_THREADS"] = str(args.threads)
     threads = args.threads or as_positive_int(settings.get("threads") or str(DEFAULT_THREADS))
     listen = args.listen or settings.get("listen") or DEFAULT_LISTEN
-    pipeline = _load(args.config)
-    log.info("meetinity-gateway %s: %s", __version__, " -> ".join(pipeline.names))
+    pipeline, app = serving_app(args.config, reload=args.reload)  # reload.py
+    log.info("meetinity-gateway %s: %s (config %s)", __version__, " -> ".join(pipeline.names),
+             pipeline.fingerprint)
+    install_sighup(app)
     server = create_server(
-        pipeline.app, listen=listen, threads=threads, max_body_size=pipeline.max_body_size
+        app, listen=listen, threads=threads, max_body_size=pipeline.max_body_size
     )
     server.print_listen("Serving on http://{}:{}")
     _stop_on_terminate()
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         f"else {DEFAULT_LISTEN})")
     serve.add_argument("--threads", type=int, help="worker threads (default: [server:main] "
                                                    f"threads, else {DEFAULT_THREADS})")
+    serve.add_argument("--reload", action="store_true",
+                       help="reload the ini file and its .env when they change, without a "
+                            "restart (also RELOAD=true; SIGHUP where it exists)")
     add("check", cmd_check, "validate the configuration, print pipeline and routes")
     add("init", cmd_init, "write .env beside the ini with a random JWT_SECRET (once)")
     add("routes", cmd_routes, "print the route table")

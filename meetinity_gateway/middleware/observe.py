@@ -113,6 +113,7 @@ from meetinity_gateway.keys import (
 from meetinity_gateway.logs import LOG_FORMATS, AccessRecord
 from meetinity_gateway.net import DEFAULT_ALLOW, client_address, client_allowed, parse_networks
 from meetinity_gateway.problems import REQUEST_ID_KEY, assign_request_id, error_response
+from meetinity_gateway.shared import shared
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -340,7 +341,13 @@ class ObserveMiddleware:
             if not buckets or buckets[0] <= 0:
                 raise ConfigError("expected increasing positive seconds", key="buckets",
                                   value=", ".join(map(str, buckets)))
-        self.metrics = _Metrics(namespace, buckets, registry) if metrics else None
+        self.metrics = None
+        if metrics and registry is not None:
+            self.metrics = _Metrics(namespace, buckets, registry)
+        elif metrics:
+            # A configuration reload keeps counting in the same collectors.
+            self.metrics = shared("metrics", (namespace, tuple(buckets or ())),
+                                  lambda: _Metrics(namespace, buckets, None))
 
     @property
     def registry(self):
