@@ -44,6 +44,7 @@ from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.proxy.upstream import BALANCERS
 from meetinity_gateway.routing import Router, parse_route
 from meetinity_gateway.shared import shared
+from meetinity_gateway.status import StatusApp
 from meetinity_gateway.transform import apply_transforms
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -110,7 +111,7 @@ _APP_PARAMS = {
     # Networks that see /health's per-target detail and /status (as METRICS_ALLOW).
     "detail_allow": as_list,
 }
-_BUILTIN_ENDPOINTS = {"@health", "@live"}
+_BUILTIN_ENDPOINTS = {"@health", "@live", "@status"}
 
 
 def app_factory(global_conf, **local_conf):
@@ -175,6 +176,10 @@ def app_factory(global_conf, **local_conf):
         fingerprint=fingerprint,
     )
     endpoints["@live"] = LiveApp()
+    endpoints["@status"] = StatusApp(
+        {name: endpoints[name] for name in upstream_urls}, detail_allow=detail_allow,
+        trusted_proxies=settings.get("trusted_proxies", 0), fingerprint=fingerprint, file=file,
+    )
 
     routes = []
     for name, spec in route_specs.items():
@@ -299,8 +304,13 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
             app = make_filter(app)
         except ConfigError as exc:
             raise exc.locate(file=file, section=f"filter:{filter_name}")
-    return Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
-                    fingerprint=parser.defaults()["__fingerprint__"])
+    pipeline = Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
+                        fingerprint=parser.defaults()["__fingerprint__"])
+    for endpoint in (router.endpoints.values() if router is not None else ()):
+        attach = getattr(endpoint, "attach_pipeline", None)
+        if attach is not None:  # the status page shows the layers
+            attach(pipeline)
+    return pipeline
 
 
 def load_app(config_path: str | Path = "gateway.ini", name: str = "main") -> WSGIApplication:

@@ -553,6 +553,10 @@ class AuthMiddleware:
             raise self._unauthorized("malformed token")
         return token
 
+    def protects(self, path: str) -> bool:
+        """Whether a request for ``path`` needs a token (for status pages and tools)."""
+        return self._matcher.covers(path)
+
     def verify(self, token: str) -> dict[str, t.Any]:
         """The verified claims of ``token``; raises :class:`Unauthorized` or
         :class:`KeysUnavailable`.

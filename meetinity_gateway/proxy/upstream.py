@@ -61,6 +61,7 @@ an untrusted source can send user traffic (with its credentials) anywhere.
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import math
@@ -235,7 +236,7 @@ class Target:
     __slots__ = (
         "spec", "address", "weight", "base_path", "host_header", "pool",
         "fails", "ejected_until", "ejections", "trial", "outstanding", "current",
-        "label",
+        "label", "recent",
     )
 
     def __init__(self, spec: TargetSpec, address: str, pool_kwargs: dict) -> None:
@@ -258,6 +259,8 @@ class Target:
         self.trial = False
         self.outstanding = 0
         self.current = 0  # smooth weighted round-robin
+        #: (time.monotonic(), ok) of the latest verdicts, for the status page's error rate.
+        self.recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=1000)
         shown = f"[{address}]" if ":" in address else address
         self.label = f"{spec.scheme}://{shown}:{spec.port}{spec.base_path}"
         if address != spec.host:
@@ -437,6 +440,7 @@ class UpstreamPool:
 
     def record(self, target: Target, ok: bool) -> None:
         """The health verdict of one attempt (or one probe) on ``target``."""
+        target.recent.append((time.monotonic(), ok))
         with self._lock:
             if ok:
                 if target.ejected_until:
