@@ -477,6 +477,7 @@ def test_weak_secret_refuses_to_start_and_is_never_printed(secret, algorithms, r
         assert secret not in message
 
 
+@pytest.mark.filterwarnings("ignore:The HMAC key is 8 bytes long")  # PyJWT agrees: weak
 def test_weak_secret_allowed_when_the_operator_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="meetinity_gateway.auth"):
         app = webtest.TestApp(LintMiddleware(AuthMiddleware(
