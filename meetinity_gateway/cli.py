@@ -66,6 +66,7 @@ def _setup_logging() -> None:
 
 def _print_pipeline(pipeline) -> None:
     print(f"config: {pipeline.file}")
+    print(f"fingerprint: {pipeline.fingerprint}")
     print("pipeline (outermost first):")
     for position, name in enumerate(pipeline.names, 1):
         print(f"  {position}. {name}")

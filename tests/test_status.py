@@ -130,6 +130,23 @@ def test_outsiders_get_the_404_of_an_unknown_path(monkeypatch, upstream, environ
     assert upstream.url not in response.text
 
 
+def test_raw_socket_outsider_spoofing_forwarded_headers_sees_nothing(gateway_factory, upstream):
+    """Shipped gateway.ini under waitress, TRUSTED_PROXIES=0, 127.0.0.1 not allowed: forged
+    address headers in every spelling get the plain 404, no page, no target."""
+    from tests.test_health import _raw_get
+
+    gateway = gateway_factory(METRICS_ALLOW="10.0.0.0/8", TRUSTED_PROXIES="0")
+    for spoof in ("", "X-Forwarded-For: 10.0.0.1\r\n", "X-Forwarded-For: 8.8.8.8, 10.0.0.1\r\n",
+                  "X-Real-IP: 10.0.0.1\r\n", "Forwarded: for=10.0.0.1\r\n"):
+        status, fields, body = _raw_get(gateway.port, "/status", spoof)
+        assert status.startswith("HTTP/1.1 404"), (spoof, status)
+        assert fields["content-type"] == "application/json"
+        assert b"no route for /status" in body and str(upstream.port).encode() not in body
+    allowed = gateway_factory(METRICS_ALLOW="127.0.0.0/8")
+    status, fields, body = _raw_get(allowed.port, "/status")
+    assert status == "HTTP/1.1 200 OK" and str(upstream.port).encode() in body
+
+
 def test_methods_other_than_get_are_refused(monkeypatch, upstream):
     monkeypatch.setenv("USER_SERVICE_URL", upstream.url)
     app = TestApp(LintMiddleware(load_pipeline(SHIPPED_INI).app), extra_environ=LOOPBACK)
