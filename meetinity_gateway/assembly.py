@@ -33,13 +33,16 @@ from pathlib import Path
 
 from meetinity_gateway.config import (
     ConfigError,
+    as_list,
     as_non_negative_int,
     as_positive_float,
     as_positive_int,
     as_size,
+    config_fingerprint,
     prepare,
 )
 from meetinity_gateway.health import HealthApp, LiveApp
+from meetinity_gateway.net import DEFAULT_ALLOW, parse_networks
 from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.upstream import (
@@ -48,6 +51,8 @@ from meetinity_gateway.proxy.upstream import (
     parse_failure_statuses,
 )
 from meetinity_gateway.routing import Route, Router, parse_route
+from meetinity_gateway.shared import shared
+from meetinity_gateway.status import StatusApp
 from meetinity_gateway.transform import apply_transforms
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +73,8 @@ class Pipeline:
     file: str
     #: The built filters by pipeline name (the middleware objects), outermost first.
     layers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    #: 12 hex digits naming the ini file and .env contents it was built from.
+    fingerprint: str | None = None
 
     @property
     def max_body_size(self) -> int | None:
@@ -137,8 +144,10 @@ _APP_PARAMS = {
     "retries": as_non_negative_int,
     "retry_budget": _as_seconds_or_off,
     "replay_size": as_size,
+    # Networks that see /health's per-target detail and /status (as METRICS_ALLOW).
+    "detail_allow": as_list,
 }
-_BUILTIN_ENDPOINTS = {"@health", "@live"}
+_BUILTIN_ENDPOINTS = {"@health", "@live", "@status"}
 
 # What a route may set for itself (policy.ROUTE = key=value, …); the globals are defaults.
 # idle_timeout is a property of the connection pool: a route changing it gets its own pool.
@@ -241,17 +250,36 @@ def app_factory(global_conf, **local_conf):
         settings["max_in_flight"] = default_max_in_flight(threads)
     mounted = {name: url for name, url in upstream_urls.items() if url}
     unmounted_names = [name for name, url in upstream_urls.items() if not url]
+    detail_allow = settings.pop("detail_allow", list(DEFAULT_ALLOW))
+    try:
+        parse_networks(detail_allow)
+    except ValueError as exc:
+        raise error(str(exc), "detail_allow") from None
+    # The loader names the exact version it read; PasteDeploy does not, so read it here.
+    fingerprint = global_conf.get("__fingerprint__") or (
+        config_fingerprint(file) if file else None)
     endpoints: dict[str, WSGIApplication] = {}
     for name, url in mounted.items():
         try:
-            endpoints[name] = ProxyApp(url, name=name, health_timeout=health_timeout,
-                                       **settings)
+            # Across a reload, an upstream whose URL and settings stay keeps its pool: the
+            # targets' health, in-flight counts and keep-alive connections (shared.py).
+            identity = (name, url, health_timeout, tuple(sorted(settings.items())))
+            endpoints[name] = shared(
+                "upstream", identity,
+                lambda url=url, name=name: ProxyApp(url, name=name,
+                                                    health_timeout=health_timeout, **settings))
         except ValueError as exc:
             raise error(str(exc), f"upstream.{name}") from None
     endpoints["@health"] = HealthApp(
-        {name: endpoints[name].pool for name in mounted}, timeout=health_timeout
+        {name: endpoints[name].pool for name in mounted}, timeout=health_timeout,
+        detail_allow=detail_allow, trusted_proxies=settings.get("trusted_proxies", 0),
+        fingerprint=fingerprint,
     )
     endpoints["@live"] = LiveApp()
+    endpoints["@status"] = StatusApp(
+        {name: endpoints[name] for name in mounted}, detail_allow=detail_allow,
+        trusted_proxies=settings.get("trusted_proxies", 0), fingerprint=fingerprint, file=file,
+    )
 
     routes: list[Route] = []
     unmounted: list[Route] = []
@@ -363,7 +391,8 @@ def _read(path: Path) -> configparser.ConfigParser:
     if not path.is_file():
         raise ConfigError("configuration file not found", file=str(path))
     parser = configparser.ConfigParser(
-        defaults={"here": str(path.parent), "__file__": str(path)},
+        defaults={"here": str(path.parent), "__file__": str(path),
+                  "__fingerprint__": config_fingerprint(path)},
         interpolation=configparser.BasicInterpolation(),
     )
     parser.optionxform = str  # keys keep their case, as PasteDeploy does
@@ -371,7 +400,9 @@ def _read(path: Path) -> configparser.ConfigParser:
         with path.open(encoding="utf-8") as handle:
             parser.read_file(handle)
     except configparser.Error as exc:
-        raise ConfigError(f"not a valid ini file: {exc}", file=str(path)) from None
+        # configparser's messages span lines; a configuration error is one line.
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"not a valid ini file: {reason}", file=str(path)) from None
     return parser
 
 
@@ -459,8 +490,13 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
         if router is not None:
             _check_rules_against_routes(app, router, file, f"filter:{filter_name}")
     layers = {name: layers[name] for name in filter_names}
-    return Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
-                    layers=layers)
+    pipeline = Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
+                        layers=layers, fingerprint=parser.defaults()["__fingerprint__"])
+    for endpoint in (router.endpoints.values() if router is not None else ()):
+        attach = getattr(endpoint, "attach_pipeline", None)
+        if attach is not None:  # the status page shows the layers
+            attach(pipeline)
+    return pipeline
 
 
 def _check_rules_against_routes(layer, router: Router, file: str, section: str) -> None:

@@ -3,8 +3,11 @@
 The factories receive strings, whoever loaded the ini file (our :mod:`assembly` loader or
 PasteDeploy), and turn them into typed keyword arguments here:
 
-* :func:`load_env` reads the ``.env`` file beside the ini file once (a real environment
-  variable always wins over ``.env``);
+* :func:`config_path` says which ini file (``--config``, else ``GATEWAY_CONFIG`` from the
+  environment or from ``./.env``, else ``gateway.ini``) and :func:`load_env` reads the ``.env``
+  file beside it once (a real environment variable always wins over ``.env``), before
+  anything else (logging included) reads a variable; :func:`refresh_env` re-reads it for a
+  configuration reload and :func:`config_fingerprint` names one version of ini + ``.env``;
 * :func:`expand` replaces ``${VAR}`` and ``${VAR:-default}`` from the environment;
 * :func:`cast_settings` casts every key through a table of ``name -> caster`` (as waitress'
   ``Adjustments`` does) and rejects unknown keys.
@@ -14,6 +17,7 @@ gateway starts, never at the first request.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -21,7 +25,7 @@ import threading
 import typing as t
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values
 
 __all__ = [
     "ConfigError",
@@ -33,9 +37,13 @@ __all__ = [
     "as_size",
     "as_str",
     "cast_settings",
+    "config_fingerprint",
+    "config_path",
+    "env_file",
     "expand",
     "load_env",
     "prepare",
+    "refresh_env",
 ]
 
 Caster = t.Callable[[str], t.Any]
@@ -86,12 +94,45 @@ class ConfigError(ValueError):
 
 _loaded_env_files: set[Path] = set()
 _env_lock = threading.Lock()
+#: Variables this process took from a ``.env`` file, with the value it set: only those may be
+#: replaced or removed when the file is read again (a real environment variable never is).
+_from_env_file: dict[str, str] = {}
+
+DEFAULT_CONFIG = "gateway.ini"
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """The ini file to use: ``explicit`` (``--config``), else ``GATEWAY_CONFIG`` from the
+    environment, else ``GATEWAY_CONFIG`` from the ``.env`` of the current folder, else
+    ``gateway.ini``."""
+    if explicit:
+        return Path(explicit)
+    named = os.environ.get("GATEWAY_CONFIG")
+    if not named:
+        local = Path(".env")
+        if local.is_file():
+            named = dotenv_values(local).get("GATEWAY_CONFIG")
+    return Path(named or DEFAULT_CONFIG)
+
+
+def env_file(config: str | Path) -> Path:
+    """The ``.env`` that belongs to ``config``: the one beside it."""
+    return Path(config).resolve().parent / ".env"
+
+
+def _apply_env(values: t.Mapping[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in os.environ:
+            os.environ[name] = value
+            _from_env_file[name] = value
 
 
 def load_env(global_conf: t.Mapping[str, str] | None = None) -> None:
     """Read the ``.env`` beside the ini file (``here`` in ``global_conf``), once per file.
 
-    ``override=False``: a variable already in the real environment is never replaced.
+    A variable already in the real environment is never replaced.
     """
     here = (global_conf or {}).get("here") or os.getcwd()
     path = (Path(here) / ".env").resolve()
@@ -100,7 +141,61 @@ def load_env(global_conf: t.Mapping[str, str] | None = None) -> None:
             return
         _loaded_env_files.add(path)
         if path.is_file():
-            load_dotenv(path, override=False)
+            _apply_env(dotenv_values(path))
+
+
+def refresh_env(config: str | Path) -> t.Callable[[], None]:
+    """Read the ``.env`` beside ``config`` again (a reload); returns a function undoing it.
+
+    Variables the process took from ``.env`` earlier follow the file: changed, added, or
+    removed when the file no longer sets them. Real environment variables stay as they are.
+    The undo function puts back what was there (for a new configuration that failed
+    validation).
+    """
+    path = env_file(config)
+    values = dotenv_values(path) if path.is_file() else {}
+    with _env_lock:
+        _loaded_env_files.add(path)
+        before = {name: (os.environ.get(name), _from_env_file.get(name))
+                  for name in set(values) | set(_from_env_file)}
+        for name, ours in list(_from_env_file.items()):
+            if os.environ.get(name) != ours:
+                del _from_env_file[name]  # someone else set it since: no longer ours
+            elif values.get(name) is None:
+                del os.environ[name]
+                del _from_env_file[name]
+        for name, value in values.items():
+            if value is not None and name in _from_env_file:
+                os.environ[name] = value
+                _from_env_file[name] = value
+        _apply_env(values)
+
+    def undo() -> None:
+        with _env_lock:
+            for name, (environ_value, ours) in before.items():
+                if environ_value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = environ_value
+                if ours is None:
+                    _from_env_file.pop(name, None)
+                else:
+                    _from_env_file[name] = ours
+
+    return undo
+
+
+def config_fingerprint(config: str | Path) -> str:
+    """12 hex digits naming this version of the ini file and the ``.env`` beside it."""
+    digest = hashlib.sha256()
+    for path in (Path(config), env_file(config)):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()[:12]
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")

@@ -1,11 +1,21 @@
 """Health endpoints: ``/health`` (gateway and upstreams) and ``/health/live`` (process only).
 
-``HealthApp`` answers, in the shape the platform's services use, plus per-target detail::
+``HealthApp`` answers, in the shape the platform's services use::
+
+    {"status": "ok", "service": "api-gateway", "upstreams": {"user_service": "up"}}
+
+and, only to clients in ``detail_allow`` (the operators' networks, the same allow-list as
+``/metrics``), the per-target detail and the configuration's fingerprint::
 
     {"status": "ok", "service": "api-gateway", "upstreams": {"user_service": "up"},
      "targets": {"user_service": [{"target": "http://10.0.0.5:5001", "weight": 1,
                                    "state": "healthy", "failures": 0, "outstanding": 0,
-                                   "probe": "up"}]}}
+                                   "probe": "up"}]},
+     "config": {"fingerprint": "3f2a9c01d4e5"}}
+
+Anyone else learns whether each upstream is up, never where the targets are nor how they
+fail. The client address is the trusted one (``trusted_proxies``, see
+:mod:`meetinity_gateway.net`): a spoofed ``X-Forwarded-For`` does not get the detail.
 
 Each target is probed with ``GET <target>/health``; an upstream is ``"up"`` when at least one
 of its targets answers 2xx within ``timeout`` (the gateway can still serve it), else
@@ -28,6 +38,7 @@ import time
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
 
+from meetinity_gateway.net import DEFAULT_ALLOW, client_allowed, parse_networks
 from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -63,6 +74,11 @@ class HealthApp:
     :param timeout: seconds allowed for each target's ``/health`` (connect and read).
     :param cache_seconds: how long one round of checks is reused (0: never).
     :param health_path: the path probed on each target.
+    :param detail_allow: networks whose clients see the per-target detail (default loopback
+        and private ranges, as ``/metrics``); ``()``: nobody.
+    :param trusted_proxies: proxy hops trusted in ``X-Forwarded-For`` to find the client.
+    :param fingerprint: the configuration's fingerprint, shown with the detail (or a callable
+        returning it).
     """
 
     def __init__(
@@ -72,7 +88,13 @@ class HealthApp:
         timeout: float = 2.0,
         cache_seconds: float = 1.0,
         health_path: str = "/health",
+        detail_allow: t.Iterable[str] = DEFAULT_ALLOW,
+        trusted_proxies: int = 0,
+        fingerprint: str | t.Callable[[], str | None] | None = None,
     ) -> None:
+        self.detail_allow = parse_networks(detail_allow)
+        self.trusted_proxies = trusted_proxies
+        self.fingerprint = fingerprint
         self.pools: dict[str, UpstreamPool] = {}
         self._own: list[UpstreamPool] = []
         for name, value in upstreams.items():
@@ -134,11 +156,15 @@ class HealthApp:
         upstreams, details = self.report()
         healthy = all(state != "down" for state in upstreams.values())
         degraded = any(state == "degraded" for state in upstreams.values())
-        payload = {
+        payload: dict[str, t.Any] = {
             "status": ("degraded" if degraded else "ok") if healthy else "error",
             "service": SERVICE,
             "upstreams": upstreams,
-            "targets": details,
         }
+        if client_allowed(environ, self.detail_allow, self.trusted_proxies):
+            payload["targets"] = details
+            fingerprint = self.fingerprint() if callable(self.fingerprint) else self.fingerprint
+            if fingerprint:
+                payload["config"] = {"fingerprint": fingerprint}
         status = "200 OK" if healthy else "503 Service Unavailable"
         return _json(start_response, environ, status, payload)

@@ -8,6 +8,10 @@ of it: the client is the address N hops back from the peer address (``REMOTE_ADD
 The same rule holds for every other header in which a client can claim an address
 (:data:`ADDRESS_HEADERS`: ``X-Real-IP``, ``True-Client-IP``, ``CF-Connecting-IP``, …): worth
 nothing unless ``trusted_hops`` proxies vouch for it (:func:`trusted_address`).
+
+Allow-lists of networks (who may read ``/metrics``, the ``/health`` detail, ``/status``) are
+parsed by :func:`parse_networks` and checked by :func:`client_allowed`, against that same
+trusted client address: a spoofed ``X-Forwarded-For`` never gets a client in.
 """
 from __future__ import annotations
 
@@ -19,8 +23,12 @@ if t.TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ADDRESS_HEADERS",
+    "DEFAULT_ALLOW",
+    "address_allowed",
     "client_address",
+    "client_allowed",
     "forwarded_chain",
+    "parse_networks",
     "trusted_address",
     "trusted_chain",
     "trusted_value",
@@ -39,6 +47,13 @@ ADDRESS_HEADERS = frozenset({
     "x-remote-ip",
     "x-remote-addr",
 })
+
+Network = t.Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: Loopback and private ranges: the default allow-list of the operator-only endpoints.
+DEFAULT_ALLOW = (
+    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
+)
 
 
 def _split(header: str | None) -> list[str]:
@@ -89,3 +104,33 @@ def trusted_address(header: str | None, trusted_hops: int) -> str | None:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return None
+
+
+def parse_networks(items: t.Iterable[str]) -> tuple[Network, ...]:
+    """``["10.0.0.0/8", "::1", …]`` as networks; ValueError naming the first bad item."""
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"expected networks like 127.0.0.1/32, 10.0.0.0/8, ::1, "
+                             f"not {item!r}") from None
+    return tuple(networks)
+
+
+def address_allowed(address: str, networks: t.Sequence[Network]) -> bool:
+    """Whether ``address`` (IPv4, IPv6, IPv4-mapped IPv6) is in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return any(ip in network for network in networks)
+
+
+def client_allowed(environ: WSGIEnvironment, networks: t.Sequence[Network],
+                   trusted_hops: int = 0) -> bool:
+    """Whether the request's trusted client address is in one of ``networks``."""
+    return address_allowed(client_address(environ, trusted_hops), networks)

@@ -11,7 +11,9 @@ Any layer can answer with :func:`error_response` (a WSGI call) or raise a
 from __future__ import annotations
 
 import json
+import re
 import typing as t
+import uuid
 from http import HTTPStatus
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -21,6 +23,25 @@ if t.TYPE_CHECKING:  # pragma: no cover
 REQUEST_ID_KEY = "meetinity_gateway.request_id"
 
 Headers = t.Iterable[t.Tuple[str, str]]
+
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+
+
+def assign_request_id(environ: WSGIEnvironment, header_key: str = "HTTP_X_REQUEST_ID") -> str:
+    """Give the request its id: the client's (header ``header_key`` in the environ) when it is
+    1–128 characters of ``A-Za-z0-9._:=+/-``, else a new random one.
+
+    The id is stored under :data:`REQUEST_ID_KEY` and as the request header (so it goes
+    upstream); the caller puts it on the response. Used by the error edge and by every
+    endpoint served outside it (``/metrics``).
+    """
+    request_id = environ.get(header_key)
+    if not request_id or not _SANE_REQUEST_ID.match(request_id):
+        request_id = uuid.uuid4().hex
+    environ[header_key] = request_id
+    environ[REQUEST_ID_KEY] = request_id
+    return request_id
 
 
 def request_id_of(environ: WSGIEnvironment) -> str | None:

@@ -820,14 +820,16 @@ def read_settings(config, **overrides) -> dict[str, t.Any]:
     return settings
 
 
-def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None) -> int:
-    """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped."""
+def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -> int:
+    """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped.
+
+    ``app`` replaces ``pipeline.app`` (a :class:`~meetinity_gateway.reload.ReloadingApp`)."""
     name = settings["server"]
     if name != "waitress":
         raise ConfigError(f"server {name!r} is not supported by this version",
                           file=str(config) if config else None, section="server:main",
                           key="server", value=name)
-    server = build(pipeline.app, settings, max_body_size=pipeline.max_body_size,
+    server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
                    file=str(config) if config else None)
     server.print_listen("Serving on http://{}:{}")
     run(server, drain_seconds=settings["drain_seconds"])

@@ -110,7 +110,7 @@ def test_extra_whitespace_around_the_token_is_tolerated():
 
 @pytest.mark.parametrize("alg", ["HS384", "HS512"])
 def test_other_hmac_algorithms_when_configured(alg):
-    secret = "s" * 64  # as long as the SHA-512 output (RFC 7518 §3.2)
+    secret = (TEST_JWT_SECRET * 2)[:64]  # as long as the SHA-512 output (RFC 7518 §3.2)
     token = jwt.encode(claims_now(), secret, algorithm=alg)
     app = client(secret=secret, algorithms=[alg])
     assert app.get("/api/users", headers=bearer(token)).status_int == 200
@@ -472,20 +472,20 @@ def test_client_cannot_inject_claims_through_environ():
 @pytest.mark.parametrize("kwargs, key, fragment", [
     ({"secret": ""}, "secret", "secret is empty"),
     ({"secret": None}, "secret", "secret is empty"),
-    ({"secret": "x" * 40, "algorithms": ["none"]}, "algorithms", "never be allowed"),
-    ({"secret": "x" * 40, "algorithms": ["HS256", "XS999"]}, "algorithms", "unknown algorithm"),
-    ({"secret": "x" * 40, "algorithms": []}, "algorithms", "no algorithm"),
+    ({"secret": SECRET, "algorithms": ["none"]}, "algorithms", "never be allowed"),
+    ({"secret": SECRET, "algorithms": ["HS256", "XS999"]}, "algorithms", "unknown algorithm"),
+    ({"secret": SECRET, "algorithms": []}, "algorithms", "no algorithm"),
     ({"algorithms": ["RS256"]}, "jwks_url", "set jwks_url"),
-    ({"secret": "x" * 40, "jwks_url": "http://127.0.0.1:1/jwks.json"}, "jwks_url",
+    ({"secret": SECRET, "jwks_url": "http://127.0.0.1:1/jwks.json"}, "jwks_url",
      "only HMAC"),
     ({"algorithms": ["RS256"], "jwks_url": "file:///etc/passwd"}, "jwks_url", "http(s)"),
     ({"algorithms": ["RS256"], "jwks_url": "http://127.0.0.1:1/j", "jwks_ttl": 0},
      "jwks_ttl", "positive"),
-    ({"secret": "x" * 40, "leeway": -1}, "leeway", "at least 0"),
-    ({"secret": "x" * 40, "prefixes": ["api"]}, "prefixes", "not a path prefix"),
-    ({"secret": "x" * 40, "identity_headers": {"sub": "X User"}}, "identity_headers",
+    ({"secret": SECRET, "leeway": -1}, "leeway", "at least 0"),
+    ({"secret": SECRET, "prefixes": ["api"]}, "prefixes", "not a path prefix"),
+    ({"secret": SECRET, "identity_headers": {"sub": "X User"}}, "identity_headers",
      "claim=Header"),
-    ({"secret": "x" * 40, "realm": 'a"b'}, "realm", "quotes"),
+    ({"secret": SECRET, "realm": 'a"b'}, "realm", "quotes"),
 ])
 def test_bad_arguments_are_config_errors(kwargs, key, fragment):
     with pytest.raises(ConfigError) as info:
@@ -500,11 +500,58 @@ def test_jwks_only_needs_no_secret():
         assert keys.fetches == 0  # nothing fetched before the first token
 
 
-def test_short_secret_is_logged_never_printed(caplog):
+@pytest.mark.parametrize("secret, algorithms, reason", [
+    ("short-secret", ["HS256"], "12 bytes long; HS256 needs at least 32"),
+    ("x9" * 15 + "q", ["HS256"], "31 bytes long"),
+    (TEST_JWT_SECRET[:40], ["HS384"], "40 bytes long; HS384 needs at least 48"),
+    (TEST_JWT_SECRET, ["HS256", "HS512"], "needs at least 64"),
+    ("secret", ["HS256"], "6 bytes"),
+    ("changeme" * 4, ["HS256"], "well-known placeholder"),
+    ("Change-Me-" * 4, ["HS256"], "well-known placeholder"),
+    ("your-256-bit-secret" * 2, ["HS256"], "well-known placeholder"),
+    ("a" * 64, ["HS512"], "fewer than 8 different characters"),
+    ("0123" * 16, ["HS256"], "fewer than 8 different characters"),
+])
+def test_weak_secret_refuses_to_start_and_is_never_printed(secret, algorithms, reason):
+    with pytest.raises(ConfigError) as info:
+        AuthMiddleware(echo_app, secret=secret, algorithms=algorithms)
+    message = str(info.value)
+    assert reason in message and "JWT_ALLOW_WEAK_SECRET=true" in message
+    assert info.value.value is None  # the value is never shown
+    if secret != "secret":  # (that one is a word of the message)
+        assert secret not in message
+
+
+@pytest.mark.filterwarnings("ignore:The HMAC key is 8 bytes long")  # PyJWT agrees: weak
+def test_weak_secret_allowed_when_the_operator_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="meetinity_gateway.auth"):
-        AuthMiddleware(echo_app, secret="short-secret")
-    assert "12 bytes" in caplog.text
-    assert "short-secret" not in caplog.text
+        app = webtest.TestApp(LintMiddleware(AuthMiddleware(
+            echo_app, secret="changeme", allow_weak_secret=True)))
+    assert "weak JWT secret allowed" in caplog.text and "8 bytes" in caplog.text
+    assert "changeme" not in caplog.text.replace("weak JWT secret allowed", "")
+    token = make_token(secret="changeme")
+    assert app.get("/api/users/1", headers=bearer(token)).status_int == 200
+
+
+def test_strong_secrets_start(caplog):
+    import secrets as random_secrets
+
+    with caplog.at_level(logging.WARNING, logger="meetinity_gateway.auth"):
+        AuthMiddleware(echo_app, secret=random_secrets.token_urlsafe(32))  # 43 bytes
+        AuthMiddleware(echo_app, secret=random_secrets.token_bytes(64), algorithms=["HS512"])
+    assert "weak" not in caplog.text
+
+
+def test_shipped_ini_refuses_a_weak_secret_unless_allowed(monkeypatch, capsys):
+    from meetinity_gateway.cli import main
+
+    monkeypatch.setenv("JWT_SECRET", "changeme")
+    assert main(["check", "--config", str(SHIPPED_INI)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("configuration error: ") and err.count("\n") == 1
+    assert "[filter:auth] secret = '${JWT_SECRET:-}'" in err and "changeme" not in err
+    monkeypatch.setenv("JWT_ALLOW_WEAK_SECRET", "true")
+    assert main(["check", "--config", str(SHIPPED_INI)]) == 0
 
 
 def test_filter_factory_casts_and_builds():

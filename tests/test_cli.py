@@ -1,9 +1,14 @@
 """The command line: check, routes, serve (a real child process), and the wsgi module."""
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
+import pytest
+
+from meetinity_gateway import config as config_module
 from meetinity_gateway.cli import main
 from tests.servers import (
     ROOT,
@@ -12,8 +17,21 @@ from tests.servers import (
     GatewayProcess,
     WaitressServer,
     auth_headers,
+    free_port,
     session,
+    wait_for_port,
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """main() reads .env files straight into os.environ: put the process back as it was."""
+    saved, ours = dict(os.environ), dict(config_module._from_env_file)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    config_module._from_env_file.clear()
+    config_module._from_env_file.update(ours)
 
 
 def test_check_prints_pipeline_and_routes(monkeypatch, capsys):
@@ -100,3 +118,175 @@ def test_without_a_secret_the_shipped_ini_refuses_to_start(tmp_path, monkeypatch
     config.write_text(SHIPPED_INI.read_text())
     assert main(["check", "--config", str(config)]) == 2
     assert "secret is empty" in capsys.readouterr().err
+
+
+# -- .env feeds everything, logging included (CLI and wsgi module) ---------------------------
+
+def _config_dir(tmp_path, env_text: str, name: str = "gateway.ini"):
+    folder = tmp_path / "conf"
+    folder.mkdir(exist_ok=True)
+    config = folder / name
+    config.write_text(SHIPPED_INI.read_text())
+    (folder / ".env").write_text(env_text)
+    return config
+
+
+def _child_env(**extra) -> dict:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("LOG_", "GATEWAY_", "JWT_", "USER_SERVICE_URL"))}
+    env.update(extra)
+    return env
+
+
+def test_env_file_sets_log_format_and_level_of_serve(tmp_path, upstream):
+    config = _config_dir(tmp_path, f"LOG_FORMAT=text\nLOG_LEVEL=INFO\n"
+                                   f"USER_SERVICE_URL={upstream.url}\n"
+                                   f"JWT_SECRET={TEST_JWT_SECRET}\n")
+    child_env = _child_env()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meetinity_gateway", "serve", "--config", str(config),
+         "--listen", f"127.0.0.1:{port}", "--threads", "2"],
+        env=child_env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=15, process=process)
+        response = session().get(f"http://127.0.0.1:{port}/api/auth/echo", timeout=10)
+        assert response.status_code == 200
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=15)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    access = [line for line in lines if " meetinity_gateway.access: " in line]
+    assert access, lines
+    assert not any(line.startswith("{") for line in lines), lines  # text, not JSON
+    assert "path=/api/auth/echo" in access[0] and "status=200" in access[0]
+
+
+def test_env_file_log_level_warning_silences_the_access_log(tmp_path, upstream):
+    config = _config_dir(tmp_path, f"LOG_LEVEL=WARNING\nUSER_SERVICE_URL={upstream.url}\n"
+                                   f"JWT_SECRET={TEST_JWT_SECRET}\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meetinity_gateway", "serve", "--config", str(config),
+         "--listen", f"127.0.0.1:{port}", "--threads", "2"],
+        env=_child_env(), cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=15, process=process)
+        assert session().get(f"http://127.0.0.1:{port}/api/auth/echo",
+                             timeout=10).status_code == 200
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=15)
+    assert "meetinity_gateway.access" not in err.decode()
+    assert "/api/auth/echo" not in err.decode()
+
+
+WSGI_PROBE = """
+import logging
+from meetinity_gateway import wsgi
+root = logging.getLogger()
+print(logging.getLevelName(root.level), type(root.handlers[0].formatter).__name__, wsgi.CONFIG)
+"""
+
+
+def test_env_file_sets_logging_of_the_wsgi_module(tmp_path):
+    config = _config_dir(tmp_path, f"LOG_FORMAT=text\nLOG_LEVEL=WARNING\n"
+                                   f"JWT_SECRET={TEST_JWT_SECRET}\n", name="other.ini")
+    result = subprocess.run([sys.executable, "-c", WSGI_PROBE], capture_output=True, text=True,
+                            timeout=60, cwd=str(tmp_path),
+                            env=_child_env(GATEWAY_CONFIG=str(config)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["WARNING", "Formatter", str(config)]
+
+
+def test_gateway_config_may_come_from_the_local_env_file(tmp_path):
+    config = _config_dir(tmp_path, f"JWT_SECRET={TEST_JWT_SECRET}\nLOG_FORMAT=text\n",
+                         name="edge.ini")
+    (tmp_path / ".env").write_text("GATEWAY_CONFIG=conf/edge.ini\n")
+    command = [sys.executable, "-m", "meetinity_gateway", "check"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path), env=_child_env())
+    assert result.returncode == 0, result.stderr
+    assert f"config: {config.resolve()}" in result.stdout
+    # The .env beside conf/edge.ini is read before logging: a bad LOG_FORMAT there stops it.
+    (config.parent / ".env").write_text(f"JWT_SECRET={TEST_JWT_SECRET}\nLOG_FORMAT=xml\n")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path), env=_child_env())
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "LOG_FORMAT" in result.stderr
+    assert result.stderr.startswith("configuration error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_real_environment_wins_over_env_file(tmp_path):
+    config = _config_dir(tmp_path, f"JWT_SECRET={TEST_JWT_SECRET}\nLOG_FORMAT=xml\n")
+    result = subprocess.run([sys.executable, "-m", "meetinity_gateway", "check", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path), env=_child_env(LOG_FORMAT="text"))
+    assert result.returncode == 0, result.stderr
+
+
+# -- init --------------------------------------------------------------------------------------
+
+def test_init_refuses_without_a_config_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("configuration error: ") and err.count("\n") == 1
+    assert "gateway.ini" in err and "not found" in err
+    assert main(["init", "--config", str(tmp_path / "elsewhere" / "gw.ini")]) == 2
+    assert not (tmp_path / ".env").exists()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_init_writes_beside_the_given_config_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("JWT_SECRET")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = tmp_path / "etc" / "gateway.ini"
+    config.parent.mkdir()
+    config.write_text(SHIPPED_INI.read_text())
+    assert main(["init", "--config", str(config)]) == 0
+    assert (config.parent / ".env").is_file()
+    assert not (work / ".env").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_init_env_file_is_private(tmp_path, monkeypatch):
+    monkeypatch.delenv("JWT_SECRET")
+    old_umask = os.umask(0)  # the mode must not depend on a careful umask
+    try:
+        config = tmp_path / "gateway.ini"
+        config.write_text(SHIPPED_INI.read_text())
+        assert main(["init", "--config", str(config)]) == 0
+        assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+        # An existing .env readable by others is narrowed when the secret is added to it...
+        os.environ.pop("JWT_SECRET")
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "gateway.ini").write_text(SHIPPED_INI.read_text())
+        (other / ".env").write_text("LOG_LEVEL=INFO\n")
+        (other / ".env").chmod(0o644)
+        assert main(["init", "--config", str(other / "gateway.ini")]) == 0
+        assert stat.S_IMODE((other / ".env").stat().st_mode) == 0o600
+        assert (other / ".env").read_text().startswith("LOG_LEVEL=INFO\n")
+        # ...and when it already holds one.
+        (other / ".env").chmod(0o644)
+        assert main(["init", "--config", str(other / "gateway.ini")]) == 0
+        assert stat.S_IMODE((other / ".env").stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+
+
+# -- help --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["check"], ["init"], ["routes"]])
+def test_help_has_no_raw_markup(command):
+    result = subprocess.run([sys.executable, "-m", "meetinity_gateway", *command, "--help"],
+                            capture_output=True, text=True, timeout=30, cwd=str(ROOT))
+    assert result.returncode == 0
+    assert "usage: meetinity-gateway" in result.stdout
+    assert "`" not in result.stdout and "``" not in result.stdout
+    assert ":class:" not in result.stdout and ":func:" not in result.stdout

@@ -447,6 +447,38 @@ def test_metrics_allow_list(remote, forwarded, trusted, allowed):
         assert response.json["error"]["message"] == "no route for /metrics"
 
 
+@pytest.mark.parametrize("sent, kept", [
+    (None, False), ("scrape-7f:1", True), ("bad id with spaces", False), ("x" * 129, False),
+    ("a\u00e9b", False),
+])
+@pytest.mark.parametrize("remote, status", [("127.0.0.1", 200), ("8.8.8.8", 404)])
+def test_metrics_answers_carry_a_request_id(sent, kept, remote, status):
+    """Served outside the error edge, /metrics still gives each answer an X-Request-ID, by
+    the same rule (the client's when sane, else a new one), also on the 404 and 405."""
+    app, _ = client(app_setting())
+    headers = {"X-Request-ID": sent} if sent is not None else {}
+    response = app.get("/metrics", headers=headers, extra_environ={"REMOTE_ADDR": remote},
+                       status=status)
+    request_id = response.headers["X-Request-ID"]
+    assert response.headers.getall("X-Request-ID") == [request_id]
+    if kept:
+        assert request_id == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    if status == 404:
+        assert response.json["error"]["request_id"] == request_id
+    post = app.post("/metrics", headers=headers, extra_environ={"REMOTE_ADDR": remote},
+                    status="*")
+    assert post.headers["X-Request-ID"]
+
+
+def test_metrics_request_id_is_logged(access):
+    app, _ = client(app_setting())
+    response = app.get("/metrics", headers={"X-Request-ID": "scrape-1"})
+    assert response.headers["X-Request-ID"] == "scrape-1"
+    assert access()[-1]["request_id"] == "scrape-1"
+
+
 def test_metrics_allow_list_is_configurable():
     app, _ = client(app_setting(), metrics_allow=["203.0.113.0/24"])
     app.get("/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.7"}, status=200)

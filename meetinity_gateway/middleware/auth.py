@@ -58,6 +58,12 @@ Use alone around any WSGI app::
 :param prefixes: path prefixes that require a token, on segment boundaries (``/api/users``
     covers ``/api/users/7``, not ``/api/usersX``). Default ``["/"]``: everything.
 :param secret: the HMAC secret; required (non-empty) when an ``HS*`` algorithm is allowed.
+    It must be at least as long as the hash output of every allowed ``HS*`` algorithm
+    (RFC 7518 §3.2: 32 bytes for HS256, 48 for HS384, 64 for HS512), not a well-known
+    placeholder (``secret``, ``changeme``…) and not one character repeated; else a
+    ConfigError, unless ``allow_weak_secret``.
+:param allow_weak_secret: start with a weak secret anyway (a warning is logged), for a test
+    setup that must match a service's weak secret (default ``False``).
 :param algorithms: the accepted ``alg`` values (default ``["HS256"]``).
 :param jwks_url: the ``http(s)`` URL of the JSON Web Key Set; required when an asymmetric
     algorithm is allowed.
@@ -90,8 +96,9 @@ In gateway.ini (``identity_headers`` as ``claim=Header`` pairs, lists comma-sepa
     identity_headers = sub=X-User-ID, email=X-User-Email
 
 Security notes: the identity headers are only trustworthy if the upstreams can be reached
-through the gateway alone. Keep ``secret`` out of the ini file (use ``${JWT_SECRET}``) and at
-least 32 bytes long (a shorter one is logged as a warning at start). Fetch keys over https.
+through the gateway alone. Keep ``secret`` out of the ini file (use ``${JWT_SECRET}``); a
+short or guessable one stops the gateway at start (see ``allow_weak_secret``). Fetch keys over
+https.
 """
 from __future__ import annotations
 
@@ -136,7 +143,36 @@ MAX_TOKEN_LENGTH = 16 * 1024
 _B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MIN_SECRET_BYTES = 32
+#: RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
+_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: Secrets of tutorials, templates and default configurations, lower case, letters and
+#: digits only: refused whatever their length (also repeated to pad the length).
+_PLACEHOLDER_SECRETS = frozenset({
+    "secret", "secrets", "changeme", "changethis", "changeit", "password", "passw0rd",
+    "jwtsecret", "jwtsecretkey", "secretkey", "mysecret", "mysecretkey", "supersecret",
+    "supersecretkey", "yoursecret", "yoursecretkey", "yoursecretkeyhere", "your256bitsecret",
+    "changemeinproduction", "pleasechangeme", "replaceme", "default", "test", "testsecret",
+    "example", "token", "key", "admin", "letmein", "qwerty", "xxx", "todo", "dev", "devsecret",
+})
+_MIN_DISTINCT_BYTES = 8
+
+
+def weak_secret_reason(secret: bytes, algorithms: t.Iterable[str]) -> str | None:
+    """Why ``secret`` is too weak for the HMAC ``algorithms``, or ``None``.
+
+    Never includes the secret itself.
+    """
+    needed = max((_MIN_SECRET_BYTES.get(alg, 32) for alg in algorithms), default=32)
+    if len(secret) < needed:
+        return (f"the secret is {len(secret)} bytes long; {', '.join(sorted(algorithms))} "
+                f"needs at least {needed} random bytes (RFC 7518 §3.2)")
+    normalized = re.sub(rb"[^a-z0-9]", b"", secret.lower()).decode("ascii", "replace")
+    for word in _PLACEHOLDER_SECRETS:
+        if normalized and normalized == word * (len(normalized) // len(word)):
+            return "the secret is a well-known placeholder"
+    if len(set(secret)) < _MIN_DISTINCT_BYTES:
+        return f"the secret has fewer than {_MIN_DISTINCT_BYTES} different characters"
+    return None
 
 
 class Unauthorized(GatewayError):
@@ -361,6 +397,7 @@ class AuthMiddleware:
         forward_authorization: bool = True,
         realm: str = "meetinity",
         allow_preflights: bool = False,
+        allow_weak_secret: bool = False,
     ) -> None:
         self.app = app
         try:
@@ -389,9 +426,14 @@ class AuthMiddleware:
                     "the secret looks like a public/private key, not an HMAC secret",
                     key="secret",
                 ) from None
-            if len(secret_bytes) < _MIN_SECRET_BYTES:
-                log.warning("the JWT secret is %d bytes long; use at least %d random bytes",
-                            len(secret_bytes), _MIN_SECRET_BYTES)
+            weakness = weak_secret_reason(secret_bytes, hmac_allowed)
+            if weakness and not allow_weak_secret:
+                raise ConfigError(
+                    f"{weakness}: generate one (meetinity-gateway init, or python -c \"import "
+                    "secrets; print(secrets.token_urlsafe(48))\"), or set allow_weak_secret "
+                    "(JWT_ALLOW_WEAK_SECRET=true) if you mean it", key="secret")
+            if weakness:
+                log.warning("weak JWT secret allowed by allow_weak_secret: %s", weakness)
             self._secret = secret_bytes
 
         self.jwks: JwksKeys | None = None
@@ -521,6 +563,10 @@ class AuthMiddleware:
         if not _B64TOKEN.match(token):
             raise self._unauthorized("malformed token")
         return token
+
+    def protects(self, path: str) -> bool:
+        """Whether a request for ``path`` needs a token (for status pages and tools)."""
+        return self._matcher.covers(path)
 
     def verify(self, token: str) -> dict[str, t.Any]:
         """The verified claims of ``token``; raises :class:`Unauthorized` or
@@ -667,6 +713,7 @@ _PARAMS = {
     "forward_authorization": as_bool,
     "realm": as_str,
     "allow_preflights": as_bool,
+    "allow_weak_secret": as_bool,
 }
 
 

@@ -48,11 +48,15 @@ import logging
 import re
 import sys
 import typing as t
-import uuid
 from urllib.parse import unquote
 
 from meetinity_gateway.config import as_bool, as_str, cast_settings
-from meetinity_gateway.problems import REQUEST_ID_KEY, ResponseAborted, error_response
+from meetinity_gateway.problems import (
+    REQUEST_ID_KEY,
+    ResponseAborted,
+    assign_request_id,
+    error_response,
+)
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -61,7 +65,6 @@ __all__ = ["ErrorMiddleware", "filter_factory", "unsafe_path_reason"]
 
 log = logging.getLogger("meetinity_gateway.errors")
 
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
 # In the raw URI: an encoded "/", "\" or "." would become a separator or a dot-segment for
 # some layer that decodes once more.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
@@ -175,11 +178,7 @@ class ErrorMiddleware:
         )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
-        request_id = environ.get(self._environ_key)
-        if not request_id or not _SANE_ID.match(request_id):
-            request_id = uuid.uuid4().hex
-        environ[self._environ_key] = request_id
-        environ[REQUEST_ID_KEY] = request_id
+        request_id = assign_request_id(environ, self._environ_key)
         id_header = (self.request_id_header, request_id)
         header_name = self.request_id_header.lower()
         started = []

@@ -91,7 +91,6 @@ hence allowed); with more hops than really exist a client can pick its own addre
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -121,8 +120,9 @@ from meetinity_gateway.keys import (
     UPSTREAM_REJECTED_KEY,
 )
 from meetinity_gateway.logs import LOG_FORMATS, AccessRecord
-from meetinity_gateway.net import client_address
-from meetinity_gateway.problems import REQUEST_ID_KEY, error_response
+from meetinity_gateway.net import DEFAULT_ALLOW, client_address, client_allowed, parse_networks
+from meetinity_gateway.problems import REQUEST_ID_KEY, assign_request_id, error_response
+from meetinity_gateway.shared import shared
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -138,9 +138,7 @@ __all__ = [
 log = logging.getLogger("meetinity_gateway.observe")
 access_log = logging.getLogger("meetinity_gateway.access")
 
-DEFAULT_METRICS_ALLOW = (
-    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
-)
+DEFAULT_METRICS_ALLOW = DEFAULT_ALLOW
 # Keys other layers leave in the environ (documented by them; named here, not imported, so
 # this layer stays usable alone).
 _ROUTE_KEY = "meetinity_gateway.route"
@@ -341,14 +339,11 @@ class ObserveMiddleware:
             raise ConfigError("expected a path like /metrics (or nothing)", key="metrics_path",
                               value=metrics_path)
         self.metrics_path = metrics_path if metrics else ""
-        networks = []
-        for item in metrics_allow:
-            try:
-                networks.append(ipaddress.ip_network(item.strip(), strict=False))
-            except ValueError:
-                raise ConfigError("expected networks like 127.0.0.1/32, 10.0.0.0/8, ::1",
-                                  key="metrics_allow", value=item) from None
-        self.metrics_allow = tuple(networks)
+        try:
+            self.metrics_allow = parse_networks(metrics_allow)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="metrics_allow",
+                              value=", ".join(map(str, metrics_allow))) from None
         if trusted_proxies < 0:
             raise ConfigError("expected a whole number of at least 0", key="trusted_proxies",
                               value=str(trusted_proxies))
@@ -363,7 +358,13 @@ class ObserveMiddleware:
             if not buckets or buckets[0] <= 0:
                 raise ConfigError("expected increasing positive seconds", key="buckets",
                                   value=", ".join(map(str, buckets)))
-        self.metrics = _Metrics(namespace, buckets, registry) if metrics else None
+        self.metrics = None
+        if metrics and registry is not None:
+            self.metrics = _Metrics(namespace, buckets, registry)
+        elif metrics:
+            # A configuration reload keeps counting in the same collectors.
+            self.metrics = shared("metrics", (namespace, tuple(buckets or ())),
+                                  lambda: _Metrics(namespace, buckets, None))
 
     @property
     def registry(self):
@@ -507,18 +508,18 @@ class ObserveMiddleware:
 
     def allowed(self, environ: WSGIEnvironment) -> bool:
         """Whether the client may read the metrics."""
-        try:
-            address = ipaddress.ip_address(client_address(environ, self.trusted_proxies))
-        except ValueError:
-            return False
-        mapped = getattr(address, "ipv4_mapped", None)
-        if mapped is not None:
-            address = mapped
-        return any(address in network for network in self.metrics_allow)
+        return client_allowed(environ, self.metrics_allow, self.trusted_proxies)
 
     def _serve_metrics(self, environ, start_response):
         environ[_ROUTE_KEY] = _METRICS_ROUTE
         exchange = _Exchange(None)
+        # Served outside the error edge, so the request id is given here, the same way.
+        id_header = ("X-Request-ID", assign_request_id(environ))
+
+        def start_with_id(status, headers, exc_info=None):
+            headers = [h for h in headers if h[0].lower() != "x-request-id"]
+            headers.append(id_header)
+            return start_response(status, headers, exc_info)
 
         def endpoint(environ, start_response):
             if not self.allowed(environ):
@@ -535,7 +536,7 @@ class ObserveMiddleware:
                                       ("Cache-Control", "no-store")])
             return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
 
-        inner = endpoint(environ, lambda s, h, e=None: _note(exchange, start_response, s, h))
+        inner = endpoint(environ, lambda s, h, e=None: _note(exchange, start_with_id, s, h))
         # Not counted in the request metrics (a scrape would change what it reports), but
         # logged like any request.
         return _ObservedBody(inner, _LogOnly(self), environ, exchange)

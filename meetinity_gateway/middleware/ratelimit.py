@@ -151,6 +151,7 @@ from meetinity_gateway.config import (
 from meetinity_gateway.net import client_address
 from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
 from meetinity_gateway.problems import error_response
+from meetinity_gateway.shared import shared
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -435,7 +436,9 @@ class RateLimitMiddleware:
 
         self.storage_uri = storage_uri if storage is None else None
         if storage is None:
-            storage = self._open_storage(storage_uri, storage_timeout)
+            # A configuration reload keeps the counters (same URI and timeout: same storage).
+            storage = shared("ratelimit-storage", (storage_uri, storage_timeout),
+                             lambda: self._open_storage(storage_uri, storage_timeout))
         try:
             self.limiter: RateLimiter = STRATEGIES[strategy](storage)
         except NotImplementedError:

@@ -105,6 +105,7 @@ an untrusted source can send user traffic (with its credentials) anywhere.
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import re
@@ -327,7 +328,7 @@ class Target:
     __slots__ = (
         "spec", "address", "weight", "base_path", "host_header", "pool",
         "fails", "ejected", "ejected_until", "ejections", "period", "healthy_since",
-        "checked", "outstanding", "current", "label",
+        "checked", "outstanding", "current", "label", "recent",
     )
 
     def __init__(self, spec: TargetSpec, address: str, pool_kwargs: dict) -> None:
@@ -353,6 +354,8 @@ class Target:
         self.checked = _NEVER       # last re-check while ejected (clock)
         self.outstanding = 0
         self.current = 0  # smooth weighted round-robin
+        #: (time.monotonic(), ok) of the latest verdicts, for the status page's error rate.
+        self.recent: collections.deque[tuple[float, bool]] = collections.deque(maxlen=1000)
         shown = f"[{address}]" if ":" in address else address
         self.label = f"{spec.scheme}://{shown}:{spec.port}{spec.base_path}"
         if address != spec.host:
@@ -584,6 +587,7 @@ class UpstreamPool:
         """The outcome of one attempt on ``target`` started at ``since`` (``self.clock()``
         time; ``None``: now). ``False`` is the target's failure: no connection, a reset, a
         timeout (or a failing status, see :meth:`answered`)."""
+        target.recent.append((time.monotonic(), ok))  # the status page's error rate
         self._outcome(target, ok, since, early=True)
 
     def _outcome(self, target: Target, ok: bool, since: float | None, early: bool) -> None:
