@@ -19,7 +19,7 @@ from meetinity_gateway.assembly import load_pipeline
 from meetinity_gateway.middleware.ratelimit import RateLimitMiddleware
 from meetinity_gateway.status import CONTENT_SECURITY_POLICY, StatusApp
 from tests.conftest import require_tool
-from tests.servers import ROOT, SHIPPED_INI, WaitressServer, free_port, session
+from tests.servers import ROOT, SHIPPED_INI, WaitressServer, free_port, make_token, session
 
 LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
 
@@ -27,7 +27,7 @@ LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
 def shipped_with(tmp_path: Path, extra: str) -> Path:
     """A copy of the shipped gateway.ini with ``extra`` keys in [app:gateway]."""
     text = SHIPPED_INI.read_text()
-    marker = "# route.events = /api/events/* -> event_service /events\n"
+    marker = "route.profile = /api/profile/* -> user_service /profile\n"
     assert marker in text
     config = tmp_path / "gateway.ini"
     config.write_text(text.replace(marker, marker + extra))
@@ -86,10 +86,10 @@ def test_page_shows_pipeline_routes_upstreams_and_storage(tmp_path, monkeypatch,
     assert "conf&lt;b id=&quot;x&quot;&gt;&amp;amp" in page and '<b id="x">' not in page
     assert "memory://&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "script" not in tags and "b" not in tags and "img" not in tags
-    assert "observe errors cors ratelimit auth gateway" in text
+    assert "observe errors cors ratelimit auth authorize userlimit gateway" in text
     assert "extra GET, POST /api/extra/* user_service /x" in text
     assert "users * /api/users/* user_service /users required" in text
-    assert "auth: * /api/auth 10 per 1 minute" in text
+    assert "auth: * /api/auth 60 per 1 minute" in text
     assert "connect 3 s, read 30 s" in text
     # Upstream targets and the rate-limit storage.
     assert f"{upstream.url} 1 healthy 0 0" in text
@@ -213,14 +213,15 @@ def test_status_page_in_headless_chromium(tmp_path, monkeypatch, upstream):
                        "UPSTREAM_MAX_FAILS": "1", "UPSTREAM_EJECT_TIME": "300",
                        "UPSTREAM_RETRIES": "0"}.items():
         monkeypatch.setenv(key, value)
-    config = shipped_with(tmp_path, "upstream.event_service = ${EVENT_SERVICE_URL}\n"
-                                    "route.events = /api/events/* -> event_service /events\n")
+    config = shipped_with(tmp_path, "")  # EVENT_SERVICE_URL mounts the shipped events route
     pipeline = load_pipeline(config)
     with WaitressServer(pipeline.app, threads=4) as server:
         client = session()
         assert client.get(server.url + "/api/auth/echo").status_code == 200
-        assert client.get(server.url + "/api/events/1").status_code == 502  # ejects it
-        assert client.get(server.url + "/api/events/1").status_code == 503
+        token = {"Authorization": "Bearer " + make_token()}
+        assert client.get(server.url + "/api/events/1", headers=token).status_code == 502
+        # Ejected; panic routing still tries it (502), and it counts once per ejection.
+        assert client.get(server.url + "/api/events/1", headers=token).status_code == 502
 
         dom, console = chromium_run(chromium, tmp_path, "--dump-dom", server.url + "/status")
         # The strict policy blocked nothing the page needs (its style block is hash-allowed).
@@ -228,10 +229,10 @@ def test_status_page_in_headless_chromium(tmp_path, monkeypatch, upstream):
         text, tags = visible_text(dom)
         assert "Meetinity gateway status" in text
         assert pipeline.fingerprint in text
-        assert "observe errors cors ratelimit auth gateway" in text
+        assert "observe errors cors ratelimit auth authorize userlimit gateway" in text
         assert "events * /api/events/* event_service /events" in text
         assert re.search(rf"{re.escape(upstream.url)} 1 healthy 0 0 0/1 \(0 %\)", text), text
-        assert re.search(rf"{re.escape(dead)} 1 ejected \(\d+ s left\) 0 0 1/1 \(100 %\)",
+        assert re.search(rf"{re.escape(dead)} 1 ejected \(\d+ s left\) 0 0 2/2 \(100 %\)",
                          text), text
         assert "memory:// SlidingWindowCounterRateLimiter ok" in text
         assert "script" not in tags
