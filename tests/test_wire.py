@@ -200,3 +200,21 @@ def test_well_framed_answers_pass(head, body, method):
     response = read(head, method=method)
     assert response.read() == body
     assert response.isclosed()
+
+
+@pytest.mark.parametrize("head, method", [
+    (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", "GET"),
+    (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", "GET"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "HEAD"),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", "GET"),
+])
+def test_bodyless_answers_framed_as_having_a_body_read_nothing_and_close(head, method):
+    # Nothing follows the head: reading a body would wait for the read timeout.
+    response = read(head, method=method)
+    assert response.isclosed() and response.read() == b""
+    assert response.will_close
+
+
+def test_bodyless_answers_keep_the_connection_when_plain():
+    response = read(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n")
+    assert response.isclosed() and not response.will_close
