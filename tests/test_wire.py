@@ -218,3 +218,18 @@ def test_bodyless_answers_framed_as_having_a_body_read_nothing_and_close(head, m
 def test_bodyless_answers_keep_the_connection_when_plain():
     response = read(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n")
     assert response.isclosed() and not response.will_close
+
+
+def test_every_upstream_pool_reads_with_the_guarded_response():
+    from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
+    from meetinity_gateway.proxy.wire import GuardedHTTPConnection, GuardedHTTPSConnection
+
+    pool = UpstreamPool(parse_targets("http://127.0.0.1:9, https://127.0.0.1:10"))
+    try:
+        plain, tls = (target.pool for target in pool.targets)
+        assert issubclass(plain.ConnectionCls, GuardedHTTPConnection)
+        assert issubclass(tls.ConnectionCls, GuardedHTTPSConnection)
+        for cls in (plain.ConnectionCls, tls.ConnectionCls):
+            assert cls.response_class is GuardedResponse
+    finally:
+        pool.close()
