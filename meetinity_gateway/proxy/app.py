@@ -18,11 +18,15 @@ balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive po
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
   request body over ``max_body_size`` a JSON 413, every target ejected a JSON 503 with
   ``Retry-After`` — responses, never exceptions;
+* the returned iterable's ``close()`` hands the connection back to its pool (or closes it
+  when the body was not read to its end).
+
+More precisely:
+
 * responses are read strictly (:mod:`meetinity_gateway.proxy.wire`): interim ``1xx`` read
   past and dropped; an unrequested ``101``, control characters in the head, obs-fold or
   ambiguous framing are a JSON 502 "sent an invalid response" (reason ``invalid``);
-* the returned iterable's ``close()`` hands the connection back to its pool only when the
-  body was read to its exact end (else closes it);
+* a connection goes back to its pool only when its response was read to its exact end;
 * an upstream failing while the body streams: one warning line with the request id, the
   attempt noted as failed (``timeout``/``unavailable``) for the access log and metrics, the
   target's health told, and the client's connection aborted (the body stays visibly
