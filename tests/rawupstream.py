@@ -94,8 +94,15 @@ class RawConnection:
     def reset(self) -> None:
         """Abort the connection: the peer gets an RST (SO_LINGER with a zero timeout)."""
         self.closed = True
+        # struct linger: two ints on POSIX, two unsigned shorts on Windows.
+        for layout in ("ii", "HH"):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack(layout, 1, 0))
+                break
+            except OSError:
+                continue
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.sock.close()
         except OSError:
             pass

@@ -22,6 +22,17 @@ balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive po
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
+More precisely:
+
+* responses are read strictly (:mod:`meetinity_gateway.proxy.wire`): interim ``1xx`` read
+  past and dropped; an unrequested ``101``, control characters in the head, obs-fold or
+  ambiguous framing are a JSON 502 "sent an invalid response" (reason ``invalid``);
+* a connection goes back to its pool only when its response was read to its exact end;
+* an upstream failing while the body streams: one warning line with the request id, the
+  attempt noted as failed (``timeout``/``unavailable``) for the access log and metrics, the
+  target's health told, and the client's connection aborted (the body stays visibly
+  truncated) — or a clean JSON 502 when no body byte was sent yet.
+
 The path forwarded is ``environ["meetinity_gateway.upstream_path"]`` when the router set it
 (the rewritten path), else ``PATH_INFO``, below the target's base path.
 

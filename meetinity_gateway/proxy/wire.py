@@ -125,9 +125,20 @@ class GuardedResponse(http.client.HTTPResponse):
         if self.status == 101:
             raise InvalidUpstreamResponse("unrequested 101 Switching Protocols")
         _check_header_lines(recorder.lines)
-        self._check_framing()
+        codings = self._check_framing()
+        if self.status in (204, 304) or self._method == "HEAD":
+            # No body, whatever the head says (RFC 9112 §6.3). The stdlib would still read
+            # a chunked body of a 204/304 (and wait for it); and a sender that frames a
+            # body-less answer, or gives a 204 a length, may send the body too: such a
+            # connection carries no other request.
+            if codings or (self.status == 204 and self.msg.get("content-length", "0") != "0"):
+                self.will_close = True
+            self.chunked = False
+            self.length = 0
+            self._close_conn()
 
-    def _check_framing(self) -> None:
+    def _check_framing(self) -> list[str] | None:
+        """Refuse ambiguous framing; returns the ``Transfer-Encoding`` values."""
         headers = self.msg
         lengths = headers.get_all("content-length")
         codings = headers.get_all("transfer-encoding")
@@ -149,6 +160,7 @@ class GuardedResponse(http.client.HTTPResponse):
             if self.length not in (declared, 0):
                 # 0: a HEAD, 204 or 304 answer, which has no body whatever it declares.
                 raise InvalidUpstreamResponse(f"invalid Content-Length {lengths!r}")
+        return codings
 
 
 def _check_header_lines(lines: list[bytes]) -> None:
