@@ -189,7 +189,7 @@ DEFAULTS: dict[str, t.Any] = {
     # the worker thread waits.
     "outbuf_high_watermark": 24 * 1024 * 1024,
     "recv_bytes": 65536,
-    "max_request_header_size": 64 * 1024,
+    "max_request_header_size": 256 * 1024,  # waitress default
     # waitress: 30 s between idle sweeps; 1 s makes channel_timeout accurate.
     "cleanup_interval": 1,
 }
@@ -489,6 +489,8 @@ class GatewayChannel(HTTPChannel):
     error_task_class = JsonErrorTask
 
     linger_wanted = False  # a refused request: linger when closing
+    force_close = False  # set by a worker thread: the event loop closes the connection
+    closed = False
     _linger_until: float | None = None
     waited = 0.0  # seconds the current response has kept its thread waiting on this client
 
@@ -505,17 +507,24 @@ class GatewayChannel(HTTPChannel):
                     or (request is not None and not request.empty))
 
     def readable(self) -> bool:
+        # Closing here, not through will_close: waitress closes a channel in handle_write,
+        # which never runs while a stalled client keeps the socket unwritable.
+        if self.force_close:
+            self._close_now()
+            return False
         if self.lingering:
             return True
         request = self.request
         if (request is not None and not request.headers_finished
                 and time.monotonic() - request.started > self.server.gateway.header_timeout):
             # Headers this slow are an attack (slowloris) or a dead client: no answer.
-            self.will_close = True
+            self._close_now()
             return False
         return super().readable()
 
     def writable(self) -> bool:
+        if self.closed:
+            return False
         if self.lingering:
             return time.monotonic() >= self._linger_until
         return super().writable()
@@ -551,8 +560,10 @@ class GatewayChannel(HTTPChannel):
 
     def _close_now(self) -> None:
         self._linger_until = None
-        self.linger_wanted = False
-        HTTPChannel.handle_close(self)
+        self.linger_wanted = self.force_close = False
+        if not self.closed:
+            self.closed = True
+            HTTPChannel.handle_close(self)
 
     def _flush_outbufs_below_high_watermark(self) -> None:
         # waitress' version waits as long as the client takes; this one charges the wait to
@@ -571,7 +582,7 @@ class GatewayChannel(HTTPChannel):
                     log.warning("client %s reads too slowly: connection closed after %.0f s "
                                 "of waiting", self.addr[0] if self.addr else "?", limit)
                     self.connected = False
-                    self.will_close = True
+                    self.force_close = True
                     self.server.pull_trigger()
                     raise ClientDisconnected
                 self.server.pull_trigger()
@@ -681,18 +692,20 @@ def create_server(
     return server
 
 
-def _install_signals(state: ServingState) -> t.Callable[[], None]:
-    """Stop signals set a flag the loop checks (at least once a second). Only possible in
-    the main thread; elsewhere (tests) the caller stops the server with :func:`stop`."""
+def _install_signals(state: ServingState, socket_map: dict) -> t.Callable[[], None]:
+    """Stop signals set a flag the loop checks; ``signal.set_wakeup_fd`` on a socket pair in
+    the loop's map wakes the loop at once (a handler must not take the trigger's lock). Only
+    possible in the main thread; elsewhere (tests) the caller uses :func:`stop`."""
+    import waitress.wasyncore as wasyncore
+
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    names = ["SIGTERM", "SIGINT", "SIGBREAK"]  # SIGBREAK: Ctrl+Break on Windows
     previous = {}
 
     def handler(signum, frame):
         state.stops += 1
 
-    for name in names:
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):  # SIGBREAK: Ctrl+Break on Windows
         number = getattr(signal, name, None)
         if number is not None:
             try:
@@ -700,9 +713,30 @@ def _install_signals(state: ServingState) -> t.Callable[[], None]:
             except (OSError, ValueError):
                 pass
 
+    class Wakeup(wasyncore.dispatcher):
+        def readable(self) -> bool:
+            return True
+
+        def writable(self) -> bool:
+            return False
+
+        def handle_read(self) -> None:
+            try:
+                self.recv(512)
+            except OSError:
+                pass
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    wakeup = Wakeup(reader, map=socket_map)
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
     def restore() -> None:
+        signal.set_wakeup_fd(old_fd)
         for number, old in previous.items():
             signal.signal(number, old)
+        wakeup.close()
+        writer.close()
 
     return restore
 
@@ -719,7 +753,7 @@ def run(server, *, drain_seconds: float = DEFAULTS["drain_seconds"]) -> None:
     state: ServingState = server.gateway
     adj = _listeners(server)[0].adj
     socket_map = _socket_map(server)
-    restore = _install_signals(state)
+    restore = _install_signals(state, socket_map)
     try:
         while not state.stops and socket_map:
             wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=socket_map,
