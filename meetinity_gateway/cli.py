@@ -124,9 +124,9 @@ def cmd_serve(args) -> int:
     # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     pipeline = _load(args.config)
-    log.info("meetinity-gateway %s: %s", __version__, " -> ".join(pipeline.names))
+    started = f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
     try:
-        return serving.serve(pipeline, settings, config=args.config)
+        return serving.serve(pipeline, settings, config=args.config, started=started)
     finally:
         logging.shutdown()  # write out buffered log lines
 

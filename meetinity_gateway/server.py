@@ -797,15 +797,27 @@ def _drain(server, drain_seconds: float, wasyncore) -> None:
 
 def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
     """PasteDeploy ``paste.server_runner`` (``use = egg:meetinity_gateway#main`` in
-    ``[server:main]``, for ``pserve``): the same settings and server as ``serve``."""
+    ``[server:main]``, for ``pserve gateway.ini``): the same settings and server as ``serve``.
+    """
+    import configparser
+
     from meetinity_gateway.logs import configure_logging
 
+    file = (global_conf or {}).get("__file__")
+    # pserve calls logging.basicConfig() unless the ini has a [loggers] section: replace that
+    # default with the gateway's logging; an operator's own [loggers] setup is kept.
+    parser = configparser.RawConfigParser()
+    if file:
+        parser.read(file, encoding="utf-8")
     configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
-                      os.environ.get("LOG_FORMAT") or "json")
+                      os.environ.get("LOG_FORMAT") or "json",
+                      force=not parser.has_section("loggers"))
     settings = server_settings(local_conf, global_conf)
-    server = build(wsgi_app, settings, file=(global_conf or {}).get("__file__"))
+    server = build(wsgi_app, settings, file=file,
+                   max_body_size=max_body_size_of(file) if file else None)
     server.print_listen("Serving on http://{}:{}")
     run(server, drain_seconds=settings["drain_seconds"])
+    logging.shutdown()
     return 0
 
 
@@ -854,8 +866,10 @@ def read_settings(config, **overrides) -> dict[str, t.Any]:
     return settings
 
 
-def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None) -> int:
-    """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped."""
+def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, started: str = "") -> int:
+    """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped.
+
+    ``started`` is logged once the server listens (so a bind error is the only line)."""
     name = settings["server"]
     if name != "waitress":
         raise ConfigError(f"server {name!r} is not supported by this version",
@@ -863,6 +877,44 @@ def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None) -> int:
                           key="server", value=name)
     server = build(pipeline.app, settings, max_body_size=pipeline.max_body_size,
                    file=str(config) if config else None)
+    if started:
+        logging.getLogger("meetinity_gateway").info("%s", started)
     server.print_listen("Serving on http://{}:{}")
     run(server, drain_seconds=settings["drain_seconds"])
     return 0
+
+
+def _bind_strings(listen: str) -> list[str]:
+    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            for host, port in parse_listen(listen)]
+
+
+def gunicorn_options(settings: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """gunicorn settings equivalent to ``[server:main]``: ``gthread`` workers, same address,
+    threads, connection limit, keep-alive and drain period."""
+    return {
+        "bind": _bind_strings(settings["listen"]),
+        "workers": settings["workers"],
+        "threads": settings["threads"],
+        "worker_class": "gthread",
+        "worker_connections": settings["connection_limit"],
+        "backlog": settings["backlog"],
+        "keepalive": max(1, int(settings["channel_timeout"])),
+        "graceful_timeout": max(1, round(settings["drain_seconds"])),
+    }
+
+
+def max_body_size_of(config) -> int | None:
+    """``[app:gateway] max_body_size`` of the ini file, expanded (for servers that get only
+    the WSGI app, such as ``pserve``)."""
+    import configparser
+
+    from meetinity_gateway.config import expand
+
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(config, encoding="utf-8")
+        value = parser.get("app:gateway", "max_body_size")
+        return as_size(expand(value, key="max_body_size"))
+    except (configparser.Error, ValueError):
+        return None
