@@ -22,7 +22,6 @@ globals().update(gunicorn_options(_settings))
 
 def post_worker_init(worker) -> None:
     """Configure logging in each worker (a log writer thread does not survive a fork)."""
-    from meetinity_gateway.logs import configure_logging
+    from meetinity_gateway.server import worker_logging
 
-    configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
-                      os.environ.get("LOG_FORMAT") or "json")
+    worker_logging()

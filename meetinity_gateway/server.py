@@ -68,6 +68,7 @@ import time
 import typing as t
 import uuid
 import warnings
+from pathlib import Path
 
 from waitress.buffers import OverflowableBuffer
 from waitress.channel import ClientDisconnected, HTTPChannel
@@ -869,18 +870,119 @@ def read_settings(config, **overrides) -> dict[str, t.Any]:
 def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, started: str = "") -> int:
     """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped.
 
-    ``started`` is logged once the server listens (so a bind error is the only line)."""
+    ``started`` is logged once the server listens (so a bind error is the only line).
+    granian and gunicorn run worker processes that each load ``config`` themselves (threads
+    and sockets do not survive a fork); ``pipeline`` has validated it already."""
     name = settings["server"]
-    if name != "waitress":
-        raise ConfigError(f"server {name!r} is not supported by this version",
-                          file=str(config) if config else None, section="server:main",
-                          key="server", value=name)
-    server = build(pipeline.app, settings, max_body_size=pipeline.max_body_size,
-                   file=str(config) if config else None)
+    file = str(config) if config else None
+    if name == "waitress":
+        server = build(pipeline.app, settings, max_body_size=pipeline.max_body_size, file=file)
+        if started:
+            logging.getLogger("meetinity_gateway").info("%s", started)
+        server.print_listen("Serving on http://{}:{}")
+        run(server, drain_seconds=settings["drain_seconds"])
+        return 0
+    if config is None:
+        raise ConfigError(f"server {name!r} needs the ini file's path")
+    os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
+    _check_bind(settings, file)
     if started:
-        logging.getLogger("meetinity_gateway").info("%s", started)
-    server.print_listen("Serving on http://{}:{}")
-    run(server, drain_seconds=settings["drain_seconds"])
+        logging.getLogger("meetinity_gateway").info("%s (%s)", started, name)
+    logging.shutdown()  # flush; each worker process sets its logging up again
+    if name == "gunicorn":
+        return _serve_gunicorn(settings, file)
+    return _serve_granian(settings, file)
+
+
+def _missing(name: str, file: str | None) -> ConfigError:
+    return ConfigError(f"{name} is not installed (pip install meetinity_gateway[{name}])",
+                       file=file, section="server:main", key="server", value=name)
+
+
+def _check_bind(settings: t.Mapping[str, t.Any], file: str | None) -> None:
+    """Bind each address once, as the server will, so a taken port or an unknown host is a
+    one-line error here rather than the server's retries and tracebacks."""
+    for host, port in parse_listen(settings["listen"]):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, address = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                if os.name == "posix":
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"cannot listen there: {reason}", file=file,
+                              section="server:main", key="listen",
+                              value=settings["listen"]) from None
+
+
+def worker_logging() -> None:
+    """Logging in a worker process: a log handler inherited through fork has lost its writer
+    thread, so it is replaced; a handler someone else configured is kept."""
+    from meetinity_gateway.logs import BufferedStreamHandler, configure_logging
+
+    inherited = any(isinstance(h, BufferedStreamHandler) for h in logging.getLogger().handlers)
+    configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
+                      os.environ.get("LOG_FORMAT") or "json", force=inherited)
+
+
+def worker_app(target: str | None = None):
+    """The pipeline of ``GATEWAY_CONFIG``, loaded in a worker process (granian's and
+    gunicorn's loader)."""
+    from meetinity_gateway.assembly import load_pipeline
+
+    worker_logging()
+    return load_pipeline(Path(os.environ.get("GATEWAY_CONFIG") or "gateway.ini")).app
+
+
+def _serve_gunicorn(settings: t.Mapping[str, t.Any], file: str | None) -> int:
+    if sys.platform == "win32":
+        raise ConfigError("gunicorn does not run on Windows (use waitress)", file=file,
+                          section="server:main", key="server", value="gunicorn")
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError:
+        raise _missing("gunicorn", file) from None
+    options = gunicorn_options(settings)
+
+    class GatewayGunicorn(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return worker_app()
+
+    GatewayGunicorn().run()
+    return 0
+
+
+def _serve_granian(settings: t.Mapping[str, t.Any], file: str | None) -> int:
+    try:
+        from granian import Granian
+        from granian.constants import HTTPModes, Interfaces
+        from granian.http import HTTP1Settings
+    except ImportError:
+        raise _missing("granian", file) from None
+    addresses = parse_listen(settings["listen"])
+    if len(addresses) > 1:
+        raise ConfigError("granian listens on one address", file=file, section="server:main",
+                          key="listen", value=settings["listen"])
+    [(host, port)] = addresses
+    server = Granian(
+        "meetinity_gateway.wsgi:application",  # named for granian's logs; worker_app loads
+        address=host, port=port, interface=Interfaces.WSGI, http=HTTPModes.http1,
+        workers=settings["workers"], blocking_threads=settings["threads"],
+        backlog=settings["backlog"], websockets=False,
+        # at most `threads` requests in the interpreter at once, as under waitress
+        backpressure=settings["threads"],
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(settings["header_timeout"] * 1000), keep_alive=True),
+        workers_kill_timeout=max(1, round(settings["drain_seconds"])),
+        log_access=False,  # the gateway's observe layer writes the access log
+    )
+    server.serve(target_loader=worker_app)
     return 0
 
 
