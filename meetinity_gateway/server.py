@@ -34,8 +34,9 @@ server's ``channel_class`` — so nothing of waitress is forked:
   client). Beyond the watermark a worker thread has to wait for its client — waitress cannot
   park a WSGI response — so the total time one response may keep a thread waiting is capped
   at ``send_timeout`` seconds, then the connection is closed.
-* **Streaming**: ``send_bytes = 1``: each piece the application yields is sent at once (no
-  18 kB batching), so server-sent events reach the client as they are written.
+* **Streaming**: each piece the application yields is sent at once (waitress 3's
+  ``send_bytes`` is 1), so server-sent events reach the client as they are written
+  (``tests/test_server_smoke.py`` checks it under every server).
 * **Graceful stop** (:func:`run`): on SIGTERM / SIGINT (Ctrl+C, and Ctrl+Break where
   ``signal.SIGBREAK`` exists, i.e. Windows) the server stops accepting, lets the requests in
   flight finish for up to ``drain_seconds``, answers any further request on a kept-alive
@@ -67,7 +68,6 @@ import threading
 import time
 import typing as t
 import uuid
-import warnings
 from pathlib import Path
 
 from waitress.buffers import OverflowableBuffer
@@ -507,31 +507,39 @@ class GatewayChannel(HTTPChannel):
         return bool(self.requests or self.total_outbufs_len
                     or (request is not None and not request.empty))
 
+    # readable() and writable() run for every connection on every turn of the event loop:
+    # the common case is inlined (waitress' own tests, without a super() call).
     def readable(self) -> bool:
+        if self.force_close or self._linger_until is not None or self.request is not None:
+            return self._readable_rarely()
+        return not (self.will_close or self.close_when_flushed or self.total_outbufs_len
+                    or len(self.requests) > self.adj.channel_request_lookahead)
+
+    def _readable_rarely(self) -> bool:
         # Closing here, not through will_close: waitress closes a channel in handle_write,
         # which never runs while a stalled client keeps the socket unwritable.
         if self.force_close:
             self._close_now()
             return False
-        if self.lingering:
+        if self._linger_until is not None:
             return True
         request = self.request
-        if (request is not None and not request.headers_finished
+        if (not request.headers_finished
                 and time.monotonic() - request.started > self.server.gateway.header_timeout):
             # Headers this slow are an attack (slowloris) or a dead client: no answer.
             self._close_now()
             return False
-        return super().readable()
+        return HTTPChannel.readable(self)
 
     def writable(self) -> bool:
+        if self._linger_until is not None:
+            return time.monotonic() >= self._linger_until
         if self.closed:
             return False
-        if self.lingering:
-            return time.monotonic() >= self._linger_until
-        return super().writable()
+        return bool(self.total_outbufs_len or self.will_close or self.close_when_flushed)
 
     def handle_read(self) -> None:
-        if not self.lingering:
+        if self._linger_until is None:
             return super().handle_read()
         try:
             self.recv(65536)  # thrown away; an EOF or a reset closes (wasyncore's recv)
@@ -539,7 +547,7 @@ class GatewayChannel(HTTPChannel):
             self._close_now()
 
     def handle_write(self) -> None:
-        if self.lingering:  # linger time over
+        if self._linger_until is not None:  # linger time over
             return self._close_now()
         return super().handle_write()
 
@@ -656,8 +664,6 @@ def create_server(
                 "cleanup_interval"):
         kw.setdefault(key, DEFAULTS[key])
     kw.setdefault("asyncore_use_poll", True)
-    # Each piece the app yields goes out at once (server-sent events, streamed answers).
-    kw.setdefault("send_bytes", 1)
     if max_body_size is not None:
         kw.setdefault("max_request_body_size", 2 * max_body_size + 1)
     # Every connection holds a socket and, when its answer spools, a temporary file.
@@ -671,20 +677,16 @@ def create_server(
             kw["connection_limit"] = max(16, (available - 256) // 2)
             log.warning("open-file limit %d: connection_limit lowered from %d to %d",
                         available, limit, kw["connection_limit"])
-    with warnings.catch_warnings():
-        # waitress marks send_bytes deprecated; it is still the only way to stream small
-        # pieces at once (checked with each waitress upgrade by tests/test_server_stream.py).
-        warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)
-        server = waitress.create_server(
-            app,
-            listen=listen,
-            threads=threads,
-            ident="meetinity-gateway",
-            # waitress would strip X-Forwarded-* from every peer it does not trust; the
-            # gateway applies its own TRUSTED_PROXIES rule, which needs to see them.
-            clear_untrusted_proxy_headers=False,
-            **kw,
-        )
+    server = waitress.create_server(
+        app,
+        listen=listen,
+        threads=threads,
+        ident="meetinity-gateway",
+        # waitress would strip X-Forwarded-* from every peer it does not trust; the gateway
+        # applies its own TRUSTED_PROXIES rule, which needs to see them.
+        clear_untrusted_proxy_headers=False,
+        **kw,
+    )
     state = ServingState(header_timeout, send_timeout)
     server.gateway = state
     for listener in _listeners(server):
