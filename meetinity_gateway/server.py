@@ -785,10 +785,14 @@ def _drain(server, drain_seconds: float, wasyncore) -> None:
            and any(ch.busy() for ch in channels())):
         wasyncore.loop(timeout=min(0.2, adj.asyncore_loop_timeout), map=socket_map,
                        use_poll=adj.asyncore_use_poll, count=1)
-    left = sum(1 for ch in channels() if ch.busy())
-    if left:
-        log.warning("stopping: %d request(s) still in flight after %g s, cut", left,
-                    drain_seconds)
+    left = [ch for ch in channels() if ch.busy()]
+    for channel in left:
+        # Its access-log line comes only if its thread ends within the grace below (one
+        # waiting on an upstream may not): this line says what was cut, in any case.
+        request = channel.requests[0] if channel.requests else channel.request
+        log.warning("stopping: request still in flight after %g s, cut: %s %s from %s",
+                    drain_seconds, getattr(request, "command", "-"),
+                    getattr(request, "path", "-"), channel.addr[0] if channel.addr else "-")
     for channel in channels():
         channel._close_now()
     # Threads still writing notice the closed connection and end their request (its access
