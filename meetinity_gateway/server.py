@@ -402,8 +402,6 @@ class GatewayParser(HTTPRequestParser):
             names = [c.strip(b" \t").lower() for c in codings[0].split(b",")]
             if names[-1] != b"chunked" or names.count(b"chunked") != 1 or not all(names):
                 raise _Refused(400, "Transfer-Encoding must end with one chunked")
-            if len(names) > 1:
-                raise _Refused(501, "transfer coding not implemented")
         if version not in ((1, 0), (1, 1)):
             raise _Refused(505, "HTTP version not supported")
         if len(lengths) > 1:
@@ -416,6 +414,10 @@ class GatewayParser(HTTPRequestParser):
             raise _Refused(400, "missing Host")
         if hosts and not _HOST.fullmatch(hosts[0]):
             raise _Refused(400, "invalid Host")
+        if codings and "," in codings[0].decode("latin-1"):
+            # well-formed but for a coding before chunked (gzip, chunked): 501, once nothing
+            # else is wrong with the request
+            raise _Refused(501, "transfer coding not implemented")
 
 
 # -- tasks --------------------------------------------------------------------------------
