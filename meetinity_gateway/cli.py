@@ -143,12 +143,14 @@ def cmd_serve(args) -> int:
                                      server=args.server, workers=args.workers)
     # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
-    pipeline, app = serving_app(args.config, reload=args.reload)  # reload.py
-    log.info("meetinity-gateway %s: %s (config %s)", __version__, " -> ".join(pipeline.names),
-             pipeline.fingerprint)
+    if args.reload:
+        os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
+    pipeline, app = serving_app(args.config)  # reload.py: a ReloadingApp when RELOAD is on
+    started = (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
+               + f" (config {pipeline.fingerprint})")
     install_sighup(app)
     try:
-        return serving.serve(pipeline, settings, config=args.config, app=app)
+        return serving.serve(pipeline, settings, config=args.config, started=started, app=app)
     finally:
         logging.shutdown()  # write out buffered log lines
 

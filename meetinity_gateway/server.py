@@ -34,8 +34,9 @@ server's ``channel_class`` — so nothing of waitress is forked:
   client). Beyond the watermark a worker thread has to wait for its client — waitress cannot
   park a WSGI response — so the total time one response may keep a thread waiting is capped
   at ``send_timeout`` seconds, then the connection is closed.
-* **Streaming**: ``send_bytes = 1``: each piece the application yields is sent at once (no
-  18 kB batching), so server-sent events reach the client as they are written.
+* **Streaming**: each piece the application yields is sent at once (waitress 3's
+  ``send_bytes`` is 1), so server-sent events reach the client as they are written
+  (``tests/test_server_smoke.py`` checks it under every server).
 * **Graceful stop** (:func:`run`): on SIGTERM / SIGINT (Ctrl+C, and Ctrl+Break where
   ``signal.SIGBREAK`` exists, i.e. Windows) the server stops accepting, lets the requests in
   flight finish for up to ``drain_seconds``, answers any further request on a kept-alive
@@ -67,7 +68,7 @@ import threading
 import time
 import typing as t
 import uuid
-import warnings
+from pathlib import Path
 
 from waitress.buffers import OverflowableBuffer
 from waitress.channel import ClientDisconnected, HTTPChannel
@@ -189,7 +190,7 @@ DEFAULTS: dict[str, t.Any] = {
     # the worker thread waits.
     "outbuf_high_watermark": 24 * 1024 * 1024,
     "recv_bytes": 65536,
-    "max_request_header_size": 64 * 1024,
+    "max_request_header_size": 256 * 1024,  # waitress default
     # waitress: 30 s between idle sweeps; 1 s makes channel_timeout accurate.
     "cleanup_interval": 1,
 }
@@ -401,8 +402,6 @@ class GatewayParser(HTTPRequestParser):
             names = [c.strip(b" \t").lower() for c in codings[0].split(b",")]
             if names[-1] != b"chunked" or names.count(b"chunked") != 1 or not all(names):
                 raise _Refused(400, "Transfer-Encoding must end with one chunked")
-            if len(names) > 1:
-                raise _Refused(501, "transfer coding not implemented")
         if version not in ((1, 0), (1, 1)):
             raise _Refused(505, "HTTP version not supported")
         if len(lengths) > 1:
@@ -415,6 +414,10 @@ class GatewayParser(HTTPRequestParser):
             raise _Refused(400, "missing Host")
         if hosts and not _HOST.fullmatch(hosts[0]):
             raise _Refused(400, "invalid Host")
+        if codings and "," in codings[0].decode("latin-1"):
+            # well-formed but for a coding before chunked (gzip, chunked): 501, once nothing
+            # else is wrong with the request
+            raise _Refused(501, "transfer coding not implemented")
 
 
 # -- tasks --------------------------------------------------------------------------------
@@ -489,6 +492,8 @@ class GatewayChannel(HTTPChannel):
     error_task_class = JsonErrorTask
 
     linger_wanted = False  # a refused request: linger when closing
+    force_close = False  # set by a worker thread: the event loop closes the connection
+    closed = False
     _linger_until: float | None = None
     waited = 0.0  # seconds the current response has kept its thread waiting on this client
 
@@ -504,24 +509,39 @@ class GatewayChannel(HTTPChannel):
         return bool(self.requests or self.total_outbufs_len
                     or (request is not None and not request.empty))
 
+    # readable() and writable() run for every connection on every turn of the event loop:
+    # the common case is inlined (waitress' own tests, without a super() call).
     def readable(self) -> bool:
-        if self.lingering:
+        if self.force_close or self._linger_until is not None or self.request is not None:
+            return self._readable_rarely()
+        return not (self.will_close or self.close_when_flushed or self.total_outbufs_len
+                    or len(self.requests) > self.adj.channel_request_lookahead)
+
+    def _readable_rarely(self) -> bool:
+        # Closing here, not through will_close: waitress closes a channel in handle_write,
+        # which never runs while a stalled client keeps the socket unwritable.
+        if self.force_close:
+            self._close_now()
+            return False
+        if self._linger_until is not None:
             return True
         request = self.request
-        if (request is not None and not request.headers_finished
+        if (not request.headers_finished
                 and time.monotonic() - request.started > self.server.gateway.header_timeout):
             # Headers this slow are an attack (slowloris) or a dead client: no answer.
-            self.will_close = True
+            self._close_now()
             return False
-        return super().readable()
+        return HTTPChannel.readable(self)
 
     def writable(self) -> bool:
-        if self.lingering:
+        if self._linger_until is not None:
             return time.monotonic() >= self._linger_until
-        return super().writable()
+        if self.closed:
+            return False
+        return bool(self.total_outbufs_len or self.will_close or self.close_when_flushed)
 
     def handle_read(self) -> None:
-        if not self.lingering:
+        if self._linger_until is None:
             return super().handle_read()
         try:
             self.recv(65536)  # thrown away; an EOF or a reset closes (wasyncore's recv)
@@ -529,7 +549,7 @@ class GatewayChannel(HTTPChannel):
             self._close_now()
 
     def handle_write(self) -> None:
-        if self.lingering:  # linger time over
+        if self._linger_until is not None:  # linger time over
             return self._close_now()
         return super().handle_write()
 
@@ -551,8 +571,10 @@ class GatewayChannel(HTTPChannel):
 
     def _close_now(self) -> None:
         self._linger_until = None
-        self.linger_wanted = False
-        HTTPChannel.handle_close(self)
+        self.linger_wanted = self.force_close = False
+        if not self.closed:
+            self.closed = True
+            HTTPChannel.handle_close(self)
 
     def _flush_outbufs_below_high_watermark(self) -> None:
         # waitress' version waits as long as the client takes; this one charges the wait to
@@ -571,7 +593,7 @@ class GatewayChannel(HTTPChannel):
                     log.warning("client %s reads too slowly: connection closed after %.0f s "
                                 "of waiting", self.addr[0] if self.addr else "?", limit)
                     self.connected = False
-                    self.will_close = True
+                    self.force_close = True
                     self.server.pull_trigger()
                     raise ClientDisconnected
                 self.server.pull_trigger()
@@ -644,8 +666,6 @@ def create_server(
                 "cleanup_interval"):
         kw.setdefault(key, DEFAULTS[key])
     kw.setdefault("asyncore_use_poll", True)
-    # Each piece the app yields goes out at once (server-sent events, streamed answers).
-    kw.setdefault("send_bytes", 1)
     if max_body_size is not None:
         kw.setdefault("max_request_body_size", 2 * max_body_size + 1)
     # Every connection holds a socket and, when its answer spools, a temporary file.
@@ -659,20 +679,16 @@ def create_server(
             kw["connection_limit"] = max(16, (available - 256) // 2)
             log.warning("open-file limit %d: connection_limit lowered from %d to %d",
                         available, limit, kw["connection_limit"])
-    with warnings.catch_warnings():
-        # waitress marks send_bytes deprecated; it is still the only way to stream small
-        # pieces at once (checked with each waitress upgrade by tests/test_server_stream.py).
-        warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)
-        server = waitress.create_server(
-            app,
-            listen=listen,
-            threads=threads,
-            ident="meetinity-gateway",
-            # waitress would strip X-Forwarded-* from every peer it does not trust; the
-            # gateway applies its own TRUSTED_PROXIES rule, which needs to see them.
-            clear_untrusted_proxy_headers=False,
-            **kw,
-        )
+    server = waitress.create_server(
+        app,
+        listen=listen,
+        threads=threads,
+        ident="meetinity-gateway",
+        # waitress would strip X-Forwarded-* from every peer it does not trust; the gateway
+        # applies its own TRUSTED_PROXIES rule, which needs to see them.
+        clear_untrusted_proxy_headers=False,
+        **kw,
+    )
     state = ServingState(header_timeout, send_timeout)
     server.gateway = state
     for listener in _listeners(server):
@@ -681,18 +697,20 @@ def create_server(
     return server
 
 
-def _install_signals(state: ServingState) -> t.Callable[[], None]:
-    """Stop signals set a flag the loop checks (at least once a second). Only possible in
-    the main thread; elsewhere (tests) the caller stops the server with :func:`stop`."""
+def _install_signals(state: ServingState, socket_map: dict) -> t.Callable[[], None]:
+    """Stop signals set a flag the loop checks; ``signal.set_wakeup_fd`` on a socket pair in
+    the loop's map wakes the loop at once (a handler must not take the trigger's lock). Only
+    possible in the main thread; elsewhere (tests) the caller uses :func:`stop`."""
+    import waitress.wasyncore as wasyncore
+
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    names = ["SIGTERM", "SIGINT", "SIGBREAK"]  # SIGBREAK: Ctrl+Break on Windows
     previous = {}
 
     def handler(signum, frame):
         state.stops += 1
 
-    for name in names:
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):  # SIGBREAK: Ctrl+Break on Windows
         number = getattr(signal, name, None)
         if number is not None:
             try:
@@ -700,9 +718,30 @@ def _install_signals(state: ServingState) -> t.Callable[[], None]:
             except (OSError, ValueError):
                 pass
 
+    class Wakeup(wasyncore.dispatcher):
+        def readable(self) -> bool:
+            return True
+
+        def writable(self) -> bool:
+            return False
+
+        def handle_read(self) -> None:
+            try:
+                self.recv(512)
+            except OSError:
+                pass
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    wakeup = Wakeup(reader, map=socket_map)
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
     def restore() -> None:
+        signal.set_wakeup_fd(old_fd)
         for number, old in previous.items():
             signal.signal(number, old)
+        wakeup.close()
+        writer.close()
 
     return restore
 
@@ -719,7 +758,7 @@ def run(server, *, drain_seconds: float = DEFAULTS["drain_seconds"]) -> None:
     state: ServingState = server.gateway
     adj = _listeners(server)[0].adj
     socket_map = _socket_map(server)
-    restore = _install_signals(state)
+    restore = _install_signals(state, socket_map)
     try:
         while not state.stops and socket_map:
             wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=socket_map,
@@ -748,10 +787,14 @@ def _drain(server, drain_seconds: float, wasyncore) -> None:
            and any(ch.busy() for ch in channels())):
         wasyncore.loop(timeout=min(0.2, adj.asyncore_loop_timeout), map=socket_map,
                        use_poll=adj.asyncore_use_poll, count=1)
-    left = sum(1 for ch in channels() if ch.busy())
-    if left:
-        log.warning("stopping: %d request(s) still in flight after %g s, cut", left,
-                    drain_seconds)
+    left = [ch for ch in channels() if ch.busy()]
+    for channel in left:
+        # Its access-log line comes only if its thread ends within the grace below (one
+        # waiting on an upstream may not): this line says what was cut, in any case.
+        request = channel.requests[0] if channel.requests else channel.request
+        log.warning("stopping: request still in flight after %g s, cut: %s %s from %s",
+                    drain_seconds, getattr(request, "command", "-"),
+                    getattr(request, "path", "-"), channel.addr[0] if channel.addr else "-")
     for channel in channels():
         channel._close_now()
     # Threads still writing notice the closed connection and end their request (its access
@@ -763,15 +806,27 @@ def _drain(server, drain_seconds: float, wasyncore) -> None:
 
 def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
     """PasteDeploy ``paste.server_runner`` (``use = egg:meetinity_gateway#main`` in
-    ``[server:main]``, for ``pserve``): the same settings and server as ``serve``."""
+    ``[server:main]``, for ``pserve gateway.ini``): the same settings and server as ``serve``.
+    """
+    import configparser
+
     from meetinity_gateway.logs import configure_logging
 
+    file = (global_conf or {}).get("__file__")
+    # pserve calls logging.basicConfig() unless the ini has a [loggers] section: replace that
+    # default with the gateway's logging; an operator's own [loggers] setup is kept.
+    parser = configparser.RawConfigParser()
+    if file:
+        parser.read(file, encoding="utf-8")
     configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
-                      os.environ.get("LOG_FORMAT") or "json")
+                      os.environ.get("LOG_FORMAT") or "json",
+                      force=not parser.has_section("loggers"))
     settings = server_settings(local_conf, global_conf)
-    server = build(wsgi_app, settings, file=(global_conf or {}).get("__file__"))
+    server = build(wsgi_app, settings, file=file,
+                   max_body_size=max_body_size_of(file) if file else None)
     server.print_listen("Serving on http://{}:{}")
     run(server, drain_seconds=settings["drain_seconds"])
+    logging.shutdown()
     return 0
 
 
@@ -820,17 +875,160 @@ def read_settings(config, **overrides) -> dict[str, t.Any]:
     return settings
 
 
-def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -> int:
+def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, started: str = "",
+          app=None) -> int:
     """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped.
 
-    ``app`` replaces ``pipeline.app`` (a :class:`~meetinity_gateway.reload.ReloadingApp`)."""
+    ``started`` is logged once the server listens (so a bind error is the only line); ``app``
+    replaces ``pipeline.app`` under waitress (a :class:`~meetinity_gateway.reload.ReloadingApp`).
+    granian and gunicorn run worker processes that each load ``config`` themselves (threads
+    and sockets do not survive a fork); ``pipeline`` has validated it already."""
     name = settings["server"]
-    if name != "waitress":
-        raise ConfigError(f"server {name!r} is not supported by this version",
-                          file=str(config) if config else None, section="server:main",
-                          key="server", value=name)
-    server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
-                   file=str(config) if config else None)
-    server.print_listen("Serving on http://{}:{}")
-    run(server, drain_seconds=settings["drain_seconds"])
+    file = str(config) if config else None
+    if name == "waitress":
+        server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
+                       file=file)
+        if started:
+            logging.getLogger("meetinity_gateway").info("%s", started)
+        server.print_listen("Serving on http://{}:{}")
+        run(server, drain_seconds=settings["drain_seconds"])
+        return 0
+    if config is None:
+        raise ConfigError(f"server {name!r} needs the ini file's path")
+    os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
+    _check_bind(settings, file)
+    if started:
+        logging.getLogger("meetinity_gateway").info("%s (%s)", started, name)
+    logging.shutdown()  # flush; each worker process sets its logging up again
+    if name == "gunicorn":
+        return _serve_gunicorn(settings, file)
+    return _serve_granian(settings, file)
+
+
+def _missing(name: str, file: str | None) -> ConfigError:
+    return ConfigError(f"{name} is not installed (pip install meetinity_gateway[{name}])",
+                       file=file, section="server:main", key="server", value=name)
+
+
+def _check_bind(settings: t.Mapping[str, t.Any], file: str | None) -> None:
+    """Bind each address once, as the server will, so a taken port or an unknown host is a
+    one-line error here rather than the server's retries and tracebacks."""
+    for host, port in parse_listen(settings["listen"]):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, address = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                if os.name == "posix":
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"cannot listen there: {reason}", file=file,
+                              section="server:main", key="listen",
+                              value=settings["listen"]) from None
+
+
+def worker_logging() -> None:
+    """Logging in a worker process: a log handler inherited through fork has lost its writer
+    thread, so it is replaced; a handler someone else configured is kept."""
+    from meetinity_gateway.logs import BufferedStreamHandler, configure_logging
+
+    inherited = any(isinstance(h, BufferedStreamHandler) for h in logging.getLogger().handlers)
+    configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
+                      os.environ.get("LOG_FORMAT") or "json", force=inherited)
+
+
+def worker_app(target: str | None = None):
+    """The pipeline of ``GATEWAY_CONFIG``, loaded in a worker process (granian's and
+    gunicorn's loader)."""
+    from meetinity_gateway.reload import serving_app
+
+    worker_logging()
+    # With RELOAD on, each worker watches the files itself (a thread does not survive fork).
+    return serving_app(Path(os.environ.get("GATEWAY_CONFIG") or "gateway.ini"))[1]
+
+
+def _serve_gunicorn(settings: t.Mapping[str, t.Any], file: str | None) -> int:
+    if sys.platform == "win32":
+        raise ConfigError("gunicorn does not run on Windows (use waitress)", file=file,
+                          section="server:main", key="server", value="gunicorn")
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError:
+        raise _missing("gunicorn", file) from None
+    options = gunicorn_options(settings)
+
+    class GatewayGunicorn(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return worker_app()
+
+    GatewayGunicorn().run()
     return 0
+
+
+def _serve_granian(settings: t.Mapping[str, t.Any], file: str | None) -> int:
+    try:
+        from granian import Granian
+        from granian.constants import HTTPModes, Interfaces
+        from granian.http import HTTP1Settings
+    except ImportError:
+        raise _missing("granian", file) from None
+    addresses = parse_listen(settings["listen"])
+    if len(addresses) > 1:
+        raise ConfigError("granian listens on one address", file=file, section="server:main",
+                          key="listen", value=settings["listen"])
+    [(host, port)] = addresses
+    server = Granian(
+        "meetinity_gateway.wsgi:application",  # named for granian's logs; worker_app loads
+        address=host, port=port, interface=Interfaces.WSGI, http=HTTPModes.http1,
+        workers=settings["workers"], blocking_threads=settings["threads"],
+        backlog=settings["backlog"], websockets=False,
+        # at most `threads` requests in the interpreter at once, as under waitress
+        backpressure=settings["threads"],
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(settings["header_timeout"] * 1000), keep_alive=True),
+        workers_kill_timeout=max(1, round(settings["drain_seconds"])),
+        log_access=False,  # the gateway's observe layer writes the access log
+    )
+    server.serve(target_loader=worker_app)
+    return 0
+
+
+def _bind_strings(listen: str) -> list[str]:
+    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            for host, port in parse_listen(listen)]
+
+
+def gunicorn_options(settings: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """gunicorn settings equivalent to ``[server:main]``: ``gthread`` workers, same address,
+    threads, connection limit, keep-alive and drain period."""
+    return {
+        "bind": _bind_strings(settings["listen"]),
+        "workers": settings["workers"],
+        "threads": settings["threads"],
+        "worker_class": "gthread",
+        "worker_connections": settings["connection_limit"],
+        "backlog": settings["backlog"],
+        "keepalive": max(1, int(settings["channel_timeout"])),
+        "graceful_timeout": max(1, round(settings["drain_seconds"])),
+    }
+
+
+def max_body_size_of(config) -> int | None:
+    """``[app:gateway] max_body_size`` of the ini file, expanded (for servers that get only
+    the WSGI app, such as ``pserve``)."""
+    import configparser
+
+    from meetinity_gateway.config import expand
+
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(config, encoding="utf-8")
+        value = parser.get("app:gateway", "max_body_size")
+        return as_size(expand(value, key="max_body_size"))
+    except (configparser.Error, ValueError):
+        return None

@@ -272,9 +272,10 @@ def test_over_limit_declared_length_is_answered_before_the_body(small_limit_gate
 
 def test_waitress_server_answers_huge_headers_with_json(gateway):
     with connect(gateway.url) as sock:
-        sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        big = b"a" * 270000
+        sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-Big: " + big + b"\r\n\r\n")
         data, closed = read_until_close(sock)
-    assert closed and data.startswith(b"HTTP/1.0 431 ") or data.startswith(b"HTTP/1.1 431 ")
+    assert closed and data.startswith((b"HTTP/1.0 431 ", b"HTTP/1.1 431 "))
     assert json_error(data.partition(b"\r\n\r\n")[2])["code"] == 431
 
 
@@ -289,3 +290,83 @@ def test_a_crashing_app_still_gets_json_and_a_clean_close():
             data, closed = read_until_close(sock)
     assert data.startswith(b"HTTP/1.1 500 ") and closed
     assert json_error(data.partition(b"\r\n\r\n")[2])["code"] == 500
+
+
+# -- the class: generated framings ------------------------------------------------------------
+
+def _framings():
+    from hypothesis import strategies as st
+
+    spacing = st.sampled_from(["", " ", "\t", "  "])
+    te_word = st.sampled_from(["chunked", "Chunked", "CHUNKED", "gzip", "identity", "x",
+                               "chunked\x0b", "chunk", ""])
+    te_value = st.builds(lambda words, pad: pad + ", ".join(words) + pad,
+                         st.lists(te_word, min_size=1, max_size=3), spacing)
+    cl_value = st.sampled_from(["0", "5", "11", "+5", "0x5", "5, 5", " 5", "05", "-1", "1e1"])
+    header = st.one_of(
+        st.tuples(st.sampled_from(["Transfer-Encoding", "transfer-encoding",
+                                   "Transfer-Encoding ", " Transfer-Encoding"]), te_value),
+        st.tuples(st.sampled_from(["Content-Length", "content-length", "Content-Length "]),
+                  cl_value),
+        st.tuples(st.just("Host"), st.sampled_from(["a", "", "a b", "[::1]:80"])),
+        st.tuples(st.just("X-Other"), st.sampled_from(["1", "chunked"])),
+    )
+    version = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "HTTP/2.0"])
+    body = st.sampled_from([b"", b"0\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n", b"hello",
+                            b"5\nhello\r\n0\r\n\r\n", b"hello world"])
+    return st.tuples(version, st.lists(header, max_size=5), body)
+
+
+def ambiguous(version: str, headers: list[tuple[str, str]]) -> bool:
+    """The test's own reading of RFC 9112: framing a server must refuse with 400."""
+    names = [name.lower() for name, _ in headers]
+    te = [value for name, value in headers if name.lower() == "transfer-encoding"]
+    cl = [value.strip(" \t") for name, value in headers if name.lower() == "content-length"]
+    hosts = names.count("host")
+    return bool(
+        any(name != name.strip() for name in names)  # space before the colon, or a fold
+        or (te and (cl or version != "HTTP/1.1" or len(te) > 1))
+        or len(cl) > 1 or (cl and not cl[0].isdigit())
+        or (version == "HTTP/1.1" and hosts != 1) or hosts > 1)
+
+
+def test_generated_framings_never_smuggle_a_request(monkeypatch):
+    """Whatever framing a client chooses: an ambiguous one is a JSON 400 that closes the
+    connection with nothing forwarded; otherwise the upstream sees at most the request and
+    the one pipelined after it, each once."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.servers import TEST_JWT_SECRET, shipped_gateway
+    from tests.upstream import Upstream
+
+    with Upstream() as upstream:
+        gateway = shipped_gateway(monkeypatch, {
+            "USER_SERVICE_URL": upstream.url, "JWT_SECRET": TEST_JWT_SECRET,
+            "RATE_LIMIT_AUTH": "100000/minute"})
+        try:
+            @settings(max_examples=150, deadline=None, print_blob=True,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture])
+            @given(_framings())
+            def check(framing):
+                version, headers, body = framing
+                upstream.requests.clear()
+                head = f"POST /api/auth/framed {version}\r\n" + "".join(
+                    f"{name}: {value}\r\n" for name, value in headers)
+                with connect(gateway.url, timeout=5) as sock:
+                    sock.sendall(head.encode("latin-1") + b"\r\n" + body + SMUGGLED)
+                    data, _ = read_until_close(sock, timeout=2)
+                time.sleep(0.02)
+                targets = [target for _, target, _ in upstream.requests]
+                assert targets.count("/auth/framed") <= 1 and len(targets) <= 2, targets
+                if ambiguous(version, headers):
+                    assert targets == [], (framing, targets)
+                    head_bytes, _, payload = data.partition(b"\r\n\r\n")
+                    # 505 when the version is the first thing wrong
+                    allowed = {b"400"} if version in ("HTTP/1.0", "HTTP/1.1") else {b"400", b"505"}
+                    assert head_bytes.split(b" ")[1] in allowed, (framing, data)
+                    assert b"connection: close" in head_bytes.lower(), data
+                    json_error(payload)
+
+            check()
+        finally:
+            gateway.stop()

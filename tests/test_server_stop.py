@@ -1,0 +1,109 @@
+"""A stop signal drains ``meetinity-gateway serve``: in-flight requests finish and are logged,
+kept-alive connections are told ``Connection: close``, then the process exits."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import time
+
+import pytest
+
+from tests.rawhttp import connect, read_response
+from tests.servers import TEST_JWT_SECRET, GatewayProcess
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32",
+                                reason="sends POSIX signals to the child process")
+
+
+@pytest.fixture
+def served(upstream):
+    processes = []
+
+    def start(**env):
+        env.setdefault("USER_SERVICE_URL", upstream.url)
+        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
+        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
+        env.setdefault("LOG_FORMAT", "json")
+        env.setdefault("LOG_LEVEL", "INFO")
+        process = GatewayProcess(env=env)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()
+
+
+def access_lines(stderr: str) -> list[dict]:
+    lines = []
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "status" in record and "path" in record:
+            lines.append(record)
+    return lines
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_finishes_in_flight_requests_and_logs_them(served, signum):
+    gateway = served(GATEWAY_DRAIN_SECONDS="15")
+    kept_alive = connect(gateway.url)
+    slow = connect(gateway.url)
+    try:
+        kept_alive.sendall(b"GET /api/auth/first HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _, _ = read_response(kept_alive)
+        assert status == 200 and headers.get("connection") != "close"
+
+        slow.sendall(b"GET /api/auth/slow?seconds=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.3)  # the request is in flight
+        gateway.process.send_signal(signum)
+        time.sleep(0.5)
+
+        # No new connections while draining ...
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
+        # ... but a kept-alive connection's next request is answered, and told to close.
+        kept_alive.sendall(b"GET /api/auth/second HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _, _ = read_response(kept_alive)
+        assert status == 200 and headers["connection"] == "close"
+
+        status, headers, body, _ = read_response(slow, timeout=15)
+        assert status == 200 and headers["connection"] == "close"
+        assert json.loads(body) == {"slow": True}
+        gateway.process.wait(15)
+    finally:
+        kept_alive.close()
+        slow.close()
+    assert gateway.process.returncode == 0
+    logged = {(line["path"], line["status"]) for line in access_lines(gateway.stderr())}
+    assert {("/api/auth/first", 200), ("/api/auth/second", 200),
+            ("/api/auth/slow", 200)} <= logged
+
+
+def test_drain_deadline_cuts_what_is_left_and_exits(served):
+    gateway = served(GATEWAY_DRAIN_SECONDS="1")
+    slow = connect(gateway.url)
+    try:
+        slow.sendall(b"GET /api/auth/slow?seconds=30 HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.3)
+        started = time.monotonic()
+        gateway.process.terminate()
+        gateway.process.wait(15)
+        assert time.monotonic() - started < 12
+    finally:
+        slow.close()
+    assert gateway.process.returncode == 0
+    assert "still in flight after 1 s, cut: GET /api/auth/slow from 127.0.0.1" in gateway.stderr()
+
+
+def test_idle_server_stops_at_once(served):
+    gateway = served()
+    started = time.monotonic()
+    gateway.process.terminate()
+    gateway.process.wait(10)
+    assert gateway.process.returncode == 0
+    assert time.monotonic() - started < 5
