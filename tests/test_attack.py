@@ -109,8 +109,8 @@ QUERIES = st.one_of(
                      "?q=\x7f", "?q=a b", "?q=\x0b"]),
     st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=12).map(lambda s: "?" + s),
 )
-VERSIONS = st.sampled_from(["HTTP/1.1"] * 6 + ["HTTP/1.0", "HTTP/1.2", "HTTP/2.0",
-                                                "HTTP/0.9", "http/1.1"])
+VERSIONS = st.sampled_from(
+    ["HTTP/1.1"] * 6 + ["HTTP/1.0", "HTTP/1.2", "HTTP/2.0", "HTTP/0.9", "http/1.1"])
 AUTHS = st.sampled_from([
     ("Authorization", "Bearer " + VALID),
     ("Authorization", "Bearer " + VALID),
