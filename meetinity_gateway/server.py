@@ -10,9 +10,10 @@ server's ``channel_class`` — so nothing of waitress is forked:
   duplicated ``Transfer-Encoding`` / ``Content-Length`` / ``Host``, a ``Content-Length`` that is
   not plain digits, a missing ``Host`` on HTTP/1.1, obsolete line folding, whitespace before a
   colon, bare CR or LF, a sloppy chunked body (waitress skips empty chunk-size lines and lets
-  a bare LF end one) — each gets a 400 in the gateway's JSON error shape (501 for a transfer
-  coding other than chunked, 505 for an HTTP version other than 1.0/1.1) and the connection
-  is closed. Nothing the client sent after such a request is ever parsed.
+  a bare LF end one), a transfer coding other than chunked, an HTTP version other than
+  1.0/1.1 — each gets a 400 in the gateway's JSON error shape (never a 5xx: the client's bytes
+  are at fault, not the gateway) and the connection is closed. Nothing the client sent after
+  such a request is ever parsed.
 * **Over-limit bodies**: waitress refuses a body over its own cap (twice the gateway's largest
   ``max_body_size``) before the application sees it. Here that refusal becomes an ordinary
   request whose body is withheld: the application sees the declared ``Content-Length`` (for a
@@ -403,7 +404,8 @@ class GatewayParser(HTTPRequestParser):
             if names[-1] != b"chunked" or names.count(b"chunked") != 1 or not all(names):
                 raise _Refused(400, "Transfer-Encoding must end with one chunked")
         if version not in ((1, 0), (1, 1)):
-            raise _Refused(505, "HTTP version not supported")
+            # 400, not 505: client garbage never gets a 5xx (a 5xx says "the gateway failed")
+            raise _Refused(400, "HTTP version not supported")
         if len(lengths) > 1:
             raise _Refused(400, "duplicated Content-Length")
         if lengths and not _CONTENT_LENGTH.fullmatch(lengths[0]):
@@ -415,9 +417,9 @@ class GatewayParser(HTTPRequestParser):
         if hosts and not _HOST.fullmatch(hosts[0]):
             raise _Refused(400, "invalid Host")
         if codings and "," in codings[0].decode("latin-1"):
-            # well-formed but for a coding before chunked (gzip, chunked): 501, once nothing
-            # else is wrong with the request
-            raise _Refused(501, "transfer coding not implemented")
+            # well-formed but for a coding before chunked (gzip, chunked): a 400 like the
+            # rest (RFC 9112 allows 501, but a client's choice never earns a 5xx here)
+            raise _Refused(400, "transfer coding not supported")
 
 
 # -- tasks --------------------------------------------------------------------------------
@@ -425,7 +427,7 @@ class GatewayParser(HTTPRequestParser):
 _GENERIC = {
     RequestHeaderFieldsTooLarge: (431, "request header fields too large"),
     RequestEntityTooLarge: (413, "request body too large"),
-    ServerNotImplemented: (501, "transfer coding not implemented"),
+    ServerNotImplemented: (400, "transfer coding not supported"),
     InternalServerError: (500, "internal error"),
 }
 
