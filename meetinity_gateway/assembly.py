@@ -26,7 +26,6 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import importlib
-import logging
 import typing as t
 from importlib import metadata
 from pathlib import Path
@@ -58,9 +57,7 @@ from meetinity_gateway.transform import apply_transforms
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIApplication
 
-__all__ = ["Pipeline", "app_factory", "load_app", "load_pipeline"]
-
-log = logging.getLogger("meetinity_gateway")
+__all__ = ["Pipeline", "app_factory", "load_app", "load_pipeline", "mounted_summary"]
 
 
 @dataclasses.dataclass
@@ -313,9 +310,15 @@ def app_factory(global_conf, **local_conf):
         apply_transforms(_AllRoutes(router), transform_specs)
     except ConfigError as exc:
         raise exc.locate(file=file) from None
-    log.info("upstreams mounted: %s; not mounted (empty URL): %s",
-             ", ".join(mounted) or "none", ", ".join(unmounted_names) or "none")
     return router
+
+
+def mounted_summary(router: Router | None) -> str:
+    """Which upstreams serve and which are unmounted (an empty URL): for the start-up line."""
+    mounted = getattr(router, "upstreams", None) or {}
+    unmounted = getattr(router, "unmounted_upstreams", None) or []
+    return (f"upstreams mounted: {', '.join(mounted) or 'none'}; "
+            f"not mounted (empty URL): {', '.join(unmounted) or 'none'}")
 
 
 class _AllRoutes:

@@ -21,6 +21,7 @@ from meetinity_gateway.config import (
     load_env,
     refresh_env,
 )
+from meetinity_gateway.assembly import mounted_summary
 from meetinity_gateway.reload import install_sighup, serving_app
 
 log = logging.getLogger("meetinity_gateway")
@@ -146,8 +147,9 @@ def cmd_serve(args) -> int:
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
     pipeline, app = serving_app(args.config)  # reload.py: a ReloadingApp when RELOAD is on
+    # Logged once the server listens, so that a bind error is the only line.
     started = (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
-               + f" (config {pipeline.fingerprint})")
+               + f" (config {pipeline.fingerprint}); {mounted_summary(pipeline.router)}")
     install_sighup(app)
     try:
         return serving.serve(pipeline, settings, config=args.config, started=started, app=app)
