@@ -28,6 +28,9 @@ def served(upstream):
         env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
         env.setdefault("LOG_LEVEL", "WARNING")
         env.setdefault("LOG_FORMAT", "text")
+        # Fifty downloads of one upstream at once: the bulkhead (tests/test_upstream_faults.py)
+        # would refuse most of them before they could be slow readers.
+        env.setdefault("UPSTREAM_MAX_IN_FLIGHT", "off")
         process = GatewayProcess(env=env)
         processes.append(process)
         return process

@@ -110,7 +110,7 @@ def test_end_to_end_under_each_server(serve_with, upstream, name):
             digest.update(piece)
     assert digest.hexdigest() == pattern_digest(SIZE)
     # 50 MB up, chunked from a generator
-    response = client.post(gateway.url + "/api/users/upload", data=pattern(SIZE),
+    response = client.post(gateway.url + "/api/users/42/upload", data=pattern(SIZE),
                            headers=auth_headers(), timeout=120)
     assert response.status_code == 200, response.text
     assert response.json() == {"body_length": SIZE, "body_sha256": pattern_digest(SIZE)}
