@@ -135,11 +135,13 @@ def test_ci_fails_when_any_step_fails(tmp_path, step, status):
 
 
 def test_ci_installs_the_debian_package_of_every_tool_a_test_requires(tmp_path):
+    # Spelt in pieces: .ci/run scans this very file for require_tool("…") calls too.
+    fake = "no-such-tool-" + "4711"
     test_text = ('from tests.conftest import require_tool\n'
-                 'def test_x():\n    require_tool("no-such-tool-4711", "why")\n'
+                 'def test_x():\n    require_tool("' + fake + '", "why")\n'
                  'def test_y():\n    require_tool("bash", "present already")\n')
     result, calls = run_ci(tmp_path, test_text=test_text)
     assert result.returncode == 0, result.stderr
     installs = [call for call in calls if call.startswith("apt-get install")]
-    assert len(installs) == 1 and installs[0].endswith(" no-such-tool-4711"), calls
+    assert len(installs) == 1 and installs[0].endswith(" " + fake), calls
     assert calls.index(installs[0]) < calls.index("python3 -m venv .venv")
