@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.servers import TEST_JWT_SECRET, shipped_gateway
+from tests.servers import TEST_JWT_SECRET, clear_gateway_env, shipped_gateway
 from tests.upstream import Upstream
 
 #: Set by .ci/run: a test that would skip for a missing system tool fails instead.
@@ -28,13 +28,7 @@ def require_tool(name: str, why: str) -> str:
 def _clean_gateway_env(monkeypatch):
     """Tests start from the shipped defaults, whatever the developer's shell exports, plus
     the one variable the shipped gateway.ini requires: the (test-only) JWT secret."""
-    for key in list(os.environ):
-        if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
-                           "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE", "USER_SERVICE_URL",
-                           "EVENT_SERVICE_URL", "HEALTH_TIMEOUT", "LOG_", "METRICS_", "TRACE_",
-                           "PROMETHEUS_MULTIPROC_DIR", "MATCHING_SERVICE_URL",
-                           "MESSAGING_SERVICE_URL", "MATCHING_SUGGEST_")):
-            monkeypatch.delenv(key, raising=False)
+    clear_gateway_env(monkeypatch)
     monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
 
 

@@ -8,8 +8,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 
 from meetinity_gateway.assembly import load_pipeline
@@ -77,6 +79,39 @@ class WaitressServer:
 def write_ini(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+#: Environment variables the shipped gateway.ini reads: cleared so that tests start from the
+#: shipped defaults, whatever the developer's shell exports.
+GATEWAY_ENV_PREFIXES = (
+    "JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_", "GATEWAY_", "TRUSTED_PROXIES",
+    "MAX_BODY_SIZE", "USER_SERVICE_URL", "EVENT_SERVICE_URL", "MATCHING_SERVICE_URL",
+    "MESSAGING_SERVICE_URL", "MATCHING_SUGGEST_", "HEALTH_TIMEOUT", "LOG_", "METRICS_",
+    "TRACE_", "PROMETHEUS_MULTIPROC_DIR",
+)
+
+
+def clear_gateway_env(monkeypatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(GATEWAY_ENV_PREFIXES):
+            monkeypatch.delenv(key, raising=False)
+
+
+@contextmanager
+def module_gateway(env: dict[str, str], threads: int = 4):
+    """The shipped gateway.ini under waitress for a whole test module (Hypothesis runs many
+    examples against one): a clean environment plus the test JWT secret and ``env``, put
+    back afterwards."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        clear_gateway_env(monkeypatch)
+        server = shipped_gateway(monkeypatch, {"JWT_SECRET": TEST_JWT_SECRET, **env}, threads)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        monkeypatch.undo()
 
 
 def shipped_gateway(monkeypatch, env: dict[str, str], threads: int = 4) -> WaitressServer:

@@ -28,9 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meetinity_gateway.assembly import load_pipeline
 from tests.hostile import Answer, Recorded, ScriptedUpstream, raw_exchange
-from tests.servers import SHIPPED_INI, TEST_JWT_SECRET, WaitressServer, make_token
+from tests.servers import make_token, module_gateway
 
 SETTINGS = settings(
     max_examples=150,
@@ -52,30 +51,20 @@ _probes = itertools.count(1)
 @pytest.fixture(scope="module")
 def rig():
     """The shipped gateway under waitress, in front of one scripted upstream."""
-    with ScriptedUpstream() as upstream, pytest.MonkeyPatch.context() as patch:
+    with ScriptedUpstream() as upstream:
         env = {
-            "JWT_SECRET": TEST_JWT_SECRET,
-            "USER_SERVICE_URL": upstream.url,
-            "EVENT_SERVICE_URL": upstream.url,
-            "MATCHING_SERVICE_URL": upstream.url,
-            "MESSAGING_SERVICE_URL": upstream.url,
             "UPSTREAM_READ_TIMEOUT": "2",
             # Ejection is tested elsewhere; here every answer must come from the target.
             "UPSTREAM_MAX_FAILS": "100000",
-            "RATE_LIMIT_AUTH": "1000000/minute",
-            "RATE_LIMIT_USERS": "1000000/minute",
-            "RATE_LIMIT_EVENTS": "1000000/minute",
-            "RATE_LIMIT_MATCHING": "1000000/minute",
-            "RATE_LIMIT_MESSAGING": "1000000/minute",
+            # Neither the bulkhead nor any rate limit may answer instead of the target.
+            "UPSTREAM_MAX_IN_FLIGHT": "off",
         }
-        for key, value in env.items():
-            patch.setenv(key, value)
-        pipeline = load_pipeline(SHIPPED_INI)
-        server = WaitressServer(pipeline.app, threads=4, max_body_size=pipeline.max_body_size)
-        try:
+        for name in ("USER", "EVENT", "MATCHING", "MESSAGING"):
+            env[f"{name}_SERVICE_URL"] = upstream.url
+        for name in ("AUTH", "USERS", "EVENTS", "MATCHING", "MESSAGING"):
+            env[f"RATE_LIMIT_{name}"] = "1000000/minute"
+        with module_gateway(env) as server:
             yield server, upstream
-        finally:
-            server.stop()
 
 
 def assert_alive(port: int) -> None:

@@ -6,14 +6,13 @@ that records every request it receives (issue 11, point 2: OPTIONS used to pass 
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.rawclient import exchange, request_bytes
-from tests.servers import TEST_JWT_SECRET, make_token, shipped_gateway
+from tests.servers import make_token, module_gateway
 from tests.upstream import Upstream
 
 PROTECTED = ["/api/users/7", "/api/users", "/api/profile/me"]
@@ -24,25 +23,12 @@ ACRM = ("Access-Control-Request-Method", "DELETE")
 @pytest.fixture(scope="module")
 def shipped(request):
     """One shipped gateway for the module (Hypothesis runs many examples against it)."""
-    monkeypatch = pytest.MonkeyPatch()
-    for key in list(os.environ):
-        if key.startswith(("JWT_", "CORS_", "RATE_LIMIT", "RATELIMIT_", "UPSTREAM_",
-                           "GATEWAY_", "TRUSTED_PROXIES", "MAX_BODY_SIZE")) or key.endswith(
-                               "_SERVICE_URL"):
-            monkeypatch.delenv(key, raising=False)
-    upstream = Upstream().start()
-    server = None
-    try:
-        env = {"JWT_SECRET": TEST_JWT_SECRET, "RATE_LIMIT_AUTH": "100000/minute"}
+    with Upstream() as upstream:
+        env = {"RATE_LIMIT_AUTH": "100000/minute"}
         for name in ("USER", "EVENT", "MATCHING", "MESSAGING"):
             env[f"{name}_SERVICE_URL"] = upstream.url
-        server = shipped_gateway(monkeypatch, env)
-        yield server, upstream
-    finally:
-        if server is not None:
-            server.stop()
-        upstream.stop()
-        monkeypatch.undo()
+        with module_gateway(env) as server:
+            yield server, upstream
 
 
 def send(server, method, path, headers=(), body=b""):
