@@ -284,14 +284,22 @@ def share_of(item: RateLimitItem, processes: int) -> RateLimitItem:
     return type(item)(max(1, item.amount // processes), item.multiples, item.namespace)
 
 
-@dataclasses.dataclass(frozen=True)
 class _Count:
     """Where one limit stands for one caller, after this request."""
 
-    item: RateLimitItem
-    policy: str
-    remaining: int
-    reset_in: int  # whole seconds, rounded up
+    # A plain slotted class: made for every limit of every request (a frozen dataclass'
+    # __init__ costs several times more).
+    __slots__ = ("item", "policy", "remaining", "reset_in")
+
+    def __init__(self, item: RateLimitItem, policy: str, remaining: int, reset_in: int):
+        self.item = item
+        self.policy = policy
+        self.remaining = remaining
+        self.reset_in = reset_in  # whole seconds, rounded up
+
+    def __repr__(self) -> str:
+        return (f"_Count({self.item}, {self.policy!r}, remaining={self.remaining}, "
+                f"reset_in={self.reset_in})")
 
     def is_tighter_than(self, other: _Count) -> bool:
         return (self.remaining, -self.reset_in) < (other.remaining, -other.reset_in)
@@ -461,6 +469,17 @@ class RateLimitMiddleware:
             rule.name: tuple(share_of(item, processes) for item in rule.limits)
             for rule in self._all_rules()
         }
+        # Per rule, computed once: (policy names, the storage key's leading identifiers for
+        # the shared storage and for the local fallback). limits joins identifiers with "/"
+        # (str() of each): one pre-joined identifier names exactly the same counter.
+        self._per_rule = {
+            rule.name: (
+                tuple(rule.policy_names()),
+                f"{_NAMESPACE}/{self.namespace}/{rule.name}/",
+                f"{_NAMESPACE}/{self.namespace}.local/{rule.name}/",
+            )
+            for rule in self._all_rules()
+        }
         # Circuit breaker around the storage. Healthy: every request counts there. After a
         # failure: the storage is "failing"; requests apply on_error at once without touching
         # it, except one probe at a time (holding _probe), at most every retry_interval; only
@@ -584,20 +603,23 @@ class RateLimitMiddleware:
         """Hit each limit (shortest window first, stopping at the first refusal), then read
         where each stands. The hit alone decides; the stats only feed the headers.
         ``local``: count this process' share in the fallback storage."""
-        limiter = self.fallback if local else self.limiter
-        items = self._shares[rule.name] if local else rule.limits
-        # The local counters are named apart: the fallback's memory storage may be shared.
-        namespace = self.namespace + ".local" if local else self.namespace
+        policies, shared_prefix, local_prefix = self._per_rule[rule.name]
+        if local:
+            limiter, items = self.fallback, self._shares[rule.name]
+            # The local counters are named apart: the fallback's memory storage may be shared.
+            who = local_prefix + key
+        else:
+            limiter, items, who = self.limiter, rule.limits, shared_prefix + key
         allowed = True
         refused_at = None
         for index, item in enumerate(items):
-            if not limiter.hit(item, _NAMESPACE, namespace, rule.name, key):
+            if not limiter.hit(item, who):
                 allowed, refused_at = False, index
                 break
         now = time.time()
         counts = []
-        for index, (policy, item) in enumerate(zip(rule.policy_names(), items)):
-            stats = limiter.get_window_stats(item, _NAMESPACE, namespace, rule.name, key)
+        for index, (policy, item) in enumerate(zip(policies, items)):
+            stats = limiter.get_window_stats(item, who)
             remaining = 0 if index == refused_at else max(0, int(stats.remaining))
             reset_in = max(0, math.ceil(stats.reset_time - now))
             if index == refused_at:
