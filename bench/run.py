@@ -236,7 +236,8 @@ def transfers(gateway_url: str, headers: dict[str, str], pid: int) -> dict:
 
     base = peak_rss_kib(pid)
     started = time.perf_counter()
-    response = client.post(gateway_url + "/api/users/upload", data=Body(), timeout=300,
+    # /api/users/42/...: the caller (sub 42) owns it (rule.user_own)
+    response = client.post(gateway_url + "/api/users/42/upload", data=Body(), timeout=300,
                            headers=dict(headers, **{"Content-Length": str(TRANSFER)}))
     up = TRANSFER / (time.perf_counter() - started) / 1e6
     up_rss = (peak_rss_kib(pid) - base) / 1024
@@ -334,6 +335,10 @@ def main() -> int:
         "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
         "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(args.threads),
         "GATEWAY_WORKERS": "1", "RELOAD": "false",
+        # One upstream takes every request: the bulkhead's default (threads - 2) would answer
+        # 503 to the rest at once, which wrk counts as fast successes. Capped at the thread
+        # count it is still counted on every request, and never refuses.
+        "UPSTREAM_MAX_IN_FLIGHT": str(args.threads),
     }
     rows: list[tuple[str, str, str, dict]] = []  # (server, kind, label, wrk result)
     notes: list[str] = []

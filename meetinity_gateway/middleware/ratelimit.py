@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import math
 import re
@@ -361,6 +362,18 @@ class _SweptMemoryStorage(MemoryStorage):
                                          self._MemoryStorage__expire_events)
             self.timer.daemon = True
             self.timer.start()
+
+
+# limits wraps the storage methods (incr, get, the sliding-window calls, ...) in an
+# exception translator again for every subclass, so each counter read here went through
+# nested wrappers (8 calls for one ``get``). The memory storage never raises what they
+# translate (it is created without wrap_exceptions, and the middleware catches every storage
+# exception itself): its methods are called directly.
+for _name in dir(_SweptMemoryStorage):
+    _method = getattr(_SweptMemoryStorage, _name, None)
+    if callable(_method) and getattr(_method, "__wrapped__", None) is not None:
+        setattr(_SweptMemoryStorage, _name, inspect.unwrap(_method))
+del _name, _method
 
 
 class RateLimitMiddleware:
