@@ -190,7 +190,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--token", required=True)
     parser.add_argument("--origin", required=True)
-    parser.add_argument("--profile", help="write a cProfile of the stubbed pipeline here")
+    parser.add_argument("--profile", help="write a cProfile of one variant here")
+    parser.add_argument("--profile-variant", default="stubbed",
+                        help="the variant --profile runs (default: stubbed; full: with proxy)")
     args = parser.parse_args()
 
     import logging
@@ -218,7 +220,7 @@ def main() -> int:
         import cProfile
 
         profiler = cProfile.Profile()
-        app = apps["stubbed"]
+        app = apps[args.profile_variant]
         profiler.enable()
         for _ in range(args.requests):
             call(app, template)

@@ -106,7 +106,11 @@ def make_stdlib_app(upstream: str, pool_size: int):
                         break
                     yield piece
             finally:
-                if not response.isclosed():
+                if response.isclosed() or response.length == 0:
+                    # Read to its end (read1 does not close a sized body at its last byte):
+                    # the connection serves the next request.
+                    response.close()
+                else:
                     conn.close()  # not read to the end: never reused
 
         return stream()
