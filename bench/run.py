@@ -319,6 +319,13 @@ def main() -> int:
         sys.exit("--servers must include waitress (the targets are measured there)")
     if os.name != "posix" and "gunicorn" in servers:
         servers.remove("gunicorn")
+    import importlib.util
+
+    for name in list(servers):
+        if importlib.util.find_spec(name) is None:  # an optional extra not installed
+            print(f"{name} is not installed (pip install -r requirements-dev.txt): skipped",
+                  flush=True)
+            servers.remove(name)
     begun = time.monotonic()
 
     services = Services()
