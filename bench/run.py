@@ -41,8 +41,11 @@ import threading
 import time
 from pathlib import Path
 
-import jwt
-import requests
+try:
+    import jwt
+    import requests
+except ImportError as missing:  # installs nothing by itself: say what is needed
+    sys.exit(f"{missing.name} is missing: python -m pip install -r requirements-dev.txt")
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
