@@ -1,20 +1,24 @@
 """The reference points: the smallest honest WSGI pass-throughs, on two HTTP clients.
 
-``urllib3`` (the gateway's own client: a keep-alive ``HTTPConnectionPool``) or ``requests``
-(a pooled ``Session``, what the earlier gateway used): the request's method, path, query and
-body forwarded, the answer streamed back with hop-by-hop headers dropped (waitress refuses
-them). No routing, no middleware, no error shaping: whatever the full gateway costs beyond
-the urllib3 one is the price of its layers. Served by waitress with the same settings as the
-gateway (see ``bench/run.py``).
+``urllib3`` (a keep-alive ``HTTPConnectionPool`` driven through ``urlopen``) or ``stdlib``
+(``http.client``, one kept-alive ``HTTPConnection`` per server thread): the request's method,
+path, query and body forwarded, the answer streamed back with hop-by-hop headers dropped
+(servers refuse them). No routing, no middleware, no error shaping, no timeouts beyond the
+connection's: whatever the full gateway costs beyond these is the price of its layers and
+its client. Served with the same settings as the gateway (see ``bench/run.py``)::
 
-``python bench/passthrough.py urllib3|requests UPSTREAM_URL HOST:PORT THREADS``
+    python bench/passthrough.py urllib3|stdlib UPSTREAM_URL HOST:PORT THREADS [waitress|granian]
+
+gunicorn imports ``passthrough:app`` (``--chdir bench``) built from ``PASSTHROUGH_CLIENT``,
+``PASSTHROUGH_UPSTREAM`` and ``PASSTHROUGH_THREADS`` in the environment.
 """
 from __future__ import annotations
 
+import http.client
+import os
 import sys
-
-import requests
-from requests.adapters import HTTPAdapter
+import threading
+from urllib.parse import urlsplit
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authenticate", "proxy-authorization"}
@@ -57,36 +61,106 @@ def make_urllib3_app(upstream: str, pool_size: int):
     return app
 
 
-def make_requests_app(upstream: str, pool_size: int):
-    session = requests.Session()
-    session.trust_env = False
-    session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=pool_size))
+def make_stdlib_app(upstream: str, pool_size: int):
+    url = urlsplit(upstream)
+    local = threading.local()
+
+    def connection() -> http.client.HTTPConnection:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        return conn
+
+    def body_of(environ):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        stream = environ["wsgi.input"]
+        while length > 0:
+            piece = stream.read(min(length, 65536))
+            if not piece:
+                return
+            length -= len(piece)
+            yield piece
 
     def app(environ, start_response):
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"].read(length) if length else None
-        response = session.request(environ["REQUEST_METHOD"], upstream + _target(environ),
-                                   headers=_headers(environ), data=body, stream=True,
-                                   allow_redirects=False)
-        start_response(f"{response.status_code} {response.reason}",
-                       [(k, v) for k, v in response.raw.headers.items()
-                        if k.lower() not in _HOP])
-        return _streamed(response.raw, response.close)
+        conn = connection()
+        headers = _headers(environ)
+        length = environ.get("CONTENT_LENGTH")
+        if length:
+            headers["Content-Length"] = length
+        try:
+            conn.request(environ["REQUEST_METHOD"], _target(environ),
+                         body=body_of(environ) if length else None, headers=headers,
+                         encode_chunked=False)
+            response = conn.getresponse()
+        except Exception:
+            conn.close()  # reconnects on the next request
+            raise
+        start_response(f"{response.status} {response.reason}",
+                       [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP])
+
+        def stream():
+            try:
+                while True:
+                    piece = response.read1(65536)
+                    if not piece:
+                        break
+                    yield piece
+            finally:
+                if response.isclosed() or response.length == 0:
+                    # Read to its end (read1 does not close a sized body at its last byte):
+                    # the connection serves the next request.
+                    response.close()
+                else:
+                    conn.close()  # not read to the end: never reused
+
+        return stream()
 
     return app
+
+
+MAKERS = {"urllib3": make_urllib3_app, "stdlib": make_stdlib_app}
+
+
+def from_environment():
+    """The app described by ``PASSTHROUGH_*`` (gunicorn's and granian's workers)."""
+    return MAKERS[os.environ["PASSTHROUGH_CLIENT"]](
+        os.environ["PASSTHROUGH_UPSTREAM"], int(os.environ.get("PASSTHROUGH_THREADS", "8")))
+
+
+def load(target=None):
+    """granian's ``target_loader``: the app, built in the worker process."""
+    return from_environment()
+
+
+def __getattr__(name):  # ``passthrough:app`` for gunicorn, built on first import
+    if name == "app":
+        return from_environment()
+    raise AttributeError(name)
 
 
 def main() -> None:
     import logging
 
+    client, upstream, listen, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    server = sys.argv[5] if len(sys.argv) > 5 else "waitress"
+    if server == "granian":
+        from granian import Granian
+        from granian.constants import HTTPModes, Interfaces
+
+        os.environ.update(PASSTHROUGH_CLIENT=client, PASSTHROUGH_UPSTREAM=upstream,
+                          PASSTHROUGH_THREADS=str(threads))
+        host, _, port = listen.rpartition(":")
+        # The gateway's granian settings (meetinity_gateway.server._serve_granian).
+        Granian("passthrough:app", address=host, port=int(port), interface=Interfaces.WSGI,
+                http=HTTPModes.http1, workers=1, blocking_threads=threads,
+                backpressure=threads, websockets=False, log_access=False,
+                ).serve(target_loader=load)
+        return
+
     from meetinity_gateway.cli import create_server
 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as the gateway does
-
-    client, upstream, listen, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    make_app = {"urllib3": make_urllib3_app, "requests": make_requests_app}[client]
-    server = create_server(make_app(upstream, threads), listen=listen, threads=threads)
-    server.run()
+    create_server(MAKERS[client](upstream, threads), listen=listen, threads=threads).run()
 
 
 if __name__ == "__main__":

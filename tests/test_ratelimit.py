@@ -253,6 +253,39 @@ def test_key_header_counts_by_hashed_value_then_by_address():
     assert keys and not any("secret" in key for key in keys)
 
 
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+def test_counters_keep_their_storage_names(strategy):
+    """The counters are named as limits names them from (our namespace, the instance's
+    namespace, the rule, the caller): a shared storage (Redis) keeps every budget across a
+    gateway upgrade; the local fallback's counters are named apart."""
+    storage = MemoryStorage()
+    limits = parse_limits("5/minute")
+    app = app_with(rules={"auth": "/api/auth 5/minute"}, storage=storage, strategy=strategy,
+                   namespace="edge")
+    app.get("/api/auth")
+    expected = limits[0].key_for("meetinity_gateway", "edge", "auth", "addr:198.51.100.7")
+    assert expected.endswith("meetinity_gateway/edge/auth/addr:198.51.100.7/5/1/minute")
+    keys = list(storage.storage) + list(storage.events)
+    assert keys and all(key == expected or key.startswith(expected + "/") for key in keys), keys
+
+
+def test_memory_storage_calls_no_exception_wrappers_yet_counts():
+    """The memory storage's methods run unwrapped (limits re-wraps them per subclass), and the
+    budget still holds under concurrent requests."""
+    from meetinity_gateway.middleware.ratelimit import _SweptMemoryStorage
+
+    storage = _SweptMemoryStorage("memory://")
+    for name in ("get", "incr", "acquire_sliding_window_entry", "get_sliding_window",
+                 "acquire_entry", "get_moving_window"):
+        assert not hasattr(getattr(type(storage), name), "__wrapped__"), name
+    app = app_with(rules={"auth": "/api/auth 20/minute"}, storage=storage)
+    avoid_window_edge(60)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(
+            lambda _: app.get("/api/auth", expect_errors=True).status_int, range(40)))
+    assert statuses.count(200) == 20 and statuses.count(429) == 20
+
+
 # -- strategies and concurrency -------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])

@@ -281,9 +281,11 @@ class AuthorizeMiddleware:
         trailing slash ignored): the request must be allowed both as sent and in that
         normalized form, so no spelling of a path escapes the rule its plain form meets.
         """
-        normalized = _SLASHES.sub("/", path or "/").rstrip("/") or "/"
         rule, allowed = self._decide(path, method, claims)
-        if allowed and normalized != path:
+        if not allowed or ("//" not in path and not path.endswith("/")) or path == "/":
+            return rule, allowed  # refused already, or nothing a service would normalise
+        normalized = _SLASHES.sub("/", path).rstrip("/") or "/"
+        if normalized != path:
             other, allowed = self._decide(normalized, method, claims)
             if not allowed:
                 rule = other
@@ -322,13 +324,14 @@ class AuthorizeMiddleware:
         path = environ.get("PATH_INFO") or "/"
         # A framework behind may honour X-HTTP-Method-Override: the request must be allowed
         # as the method it claims to be, too.
-        methods = [environ.get("REQUEST_METHOD", "GET")] + [
-            value.strip().upper() for key in METHOD_OVERRIDE_KEYS
-            if (value := environ.get(key)) and value.strip()]
-        for method in methods:
-            rule, allowed = self.decide(path, method, claims)
-            if not allowed:
-                break
+        rule, allowed = self.decide(path, environ.get("REQUEST_METHOD", "GET"), claims)
+        if allowed:
+            for key in METHOD_OVERRIDE_KEYS:
+                value = environ.get(key)
+                if value and value.strip():
+                    rule, allowed = self.decide(path, value.strip().upper(), claims)
+                    if not allowed:
+                        break
         if allowed:
             return self.app(environ, start_response)
         name = rule.name if rule is not None else "default"

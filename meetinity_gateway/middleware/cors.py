@@ -235,6 +235,9 @@ def _as_items(value: t.Iterable[str] | str) -> list[str]:
     return as_list(value) if isinstance(value, str) else list(value)
 
 
+_VARY_ORIGIN = ("Vary", "Origin")
+
+
 def _merge_vary(headers: list[tuple[str, str]], names: t.Iterable[str]) -> list[tuple[str, str]]:
     """``headers`` with one ``Vary`` holding its old values plus ``names`` (no duplicates)."""
     values: list[str] = []
@@ -406,11 +409,23 @@ class CorsMiddleware:
             cors = self._simple_for(origin)
 
         def start_with_cors(status, headers, exc_info=None):
-            if cors:
-                # Ours replace whatever the inner app said about CORS.
-                headers = [h for h in headers if not h[0].lower().startswith(_CORS_PREFIX)]
-                headers.extend(cors)
-            headers = _merge_vary(list(headers), ("Origin",))
+            # One pass: ours replace whatever the inner app said about CORS; a Vary of its
+            # own is merged (rare), else Vary: Origin is appended.
+            kept = []
+            has_vary = False
+            for header in headers:
+                lowered = header[0].lower()
+                if cors and lowered.startswith(_CORS_PREFIX):
+                    continue
+                if lowered == "vary":
+                    has_vary = True
+                kept.append(header)
+            kept.extend(cors)
+            if has_vary:
+                headers = _merge_vary(kept, ("Origin",))
+            else:
+                kept.append(_VARY_ORIGIN)
+                headers = kept
             if exc_info is not None:
                 return start_response(status, headers, exc_info)
             return start_response(status, headers)

@@ -73,6 +73,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _has_dot_segment(path: str) -> bool:
     """A ``.``/``..`` segment, also with parameters (``..;jsessionid=x``, ``.;``)."""
+    if "." not in path:
+        return False  # the common case: no dot at all, no segment to split
     return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
 
 
@@ -94,7 +96,8 @@ def unsafe_path_reason(
         raw_path = raw_uri.split("?", 1)[0]
         if _ENCODED_SEPARATOR.search(raw_path):
             return "encoded slash in path"
-        if _has_dot_segment(raw_path) or _has_dot_segment(unquote(raw_path)):
+        if _has_dot_segment(raw_path) or ("%" in raw_path
+                                          and _has_dot_segment(unquote(raw_path))):
             return "dot-segment in path"
     if _has_dot_segment(path_info):
         return "dot-segment in path"
@@ -166,6 +169,7 @@ class ErrorMiddleware:
         self.request_id_header = request_id_header
         self._environ_key = "HTTP_" + request_id_header.upper().replace("-", "_")
         self.check_paths = check_paths
+        self._header_name = request_id_header.lower()
 
     def log_exception(self, environ: WSGIEnvironment, what: str) -> None:
         log.exception(
@@ -180,7 +184,7 @@ class ErrorMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         request_id = assign_request_id(environ, self._environ_key)
         id_header = (self.request_id_header, request_id)
-        header_name = self.request_id_header.lower()
+        header_name = self._header_name
         started = []
 
         def start_with_id(status, headers, exc_info=None):

@@ -240,6 +240,11 @@ class _Metrics:
             "ratelimit_rejections", "Requests refused with 429, by rate-limit rule.",
             ("rule",), **common)
         self.by_request: dict[tuple[str, str, str], tuple[t.Any, t.Any]] = {}
+        # Children of the per-upstream collectors, by label values: labels() validates and
+        # takes the collector's lock on every call. Bounded like prometheus' own table (the
+        # configured upstreams and their resolved targets, the few failure reasons).
+        self.by_upstream: dict[tuple[str, ...], t.Any] = {}
+        self.failures_by: dict[tuple[str, ...], t.Any] = {}
         self.auth_failures = Counter(
             "auth_failures", "Requests refused by authentication, by reason.",
             ("reason",), **common)
@@ -443,10 +448,17 @@ class ObserveMiddleware:
         if upstream is not None:
             for target, upstream_ms, failure in _attempts(environ):
                 if failure:
-                    metrics.upstream_failures.labels(upstream, target, failure).inc()
+                    key = (upstream, target, failure)
+                    child = metrics.failures_by.get(key)
+                    if child is None:
+                        child = metrics.failures_by[key] = metrics.upstream_failures.labels(*key)
+                    child.inc()
                 elif upstream_ms is not None:
-                    metrics.upstream_duration.labels(upstream, target).observe(
-                        upstream_ms / 1000.0)
+                    key = (upstream, target)
+                    child = metrics.by_upstream.get(key)
+                    if child is None:
+                        child = metrics.by_upstream[key] = metrics.upstream_duration.labels(*key)
+                    child.observe(upstream_ms / 1000.0)
             limit = environ.get(UPSTREAM_LIMIT_KEY)
             if limit and metrics.upstream_limits.get(upstream) != limit:
                 metrics.upstream_limits[upstream] = limit

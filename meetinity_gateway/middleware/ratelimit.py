@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import math
 import re
@@ -284,14 +285,22 @@ def share_of(item: RateLimitItem, processes: int) -> RateLimitItem:
     return type(item)(max(1, item.amount // processes), item.multiples, item.namespace)
 
 
-@dataclasses.dataclass(frozen=True)
 class _Count:
     """Where one limit stands for one caller, after this request."""
 
-    item: RateLimitItem
-    policy: str
-    remaining: int
-    reset_in: int  # whole seconds, rounded up
+    # A plain slotted class: made for every limit of every request (a frozen dataclass'
+    # __init__ costs several times more).
+    __slots__ = ("item", "policy", "remaining", "reset_in")
+
+    def __init__(self, item: RateLimitItem, policy: str, remaining: int, reset_in: int):
+        self.item = item
+        self.policy = policy
+        self.remaining = remaining
+        self.reset_in = reset_in  # whole seconds, rounded up
+
+    def __repr__(self) -> str:
+        return (f"_Count({self.item}, {self.policy!r}, remaining={self.remaining}, "
+                f"reset_in={self.reset_in})")
 
     def is_tighter_than(self, other: _Count) -> bool:
         return (self.remaining, -self.reset_in) < (other.remaining, -other.reset_in)
@@ -353,6 +362,18 @@ class _SweptMemoryStorage(MemoryStorage):
                                          self._MemoryStorage__expire_events)
             self.timer.daemon = True
             self.timer.start()
+
+
+# limits wraps the storage methods (incr, get, the sliding-window calls, ...) in an
+# exception translator again for every subclass, so each counter read here went through
+# nested wrappers (8 calls for one ``get``). The memory storage never raises what they
+# translate (it is created without wrap_exceptions, and the middleware catches every storage
+# exception itself): its methods are called directly.
+for _name in dir(_SweptMemoryStorage):
+    _method = getattr(_SweptMemoryStorage, _name, None)
+    if callable(_method) and getattr(_method, "__wrapped__", None) is not None:
+        setattr(_SweptMemoryStorage, _name, inspect.unwrap(_method))
+del _name, _method
 
 
 class RateLimitMiddleware:
@@ -459,6 +480,17 @@ class RateLimitMiddleware:
         }
         self._shares = {
             rule.name: tuple(share_of(item, processes) for item in rule.limits)
+            for rule in self._all_rules()
+        }
+        # Per rule, computed once: (policy names, the storage key's leading identifiers for
+        # the shared storage and for the local fallback). limits joins identifiers with "/"
+        # (str() of each): one pre-joined identifier names exactly the same counter.
+        self._per_rule = {
+            rule.name: (
+                tuple(rule.policy_names()),
+                f"{_NAMESPACE}/{self.namespace}/{rule.name}/",
+                f"{_NAMESPACE}/{self.namespace}.local/{rule.name}/",
+            )
             for rule in self._all_rules()
         }
         # Circuit breaker around the storage. Healthy: every request counts there. After a
@@ -584,20 +616,23 @@ class RateLimitMiddleware:
         """Hit each limit (shortest window first, stopping at the first refusal), then read
         where each stands. The hit alone decides; the stats only feed the headers.
         ``local``: count this process' share in the fallback storage."""
-        limiter = self.fallback if local else self.limiter
-        items = self._shares[rule.name] if local else rule.limits
-        # The local counters are named apart: the fallback's memory storage may be shared.
-        namespace = self.namespace + ".local" if local else self.namespace
+        policies, shared_prefix, local_prefix = self._per_rule[rule.name]
+        if local:
+            limiter, items = self.fallback, self._shares[rule.name]
+            # The local counters are named apart: the fallback's memory storage may be shared.
+            who = local_prefix + key
+        else:
+            limiter, items, who = self.limiter, rule.limits, shared_prefix + key
         allowed = True
         refused_at = None
         for index, item in enumerate(items):
-            if not limiter.hit(item, _NAMESPACE, namespace, rule.name, key):
+            if not limiter.hit(item, who):
                 allowed, refused_at = False, index
                 break
         now = time.time()
         counts = []
-        for index, (policy, item) in enumerate(zip(rule.policy_names(), items)):
-            stats = limiter.get_window_stats(item, _NAMESPACE, namespace, rule.name, key)
+        for index, (policy, item) in enumerate(zip(policies, items)):
+            stats = limiter.get_window_stats(item, who)
             remaining = 0 if index == refused_at else max(0, int(stats.remaining))
             reset_in = max(0, math.ceil(stats.reset_time - now))
             if index == refused_at:
