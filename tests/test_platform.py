@@ -96,6 +96,9 @@ def test_every_shipped_route_reaches_its_service_and_path(platform, method, path
     ("DELETE", "/api/users//7"), ("DELETE", "/api/users/%D9%A7"), ("PUT", "/api/users/007"),
     ("GET", "/api/users/7/recommendations"), ("GET", "/api/matching/matches/7"),
     ("GET", "/api/matching/algorithm/suggest/7"),
+    # A user's sub-resources are private for reading too (a GDPR export, sessions, …).
+    ("GET", "/api/users/7/export"), ("GET", "/api/users/7/sessions"),
+    ("HEAD", "/api/users/7/connections"), ("GET", "/api/users/007/activities"),
 ])
 def test_a_user_cannot_touch_another_users_resources(platform, method, path):
     start, upstreams = platform
@@ -103,8 +106,9 @@ def test_a_user_cannot_touch_another_users_resources(platform, method, path):
     before = counts(upstreams)
     response = call(server, method, path, ADA)
     assert response.status_code == 403
-    body = response.json()["error"]
-    assert body["code"] == 403 and body["message"].startswith("forbidden by rule ")
+    if method != "HEAD":  # a HEAD answer has no body
+        body = response.json()["error"]
+        assert body["code"] == 403 and body["message"].startswith("forbidden by rule ")
     assert counts(upstreams) == before  # no service saw it
 
 
@@ -118,8 +122,25 @@ def test_the_owner_may_change_and_delete_their_own_user(platform):
         assert response.json()["path"] == "/users/42"
     assert call(server, "POST", "/api/users/42/photo", ADA, data=b"x").status_code == 200
     assert len(upstreams["user"].requests) == 4
+    assert call(server, "GET", "/api/users/42/export", ADA).status_code == 200
+    assert len(upstreams["user"].requests) == 5
     # Bob's token, Bob's id.
     assert call(server, "DELETE", "/api/users/7", BOB).status_code == 200
+
+
+def test_moderating_events_needs_the_admin_claim(platform):
+    start, upstreams = platform
+    server = start()
+    for action in ("approve", "reject"):
+        response = call(server, "POST", f"/api/events/5/{action}", ADA)
+        assert response.status_code == 403
+        assert response.json()["error"]["message"].startswith(f"forbidden by rule event_{action}")
+    assert len(upstreams["event"].requests) == 0
+    response = call(server, "POST", "/api/events/5/approve", ADMIN)
+    assert response.status_code == 200 and response.json()["path"] == "/events/5/approve"
+    # Reading and joining events stays open to any signed-in user.
+    assert call(server, "GET", "/api/events/5", ADA).status_code == 200
+    assert call(server, "POST", "/api/events/5/join", ADA, json={}).status_code == 200
 
 
 def test_listing_users_needs_the_admin_claim(platform):

@@ -400,7 +400,13 @@ def test_shipped_ini_limits_auth_per_address_and_services_per_user(monkeypatch):
         layer = layer.app
     by_address, by_user = layers
     # One login is 4 auth calls: 60/minute lets 15 logins a minute through one address.
-    assert by_address.describe() == ["auth: * /api/auth 60 per 1 minute"]
+    # Session checks (every app start, a venue behind one address) are not logins.
+    assert by_address.describe() == [
+        "auth: * /api/auth 60 per 1 minute",
+        "auth_session: * /api/auth/profile, /api/auth/verify 600 per 1 minute",
+    ]
+    assert by_address.rule_for("GET", "/api/auth/profile").name == "auth_session"
+    assert by_address.rule_for("POST", "/api/auth/google").name == "auth"
     assert (by_address.claim, by_address.namespace) == (None, "ratelimit")
     assert by_address.rule_for("GET", "/api/users/1") is None
     assert (by_user.claim, by_user.namespace) == ("sub", "userlimit")
