@@ -1,7 +1,6 @@
 """What the proxy accepts from an upstream on the wire: one final response, strictly framed.
 
-The upstream connection classes used by every upstream pool
-(:class:`GuardedHTTPConnection`, :class:`GuardedHTTPSConnection`) read responses with
+The upstream client (:mod:`meetinity_gateway.proxy.client`) reads every response with
 :class:`GuardedResponse`, a :class:`http.client.HTTPResponse` that
 
 * **reads past interim responses**: ``100``, ``102``, ``103`` or any other ``1xx`` except
@@ -11,7 +10,7 @@ The upstream connection classes used by every upstream pool
   real answer stayed unread in a connection that went back to the pool — the next request on
   it, another user's, got it.)
 * **refuses** with :class:`InvalidUpstreamResponse` (an :class:`http.client.HTTPException`,
-  so urllib3 closes the connection and the proxy answers a JSON 502):
+  so the client closes the connection and the proxy answers a JSON 502):
 
   - a ``101 Switching Protocols`` (the gateway never asks for an upgrade);
   - a status line other than ``HTTP/1.x NNN [reason]`` with a status from 100 to 599 and a
@@ -29,11 +28,15 @@ the rest: such an upstream is broken or hostile, and repairing its headers (as t
 e-mail parser does, splitting a value at a bare CR into a second header) would hand the client
 something the upstream never meant — or let the upstream inject headers.
 
+* **reads the body as it comes**: :meth:`GuardedResponse.read1` returns what is available,
+  up to the size asked (an answer written in small pieces goes on piece by piece), and
+  raises :class:`http.client.IncompleteRead` when a ``Content-Length`` body ends early (the
+  stdlib's ``read1`` would just return ``b""``, a truncated body looking complete).
+
 Whether a connection may carry another request afterwards is decided by the stdlib as usual
 (``Connection: close``, HTTP/1.0 without keep-alive, a close-delimited body all close it);
-the proxy additionally gives a connection back to its pool only once its response was read to
-its exact end (see :mod:`meetinity_gateway.proxy.app`), and urllib3 closes a pooled
-connection that has unread bytes waiting when it is taken out again.
+the client additionally gives a connection back to its pool only once its response was read
+to its exact end with nothing after it (see :mod:`meetinity_gateway.proxy.client`).
 """
 from __future__ import annotations
 
@@ -41,11 +44,7 @@ import http.client
 import re
 import typing as t
 
-from urllib3.connection import HTTPConnection, HTTPSConnection
-
 __all__ = [
-    "GuardedHTTPConnection",
-    "GuardedHTTPSConnection",
     "GuardedResponse",
     "InvalidUpstreamResponse",
     "MAX_INTERIM",
@@ -137,6 +136,33 @@ class GuardedResponse(http.client.HTTPResponse):
             self.length = 0
             self._close_conn()
 
+    def read1(self, n: int = -1) -> bytes:
+        """What is available of the body, up to ``n`` bytes (at most one read from the
+        socket once the framing is known); ``b""`` when the body is over, the connection's
+        part done (``isclosed()``)."""
+        if self.fp is None or not n:
+            return b""
+        if self.chunked:
+            return self._read1_chunked(n)  # closes after the last chunk and the trailers
+        length = self.length
+        if length is None:  # close-delimited: the end of the connection ends the body
+            data = self.fp.read1(n)
+            if not data:
+                self._close_conn()
+            return data
+        if not length:
+            self._close_conn()
+            return b""
+        data = self.fp.read1(length if n < 0 or n > length else n)
+        if not data:
+            # The stdlib's read1 ends a Content-Length body cut short silently.
+            self._close_conn()
+            raise http.client.IncompleteRead(b"", length)
+        self.length = length = length - len(data)
+        if not length:
+            self._close_conn()  # read to its exact end
+        return data
+
     def _check_framing(self) -> list[str] | None:
         """Refuse ambiguous framing; returns the ``Transfer-Encoding`` values."""
         headers = self.msg
@@ -181,15 +207,3 @@ def _check_header_lines(lines: list[bytes]) -> None:
             raise InvalidUpstreamResponse(
                 f"control character in the value of header {name.decode('latin-1')}"
             )
-
-
-class GuardedHTTPConnection(HTTPConnection):
-    """urllib3's HTTP connection reading responses with :class:`GuardedResponse`."""
-
-    response_class = GuardedResponse
-
-
-class GuardedHTTPSConnection(HTTPSConnection):
-    """urllib3's HTTPS connection reading responses with :class:`GuardedResponse`."""
-
-    response_class = GuardedResponse
