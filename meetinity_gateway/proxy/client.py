@@ -337,7 +337,7 @@ def release(response: GuardedResponse) -> None:
     if conn is None:
         return
     response.connection = None
-    if response.isclosed() and not response.will_close and not conn.leftover():
+    if response.complete and not response.will_close and not conn.leftover():
         conn.pool.put(conn)
         return
     response.close()

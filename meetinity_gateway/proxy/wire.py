@@ -90,6 +90,9 @@ class GuardedResponse(http.client.HTTPResponse):
     def __init__(self, sock, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(sock, *args, **kwargs)
         self.interim = 0  # interim responses read past
+        #: The body was read to its exact end by its own framing (or the answer has none);
+        #: False while it streams, and after an error (the stdlib then closes too).
+        self.complete = False
         self.fp = _LineRecorder(self.fp)
 
     def _read_status(self):
@@ -135,6 +138,7 @@ class GuardedResponse(http.client.HTTPResponse):
             self.chunked = False
             self.length = 0
             self._close_conn()
+            self.complete = True
 
     def read1(self, n: int = -1) -> bytes:
         """What is available of the body, up to ``n`` bytes (at most one read from the
@@ -143,15 +147,20 @@ class GuardedResponse(http.client.HTTPResponse):
         if self.fp is None or not n:
             return b""
         if self.chunked:
-            return self._read1_chunked(n)  # closes after the last chunk and the trailers
+            data = self._read1_chunked(n)  # closes after the last chunk and the trailers
+            if not data and self.fp is None:
+                self.complete = True
+            return data
         length = self.length
         if length is None:  # close-delimited: the end of the connection ends the body
             data = self.fp.read1(n)
             if not data:
                 self._close_conn()
+                self.complete = True
             return data
         if not length:
             self._close_conn()
+            self.complete = True
             return b""
         data = self.fp.read1(length if n < 0 or n > length else n)
         if not data:
@@ -161,6 +170,7 @@ class GuardedResponse(http.client.HTTPResponse):
         self.length = length = length - len(data)
         if not length:
             self._close_conn()  # read to its exact end
+            self.complete = True
         return data
 
     def _check_framing(self) -> list[str] | None:
