@@ -2,8 +2,9 @@
 
 Every variant forwards the method, path and headers of a small GET to a loopback upstream
 (``bench/fastupstream.py``) and streams the answer back; waitress serves it (8 threads, in
-its own process) and ``wrk -t1 -c16`` drives it for ``--seconds``; all rows run in the same
-invocation, so their ratios are comparable. Variants:
+its own process) and ``wrk -t1 -c16`` drives it for ``--seconds``, ``--rounds`` times with the
+variants interleaved (the median is shown); all rows run in the same invocation, so their
+ratios are comparable. Variants:
 
 ``urllib3-urlopen``  ``HTTPConnectionPool.urlopen`` (retries off, no preload), the client the
                      proxy drove before issue 15
@@ -15,9 +16,10 @@ invocation, so their ratios are comparable. Variants:
                      strict reader, leftover checks, idle recycling)
 ``proxyapp``         the whole :class:`~meetinity_gateway.proxy.app.ProxyApp` (no middleware)
 
-``python bench/client_compare.py [--seconds 8] [--variants a,b,…] [--baseline DIR]``; needs
-``wrk``. ``--baseline DIR`` adds a ``proxyapp`` row run from another checkout of the gateway
-(e.g. ``git archive <commit> | tar -x -C DIR``), to compare before and after.
+``python bench/client_compare.py [--seconds 5] [--rounds 3] [--variants a,b,…]
+[--baseline DIR]``; needs ``wrk``. ``--baseline DIR`` adds a ``proxyapp`` row run from
+another checkout of the gateway (e.g. ``git archive <commit> | tar -x -C DIR``), to compare
+before and after.
 Installs nothing; prints one table (req/s, ratio to ``stdlib``).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -179,45 +182,52 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(10)
 
 
-def run(variants: list[str], seconds: int, baseline: str | None = None) -> dict[str, float]:
+def run(variants: list[str], seconds: int, baseline: str | None = None,
+        rounds: int = 3) -> dict[str, float]:
+    """req/s per variant: the median of ``rounds`` wrk runs, the variants interleaved (every
+    server started first, then round after round each driven in turn), so that load from
+    elsewhere on the machine falls on all of them alike."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk is not installed")
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
+    rows = [(variant, variant, env) for variant in variants]
+    if baseline:
+        old_env = dict(env, PYTHONPATH=str(Path(baseline).resolve()))
+        rows.append(("proxyapp (baseline)", "proxyapp", old_env))
     up_port = _free_port()
-    upstream = subprocess.Popen([sys.executable, str(HERE / "fastupstream.py"), "127.0.0.1",
-                                 str(up_port)], env=env)
-    results: dict[str, float] = {}
+    processes = [subprocess.Popen([sys.executable, str(HERE / "fastupstream.py"), "127.0.0.1",
+                                   str(up_port)], env=env)]
+    samples: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     try:
         _wait_port(up_port)
-        rows = [(variant, variant, env) for variant in variants]
-        if baseline:
-            old_env = dict(env, PYTHONPATH=str(Path(baseline).resolve()))
-            rows.append(("proxyapp (baseline)", "proxyapp", old_env))
+        urls = {}
         for label, variant, row_env in rows:
             port = _free_port()
-            server = subprocess.Popen([sys.executable, __file__, "serve", variant,
-                                       str(up_port), str(port)], env=row_env)
-            try:
-                _wait_port(port)
-                url = f"http://127.0.0.1:{port}/api/users/42"
-                # Warm up (connections, caches), then measure.
-                subprocess.run([wrk, "-t1", "-c16", "-d2s", url], capture_output=True,
-                               check=True, timeout=60)
-                out = subprocess.run([wrk, "-t1", "-c16", f"-d{int(seconds)}s", url],
+            processes.append(subprocess.Popen([sys.executable, __file__, "serve", variant,
+                                               str(up_port), str(port)], env=row_env))
+            _wait_port(port)
+            urls[label] = f"http://127.0.0.1:{port}/api/users/42"
+            # Warm up (connections, caches).
+            subprocess.run([wrk, "-t1", "-c16", "-d2s", urls[label]], capture_output=True,
+                           check=True, timeout=60)
+        for _ in range(rounds):
+            for label, url in urls.items():
+                out = subprocess.run([wrk, "-t1", "-c16", f"-d{seconds}s", url],
                                      capture_output=True, text=True, check=True,
                                      timeout=seconds + 60).stdout
                 match = re.search(r"Requests/sec:\s+([0-9.]+)", out)
                 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-                if errors:
-                    raise SystemExit(f"{label}: {errors.group(1)} error answers\n{out}")
-                results[label] = float(match.group(1)) if match else 0.0
-            finally:
-                _stop(server)
+                if errors or not match:
+                    raise SystemExit(f"{label}: error answers or no rate\n{out}")
+                samples[label].append(float(match.group(1)))
     finally:
-        _stop(upstream)
-    return results
+        for process in processes:
+            _stop(process)
+    for label, values in samples.items():
+        print(f"# {label}: " + ", ".join(f"{value:.0f}" for value in values))
+    return {label: statistics.median(values) for label, values in samples.items()}
 
 
 def serve(variant: str, up_port: int, port: int) -> None:
@@ -235,12 +245,13 @@ def main() -> None:
         serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--baseline", help="another checkout's directory, for a proxyapp row")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
-    results = run(variants, args.seconds, args.baseline)
+    results = run(variants, args.seconds, args.baseline, args.rounds)
     reference = results.get("stdlib")
     print(f"{'variant':<22} {'req/s':>9} {'x stdlib':>9}")
     for variant, rate in results.items():

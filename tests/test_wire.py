@@ -166,7 +166,7 @@ def test_remote_closing_before_a_status_line_stays_a_disconnect():
     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
     b"Content-Length: 5\r\nContent-Length: 6\r\n",
     b"Content-Length: 5, 6\r\n",
-    b"Content-Length: 5, 5\r\n",  # legal, but the stdlib would read it close-delimited
+    b"Content-Length: 5, 5\r\n",  # legal, but forwarded as is a client may misread it
     b"Content-Length: +5\r\n",
     b"Content-Length: 5_0\r\n",
     b"Content-Length: -5\r\n",
