@@ -223,7 +223,7 @@ def run(variants: list[str], seconds: int, baseline: str | None = None,
                     raise SystemExit(f"{label}: error answers or no rate\n{out}")
                 samples[label].append(float(match.group(1)))
     finally:
-        for process in processes:
+        for process in reversed(processes):  # the servers, then their upstream
             _stop(process)
     for label, values in samples.items():
         print(f"# {label}: " + ", ".join(f"{value:.0f}" for value in values))
