@@ -5,7 +5,8 @@ request (head and body) on a kept-alive or a new connection and reads the answer
 :class:`~meetinity_gateway.proxy.wire.GuardedResponse` (strict framing, interim ``1xx`` read
 past); the caller streams the body with ``response.read1(chunk_size)`` — what is available,
 up to ``chunk_size``, so that an answer written in small pieces (events, chunks) goes on
-piece by piece — and gives the connection back with :func:`release`.
+piece by piece; only a body read that way to its end counts as complete — and gives the
+connection back with :func:`release`.
 
 Why not urllib3's ``urlopen``: its retry, timeout and response wrappers cost about a third
 of a minimal pass-through's throughput (issue 15; see the README for the numbers), and none
@@ -40,7 +41,6 @@ of them is needed: the proxy does its own retries and streaming.
 from __future__ import annotations
 
 import collections
-import http.client
 import io
 import select
 import socket
@@ -56,6 +56,7 @@ __all__ = [
     "ConnectionPool",
     "ReadTimeout",
     "UpstreamTimeout",
+    "read_body",
     "release",
 ]
 
@@ -246,6 +247,9 @@ class ConnectionPool:
         now = time.monotonic()
         conn.idle_since = now
         idle.append(conn)
+        if self._closed:  # closed meanwhile: close() may have drained the deque already
+            self.close()
+            return
         # Drop what can no longer be used: the oldest past idle_timeout, then any beyond
         # maxsize (the least recently used ones: LIFO keeps the hot ones on the right).
         try:
@@ -359,7 +363,3 @@ def read_body(response: GuardedResponse, limit: int, chunk_size: int = 65536) ->
     finally:
         release(response)
     return b"".join(parts)[:limit]
-
-
-#: Errors of the exchange that mean "the connection failed" (not a timeout, not invalid).
-CONNECTION_ERRORS = (OSError, http.client.HTTPException)
