@@ -10,6 +10,7 @@ import datetime
 import http.client
 import socket
 import ssl
+import sys
 import threading
 import time
 
@@ -19,6 +20,7 @@ from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.proxy.client import (
     ConnectFailed,
     ConnectionPool,
+    ConnectTimeout,
     ReadTimeout,
     release,
 )
@@ -200,6 +202,30 @@ def test_refused_is_connect_failed_and_silence_a_read_timeout():
             assert pool.idle == 0
         finally:
             pool.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="Linux leaves SYNs to a full backlog unanswered; others refuse")
+def test_no_handshake_within_connect_timeout_is_a_connect_timeout():
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(0)
+        port = blocker.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                fillers.append(filler)
+            pool = ConnectionPool("http", "127.0.0.1", port, connect_timeout=0.3)
+            started = time.monotonic()
+            with pytest.raises(ConnectTimeout):
+                pool.request("GET", "/", {"Host": "x"})
+            assert time.monotonic() - started < 5
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 # -- HTTPS: certificate verification, SNI of the configured name -----------------------------
@@ -392,3 +418,38 @@ def test_an_answer_written_in_small_pieces_reaches_the_client_piece_by_piece(fra
     assert received.startswith(b"HTTP/1.1 200 ")
     assert all(piece in received for piece in pieces)
     assert timely == [True] * PIECES, f"pieces held back; delays {delays}"
+
+
+def test_an_answer_sent_before_the_whole_body_was_read_is_passed_on():
+    """An upstream refusing an upload early (413) and closing: the client gets the 413, not
+    a 502 for the body it could not finish sending."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(response(413, b"too big", [("Connection", "close")],
+                                  reason="Content Too Large"))
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)  # then close with the body unread: the client's writes fail
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    pool = ConnectionPool("http", "127.0.0.1", listener.getsockname()[1])
+    size = 32 * 1024 * 1024
+    try:
+        answer = pool.request("PUT", "/upload", {"Host": "x", "Content-Length": str(size)},
+                              iter([b"x" * 65536] * (size // 65536)))
+        assert (answer.status, answer.read1(100)) == (413, b"too big")
+        assert answer.will_close
+        release(answer)
+        assert pool.idle == 0
+    finally:
+        pool.close()
+        thread.join(5)
+        listener.close()

@@ -300,29 +300,27 @@ class ConnectionPool:
         if conn is None:
             conn = self._connect(self.connect_timeout if connect_timeout is None
                                  else connect_timeout)
+        cut = False
         try:
             sock = conn.sock
             sock.settimeout(read_timeout)
             if body is None:
                 sock.sendall(data)
-            elif isinstance(body, (bytes, bytearray)):
-                if len(body) < 65536:
-                    sock.sendall(data + body)  # one write for a small request
-                else:
-                    sock.sendall(data)
-                    sock.sendall(body)
+            elif isinstance(body, (bytes, bytearray)) and len(body) < 65536:
+                sock.sendall(data + body)  # one write for a small request
             else:
                 sock.sendall(data)
-                if chunked:
-                    for piece in body:
-                        if piece:
-                            sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
-                    sock.sendall(_LAST_CHUNK)
-                else:
-                    for piece in body:
-                        sock.sendall(piece)
+                try:
+                    _send_body(sock, body, chunked)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The upstream may answer before reading the whole body (a 413, a
+                    # 401) and close: its answer, if it sent one, is still the one to pass
+                    # on (and if it did not, reading it fails as it would have).
+                    cut = True
             response = GuardedResponse(conn, method=method)
             response.begin()
+            if cut:
+                response.will_close = True  # the body was not sent whole
         except TimeoutError as exc:
             conn.close()
             raise ReadTimeout(f"{self.address}:{self.port}: no answer within "
@@ -332,6 +330,19 @@ class ConnectionPool:
             raise
         response.connection = conn
         return response
+
+
+def _send_body(sock: socket.socket, body: t.Any, chunked: bool) -> None:
+    if isinstance(body, (bytes, bytearray)):
+        sock.sendall(body)
+    elif chunked:
+        for piece in body:
+            if piece:
+                sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+        sock.sendall(_LAST_CHUNK)
+    else:
+        for piece in body:
+            sock.sendall(piece)
 
 
 def release(response: GuardedResponse) -> None:
