@@ -278,7 +278,9 @@ def tls_files(tmp_path_factory):
 class _TLSUpstream:
     """Answers every request on a TLS connection with 200 and the SNI name it was given."""
 
-    def __init__(self, folder) -> None:
+    def __init__(self, folder, keep_alive: bool = False) -> None:
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
         self.names: list[str | None] = []
@@ -298,12 +300,21 @@ class _TLSUpstream:
             except OSError:
                 return
             raw.settimeout(5)
+            self.connections += 1
             try:
                 with self.context.wrap_socket(raw, server_side=True) as sock:
-                    while sock.recv(65536).find(b"\r\n\r\n") < 0:
-                        pass
-                    body = (self.names[-1] or "").encode()
-                    sock.sendall(response(body=body, headers=[("Connection", "close")]))
+                    while True:  # requests without a body, one after the other
+                        head = b""
+                        while b"\r\n\r\n" not in head:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            head += data
+                        body = (self.names[-1] or "").encode()
+                        headers = [] if self.keep_alive else [("Connection", "close")]
+                        sock.sendall(response(body=body, headers=headers))
+                        if not self.keep_alive:
+                            break
             except (OSError, ssl.SSLError):
                 pass  # a client that refused our certificate
             finally:
@@ -336,6 +347,20 @@ def test_https_verifies_the_certificate_for_the_configured_name(tls_files):
         assert untrusted.ssl_context.verify_mode == ssl.CERT_REQUIRED
         with pytest.raises(ConnectFailed, match="certificate"):
             _get(untrusted, "/")
+
+
+def test_https_connections_are_kept_alive(tls_files):
+    trusting = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+    with _TLSUpstream(tls_files, keep_alive=True) as upstream:
+        pool = ConnectionPool("https", "127.0.0.1", upstream.port,
+                              server_hostname="users.upstream.test", ssl_context=trusting)
+        try:
+            for _ in range(5):
+                assert _get(pool, "/") == (200, b"users.upstream.test")
+                time.sleep(0.05)
+        finally:
+            pool.close()
+    assert upstream.connections == 1
 
 
 def test_an_https_target_by_name_connects_to_its_address_with_the_name_as_sni(tls_files):
