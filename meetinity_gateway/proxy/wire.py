@@ -15,13 +15,15 @@ The upstream client (:mod:`meetinity_gateway.proxy.client`) reads every response
   - a ``101 Switching Protocols`` (the gateway never asks for an upgrade);
   - a status line other than ``HTTP/1.x NNN [reason]`` with a status from 100 to 599 and a
     reason of visible characters, spaces and tabs;
+  - a header line longer than 64 KiB or more than 100 header lines;
   - a line of the response head not ended by CRLF (a bare LF), a header line holding CR,
     NUL or any other control character (HTAB allowed in values), an obs-fold continuation
     line, a name that is not an RFC 9110 token (empty, spaces before the colon, no colon at
     all), or a head cut short — in the final response and in interim ones alike;
   - ambiguous framing: ``Content-Length`` values that are not all the same plain decimal
-    number, ``Transfer-Encoding`` together with ``Content-Length``, a ``Transfer-Encoding``
-    other than exactly ``chunked``, or any ``Transfer-Encoding`` in an HTTP/1.0 response.
+    number (a comma list ``5, 5`` included), ``Transfer-Encoding`` together with
+    ``Content-Length``, a ``Transfer-Encoding`` other than exactly ``chunked``, or any
+    ``Transfer-Encoding`` in an HTTP/1.0 response.
 
 Refusing is the answer RFC 9112 §5.2 allows a proxy for obs-fold, and the only safe one for
 the rest: such an upstream is broken or hostile, and repairing its headers (as the stdlib's
@@ -33,8 +35,10 @@ something the upstream never meant — or let the upstream inject headers.
   raises :class:`http.client.IncompleteRead` when a ``Content-Length`` body ends early (the
   stdlib's ``read1`` would just return ``b""``, a truncated body looking complete).
 
-Whether a connection may carry another request afterwards is decided by the stdlib as usual
-(``Connection: close``, HTTP/1.0 without keep-alive, a close-delimited body all close it);
+The head is parsed here (not by the stdlib's e-mail parser, the slowest step of a proxied
+request); the body is read by :class:`http.client.HTTPResponse`'s machinery. Whether a
+connection may carry another request afterwards follows HTTP/1.1 (``Connection: close``,
+HTTP/1.0 without keep-alive, a close-delimited body all close it; ``will_close``);
 the client additionally gives a connection back to its pool only once its response was read
 to its exact end with nothing after it (see :mod:`meetinity_gateway.proxy.client`).
 """
