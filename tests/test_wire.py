@@ -166,7 +166,7 @@ def test_remote_closing_before_a_status_line_stays_a_disconnect():
     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
     b"Content-Length: 5\r\nContent-Length: 6\r\n",
     b"Content-Length: 5, 6\r\n",
-    b"Content-Length: 5, 5\r\n",  # legal, but the stdlib would read it close-delimited
+    b"Content-Length: 5, 5\r\n",  # legal, but forwarded as is a client may misread it
     b"Content-Length: +5\r\n",
     b"Content-Length: 5_0\r\n",
     b"Content-Length: -5\r\n",
@@ -221,15 +221,42 @@ def test_bodyless_answers_keep_the_connection_when_plain():
 
 
 def test_every_upstream_pool_reads_with_the_guarded_response():
+    import socket
+    import ssl
+    import threading
+
+    from meetinity_gateway.proxy.client import ConnectionPool, release
     from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
-    from meetinity_gateway.proxy.wire import GuardedHTTPConnection, GuardedHTTPSConnection
 
     pool = UpstreamPool(parse_targets("http://127.0.0.1:9, https://127.0.0.1:10"))
     try:
         plain, tls = (target.pool for target in pool.targets)
-        assert issubclass(plain.ConnectionCls, GuardedHTTPConnection)
-        assert issubclass(tls.ConnectionCls, GuardedHTTPSConnection)
-        for cls in (plain.ConnectionCls, tls.ConnectionCls):
-            assert cls.response_class is GuardedResponse
+        assert isinstance(plain, ConnectionPool) and isinstance(tls, ConnectionPool)
+        assert plain.ssl_context is None
+        assert tls.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        assert tls.ssl_context.check_hostname
     finally:
         pool.close()
+    # And on a real socket: the interim answer is read past by the guarded reader.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + final())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        client = ConnectionPool("http", "127.0.0.1", listener.getsockname()[1])
+        response = client.request("GET", "/", {"Host": "x"})
+        assert isinstance(response, GuardedResponse)
+        assert (response.status, response.interim, response.read1(100)) == (200, 1, b"hello")
+        release(response)
+        client.close()
+    finally:
+        thread.join(5)
+        listener.close()

@@ -2,9 +2,11 @@
 
 A plain WSGI application forwarding to one upstream *pool*
 (:class:`~meetinity_gateway.proxy.upstream.UpstreamPool`: one or more weighted targets,
-balancing, outlier ejection, DNS re-resolution, per-target urllib3 keep-alive pools):
+balancing, outlier ejection, DNS re-resolution, per-target keep-alive pools of the lean
+client :mod:`meetinity_gateway.proxy.client`):
 
-* bodies stream both ways in bounded chunks (``chunk_size``), bytes untouched (no gzip
+* bodies stream both ways in bounded chunks (``chunk_size``; an answer is passed on as it
+  arrives, piece by piece, never held back to fill a chunk), bytes untouched (no gzip
   decoding, duplicate query parameters and repeated ``Set-Cookie`` preserved);
 * hop-by-hop headers and those named in ``Connection`` are removed both ways, upstream
   ``Access-Control-*`` headers dropped, ``X-Forwarded-*`` and ``Via`` set (see
@@ -70,14 +72,6 @@ import time
 import typing as t
 from urllib.parse import quote
 
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
-from urllib3.util import SKIP_HEADER, Timeout
-
 from meetinity_gateway.keys import (
     TARGET_KEY,
     UPSTREAM_ATTEMPTS_KEY,
@@ -98,6 +92,7 @@ from meetinity_gateway.problems import (
     ResponseAborted,
     error_response,
 )
+from meetinity_gateway.proxy.client import ConnectFailed, ConnectTimeout, release
 from meetinity_gateway.proxy.headers import request_headers, response_headers
 from meetinity_gateway.proxy.upstream import Target, UpstreamBusy, UpstreamPool, parse_targets
 from meetinity_gateway.proxy.wire import InvalidUpstreamResponse
@@ -126,8 +121,8 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 class _RequestBody:
     """``wsgi.input`` limited to the declared length, read in bounded chunks.
 
-    ``requests`` sends an object with ``__len__`` and ``read`` as a ``Content-Length``
-    body, reading it block by block: the upload never sits whole in memory.
+    The client sends it (with its ``Content-Length``) piece by piece as iterated: the upload
+    never sits whole in memory.
     """
 
     def __init__(self, stream: t.BinaryIO, length: int, chunk_size: int) -> None:
@@ -217,7 +212,13 @@ class _UpstreamBody:
 
     def __iter__(self):
         try:
-            for chunk in self._response.stream(self._chunk_size, decode_content=False):
+            read1 = self._response.read1
+            size = self._chunk_size
+            while True:
+                # What has arrived, up to chunk_size: small pieces are not held back.
+                chunk = read1(size)
+                if not chunk:
+                    return
                 self._sent += len(chunk)
                 yield chunk
         except Exception as exc:
@@ -255,16 +256,8 @@ class _UpstreamBody:
         response, self._response = self._response, None
         if response is None:
             return
-        _release(response)
+        release(response)  # back to its pool only when read to its exact end, else closed
         self._pool.done(self._target)
-
-
-def _release(response) -> None:
-    """Give a response's connection back: to its pool only if its body was read to its exact
-    end (http.client then has closed its file), else closed."""
-    if response.connection is not None and not response.isclosed():
-        response.close()  # half-read: the connection cannot carry another request
-    response.release_conn()
 
 
 class ProxyApp:
@@ -306,7 +299,8 @@ class ProxyApp:
             )
         self.name = name or self.pool.name
         self.timeout = (connect_timeout, read_timeout)
-        self._timeout = Timeout(connect=connect_timeout, read=read_timeout)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
         self.chunk_size = chunk_size
@@ -376,9 +370,7 @@ class ProxyApp:
         headers = request_headers(environ, self.trusted_proxies)
         if size is not None and (size or method not in _NO_BODY_METHODS):
             headers["Content-Length"] = str(size)
-        # Nothing of the HTTP client's own: only what the client sent.
-        headers.setdefault("User-Agent", SKIP_HEADER)
-        headers.setdefault("Accept-Encoding", SKIP_HEADER)
+        # The client adds no header of its own (no User-Agent, no Accept-Encoding).
         target_path = self.upstream_target(environ)
         pool = self.pool
         tried: list[Target] = []
@@ -395,18 +387,16 @@ class ProxyApp:
             sent = time.perf_counter()
             began = pool.clock()  # outcomes count toward the target state they started in
             try:
-                response = target.pool.urlopen(
-                    method, target.base_path + target_path,
-                    body=body, headers=headers, chunked=size is None and body is not None,
-                    timeout=self._timeout, retries=False, redirect=False,
-                    assert_same_host=False, preload_content=False, release_conn=False,
-                    decode_content=False,
+                response = target.pool.request(
+                    method, target.base_path + target_path, headers, body,
+                    chunked=size is None and body is not None,
+                    connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
                 )
             except GatewayError:
                 # The client's body failed us (too large, cut short): not the target's fault.
                 pool.done(target)
                 raise
-            except (NewConnectionError, ConnectTimeoutError) as exc:
+            except (ConnectFailed, ConnectTimeout) as exc:
                 # No connection, so nothing was sent: safe to retry for any method.
                 _attempted(environ, target, sent, exc)
                 pool.record(target, False, since=began)
@@ -434,7 +424,7 @@ class ProxyApp:
                     following = self._next(tried + [target], started)
                 if following is None:
                     return target, response, began
-                _release(response)
+                release(response)
                 pool.done(target)
                 tried.append(target)
                 target = following
@@ -467,16 +457,13 @@ class ProxyApp:
         return body
 
 
-def _timed_out(exc: Exception) -> bool:
-    return isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)) and not isinstance(
-        exc, NewConnectionError
-    )
+def _timed_out(exc: BaseException) -> bool:
+    # ConnectTimeout, ReadTimeout, or a socket timeout while the body streams.
+    return isinstance(exc, TimeoutError)
 
 
 def _invalid(exc: BaseException) -> InvalidUpstreamResponse | None:
-    """The :class:`InvalidUpstreamResponse` behind an urllib3 error, if that is what it is."""
-    if isinstance(exc, ProtocolError) and len(exc.args) > 1:
-        exc = exc.args[1]
+    """The :class:`InvalidUpstreamResponse` this error is, if it is one."""
     return exc if isinstance(exc, InvalidUpstreamResponse) else None
 
 
@@ -488,7 +475,7 @@ def _reason(exc: Exception) -> str:
 
 
 def _short(exc: BaseException) -> str:
-    # urllib3 errors quote the request URL: its query string may hold secrets.
+    # Never a request URL in a log line: its query string may hold secrets.
     return without_query(str(exc))[:300]
 
 

@@ -59,11 +59,12 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
   one daemon thread per pool, started when first needed. It holds the pool only through a
   weak reference and stops when :meth:`UpstreamPool.close` is called or the pool is garbage
   collected: no signals, works the same on Windows.
-* **Connections.** Each target has its own keep-alive pool of ``pool_size`` connections
-  (size it to the server's threads). A connection idle for more than ``idle_timeout``
-  seconds is closed instead of reused: many servers drop idle keep-alive connections after
-  about 5 s, and a request written into a connection the upstream is closing at that moment
-  fails with a spurious 502 (fatal for a POST, which must not be retried).
+* **Connections.** Each target has its own keep-alive pool of ``pool_size`` idle
+  connections (size it to the server's threads; see :mod:`meetinity_gateway.proxy.client`).
+  A connection idle for more than ``idle_timeout`` seconds is closed instead of reused:
+  many servers drop idle keep-alive connections after about 5 s, and a request written
+  into a connection the upstream is closing at that moment fails with a spurious 502
+  (fatal for a POST, which must not be retried).
 
 Use alone::
 
@@ -71,7 +72,7 @@ Use alone::
     pool = UpstreamPool(parse_targets("http://a:5001 weight=2, http://b:5001"), name="users")
     target = pool.acquire()          # may raise UpstreamBusy
     began = pool.clock()
-    ...  # target.pool.urlopen(...), then pool.answered(target, status, since=began)
+    ...  # target.pool.request(...), then pool.answered(target, status, since=began)
          # or pool.record(target, False, since=began); finally pool.done(target)
 
 :param specs: the targets (see :func:`parse_targets`).
@@ -96,7 +97,11 @@ Use alone::
 :param idle_timeout: seconds after which an idle keep-alive connection is not reused.
 :param connect_timeout: seconds to wait for a TCP connection.
 :param read_timeout: seconds to wait for each read.
-:param chunk_size: bytes per write when sending a request body.
+:param chunk_size: accepted for compatibility (request bodies are sent in the pieces the
+    proxy reads them in, at most its ``chunk_size``).
+:param ssl_context: the TLS settings of ``https`` targets (default
+    ``ssl.create_default_context()``: certificates verified against the system's CAs, the
+    configured host name checked and sent as SNI).
 :param clock: the clock of the health state (``time.monotonic``); the ``since`` values
     given to :meth:`~UpstreamPool.record` and :meth:`~UpstreamPool.answered` come from it.
 
@@ -110,6 +115,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 import typing as t
@@ -117,11 +123,8 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.util import Timeout
-
 from meetinity_gateway.problems import ServiceUnavailable
-from meetinity_gateway.proxy.wire import GuardedHTTPConnection, GuardedHTTPSConnection
+from meetinity_gateway.proxy.client import ConnectionPool, read_body
 
 __all__ = [
     "BALANCERS",
@@ -276,41 +279,6 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(seen)
 
 
-# -- connection pools that recycle idle connections ---------------------------------------------
-
-class _IdleRecycling:
-    """Mixin for urllib3 pools: a connection idle longer than ``idle_timeout`` is closed.
-
-    urllib3 only notices a connection the peer *has* closed (``is_connection_dropped``); one
-    the upstream is closing just as we write into it still fails. Stamping the time a
-    connection went back to the pool and closing it when taken out after too long avoids
-    that window. (A closed urllib3 connection reconnects on its next request.)
-    """
-
-    idle_timeout: float = 4.0
-
-    def _get_conn(self, timeout=None):
-        conn = super()._get_conn(timeout)
-        since = getattr(conn, "_meetinity_idle_since", None)
-        if since is not None and time.monotonic() - since > self.idle_timeout:
-            conn.close()
-        return conn
-
-    def _put_conn(self, conn) -> None:
-        if conn is not None:
-            conn._meetinity_idle_since = time.monotonic()
-        super()._put_conn(conn)
-
-
-class _HTTPPool(_IdleRecycling, HTTPConnectionPool):
-    # Strict responses: interim 1xx read past, bad header bytes and framing refused (wire.py).
-    ConnectionCls = GuardedHTTPConnection
-
-
-class _HTTPSPool(_IdleRecycling, HTTPSConnectionPool):
-    ConnectionCls = GuardedHTTPSConnection
-
-
 # -- targets ---------------------------------------------------------------------------------
 
 _NEVER = float("-inf")
@@ -337,14 +305,10 @@ class Target:
         self.weight = spec.weight
         self.base_path = spec.base_path
         self.host_header = spec.host_header
-        pool_class = _HTTPSPool if spec.scheme == "https" else _HTTPPool
-        kwargs = dict(pool_kwargs)
-        idle_timeout = kwargs.pop("idle_timeout")
-        if spec.scheme == "https" and address != spec.host:
-            # Connect to the address, verify the certificate for the configured name.
-            kwargs.update(server_hostname=spec.host, assert_hostname=spec.host)
-        self.pool = pool_class(address, spec.port, **kwargs)
-        self.pool.idle_timeout = idle_timeout
+        # Connect to the address, verify the certificate for (and send SNI of) the
+        # configured name.
+        self.pool = ConnectionPool(spec.scheme, address, spec.port,
+                                   server_hostname=spec.host, **pool_kwargs)
         self.fails = 0              # consecutive failures in the current period
         self.ejected = False
         self.ejected_until = 0.0    # end of the ejection time (clock)
@@ -397,6 +361,7 @@ class UpstreamPool:
         read_timeout: float = 30.0,
         chunk_size: int = 64 * 1024,
         clock: t.Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not specs:
             raise ValueError("an upstream needs at least one target")
@@ -436,11 +401,10 @@ class UpstreamPool:
         self.rejected = 0
         self._pool_kwargs = {
             "maxsize": pool_size,
-            "block": False,
-            "retries": False,
-            "timeout": Timeout(connect=connect_timeout, read=read_timeout),
             "idle_timeout": idle_timeout,
-            "blocksize": chunk_size,
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "ssl_context": ssl_context,
         }
         self._lock = threading.Lock()
         self._rotation = 0
@@ -645,14 +609,16 @@ class UpstreamPool:
             timeout: float | None = None) -> int | None:
         """``GET <target><path>``: the answer's status, or ``None`` when there was none
         within ``timeout``."""
+        timeout = timeout or self.health_timeout
         try:
-            response = target.pool.urlopen(
+            response = target.pool.request(
                 "GET", target.base_path + (path or self.health_path),
-                headers={"Host": target.host_header, "User-Agent": "meetinity-gateway"},
-                timeout=Timeout(total=timeout or self.health_timeout),
-                retries=False, redirect=False, assert_same_host=False,
-                preload_content=True,
+                {"Host": target.host_header, "User-Agent": "meetinity-gateway"},
+                connect_timeout=timeout, read_timeout=timeout,
             )
+            # The status is the answer; the body is read (bounded) so that the connection
+            # can serve again.
+            read_body(response, 64 * 1024)
         except Exception as exc:  # any failure to get an answer means "down"
             log.debug("upstream %s: probe of %s failed: %s", self.name, target.label, exc)
             return None

@@ -1,7 +1,6 @@
 """What the proxy accepts from an upstream on the wire: one final response, strictly framed.
 
-The upstream connection classes used by every upstream pool
-(:class:`GuardedHTTPConnection`, :class:`GuardedHTTPSConnection`) read responses with
+The upstream client (:mod:`meetinity_gateway.proxy.client`) reads every response with
 :class:`GuardedResponse`, a :class:`http.client.HTTPResponse` that
 
 * **reads past interim responses**: ``100``, ``102``, ``103`` or any other ``1xx`` except
@@ -11,29 +10,37 @@ The upstream connection classes used by every upstream pool
   real answer stayed unread in a connection that went back to the pool — the next request on
   it, another user's, got it.)
 * **refuses** with :class:`InvalidUpstreamResponse` (an :class:`http.client.HTTPException`,
-  so urllib3 closes the connection and the proxy answers a JSON 502):
+  so the client closes the connection and the proxy answers a JSON 502):
 
   - a ``101 Switching Protocols`` (the gateway never asks for an upgrade);
   - a status line other than ``HTTP/1.x NNN [reason]`` with a status from 100 to 599 and a
     reason of visible characters, spaces and tabs;
+  - a header line longer than 64 KiB or more than 100 header lines;
   - a line of the response head not ended by CRLF (a bare LF), a header line holding CR,
     NUL or any other control character (HTAB allowed in values), an obs-fold continuation
     line, a name that is not an RFC 9110 token (empty, spaces before the colon, no colon at
     all), or a head cut short — in the final response and in interim ones alike;
   - ambiguous framing: ``Content-Length`` values that are not all the same plain decimal
-    number, ``Transfer-Encoding`` together with ``Content-Length``, a ``Transfer-Encoding``
-    other than exactly ``chunked``, or any ``Transfer-Encoding`` in an HTTP/1.0 response.
+    number (a comma list ``5, 5`` included), ``Transfer-Encoding`` together with
+    ``Content-Length``, a ``Transfer-Encoding`` other than exactly ``chunked``, or any
+    ``Transfer-Encoding`` in an HTTP/1.0 response.
 
 Refusing is the answer RFC 9112 §5.2 allows a proxy for obs-fold, and the only safe one for
 the rest: such an upstream is broken or hostile, and repairing its headers (as the stdlib's
 e-mail parser does, splitting a value at a bare CR into a second header) would hand the client
 something the upstream never meant — or let the upstream inject headers.
 
-Whether a connection may carry another request afterwards is decided by the stdlib as usual
-(``Connection: close``, HTTP/1.0 without keep-alive, a close-delimited body all close it);
-the proxy additionally gives a connection back to its pool only once its response was read to
-its exact end (see :mod:`meetinity_gateway.proxy.app`), and urllib3 closes a pooled
-connection that has unread bytes waiting when it is taken out again.
+* **reads the body as it comes**: :meth:`GuardedResponse.read1` returns what is available,
+  up to the size asked (an answer written in small pieces goes on piece by piece), and
+  raises :class:`http.client.IncompleteRead` when a ``Content-Length`` body ends early (the
+  stdlib's ``read1`` would just return ``b""``, a truncated body looking complete).
+
+The head is parsed here (not by the stdlib's e-mail parser, the slowest step of a proxied
+request); the body is read by :class:`http.client.HTTPResponse`'s machinery. Whether a
+connection may carry another request afterwards follows HTTP/1.1 (``Connection: close``,
+HTTP/1.0 without keep-alive, a close-delimited body all close it; ``will_close``);
+the client additionally gives a connection back to its pool only once its response was read
+to its exact end with nothing after it (see :mod:`meetinity_gateway.proxy.client`).
 """
 from __future__ import annotations
 
@@ -41,11 +48,7 @@ import http.client
 import re
 import typing as t
 
-from urllib3.connection import HTTPConnection, HTTPSConnection
-
 __all__ = [
-    "GuardedHTTPConnection",
-    "GuardedHTTPSConnection",
     "GuardedResponse",
     "InvalidUpstreamResponse",
     "MAX_INTERIM",
@@ -61,106 +64,182 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9110 §5.5: field-value = VCHAR, obs-text, SP, HTAB; anything else is a control byte.
 _VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+")
+#: Longest header line and most header lines accepted (the stdlib's limits).
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
 
 
 class InvalidUpstreamResponse(http.client.HTTPException):
     """The upstream's response cannot be forwarded as it is (the reason says why)."""
 
 
-class _LineRecorder:
-    """Wraps a response's file while its head is read, keeping every line read."""
+class Fields(list):
+    """A response's header fields: ``(name, value)`` pairs (latin-1 text, values without
+    leading spaces), in order, duplicates kept; looked up case-insensitively."""
 
-    __slots__ = ("inner", "lines")
+    def items(self) -> Fields:
+        return self
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.lines: list[bytes] = []
+    def get(self, name: str, default: t.Any = None) -> t.Any:
+        """The first value of ``name``, or ``default``."""
+        lowered = name.lower()
+        for key, value in self:
+            if key.lower() == lowered:
+                return value
+        return default
 
-    def readline(self, limit: int = -1) -> bytes:
-        line = self.inner.readline(limit)
-        self.lines.append(line)
-        return line
-
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self.inner, name)
+    def get_all(self, name: str, failobj: t.Any = None) -> t.Any:
+        """Every value of ``name`` in order, or ``failobj`` when there is none."""
+        lowered = name.lower()
+        values = [value for key, value in self if key.lower() == lowered]
+        return values or failobj
 
 
 class GuardedResponse(http.client.HTTPResponse):
-    """An HTTP/1.x response read strictly (see the module docstring)."""
+    """An HTTP/1.x response read strictly (see the module docstring).
+
+    The head is parsed here, not by the stdlib's e-mail parser (the slowest part of a
+    proxied request); the body is read by :class:`http.client.HTTPResponse`'s machinery.
+    """
 
     def __init__(self, sock, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(sock, *args, **kwargs)
         self.interim = 0  # interim responses read past
-        self.fp = _LineRecorder(self.fp)
+        #: The body was read to its exact end by its own framing (or the answer has none);
+        #: False while it streams, and after an error (the stdlib then closes too).
+        self.complete = False
 
-    def _read_status(self):
-        recorder = self.fp
-        for _ in range(MAX_INTERIM + 1):
-            recorder.lines.clear()
-            version, status, reason = super()._read_status()
-            if not _STATUS_LINE.fullmatch(recorder.lines[-1]):
-                raise InvalidUpstreamResponse(f"invalid status line {recorder.lines[-1][:80]!r}")
-            recorder.lines.clear()  # from here on: this response's header lines
-            if status >= 200 or status == 101:
-                return version, status, reason
-            # An interim response: its header section (dropped, but framed as strictly as
-            # any, so the next status line is found where the upstream meant it), then the
-            # next status line.
-            http.client.parse_headers(recorder)
-            _check_header_lines(recorder.lines)
-            self.interim += 1
-        raise InvalidUpstreamResponse(f"more than {MAX_INTERIM} interim responses")
+    def _read_lines(self) -> list[bytes]:
+        """A header section's lines, the empty line (or what ended it) last."""
+        readline = self.fp.readline
+        lines = []
+        while True:
+            line = readline(_MAX_LINE + 1)
+            if len(line) > _MAX_LINE:
+                raise InvalidUpstreamResponse("header line too long")
+            lines.append(line)
+            if line == b"\r\n" or line == b"\n" or not line:
+                return lines
+            if len(lines) > _MAX_HEADERS:
+                raise InvalidUpstreamResponse(f"more than {_MAX_HEADERS} header lines")
 
     def begin(self) -> None:
         if self.headers is not None:
             return
-        recorder = self.fp
-        try:
-            super().begin()
-        except (InvalidUpstreamResponse, ConnectionError):
-            raise  # ConnectionError: RemoteDisconnected, the upstream went away
-        except http.client.HTTPException as exc:  # bad status line, line or head too long
-            raise InvalidUpstreamResponse(f"{type(exc).__name__}: {str(exc)[:80]}") from exc
-        self.fp = recorder.inner  # no wrapper on the way of the body
-        if self.status == 101:
+        readline = self.fp.readline
+        for _ in range(MAX_INTERIM + 1):
+            line = readline(_MAX_LINE + 1)
+            if not line:
+                raise http.client.RemoteDisconnected("the upstream closed without answering")
+            if not _STATUS_LINE.fullmatch(line):
+                raise InvalidUpstreamResponse(f"invalid status line {line[:80]!r}")
+            status = int(line[9:12])
+            # Interim answers too are framed strictly: dropped, but the next status line
+            # must be found where the upstream meant it.
+            lines = self._read_lines()
+            _check_header_lines(lines)
+            if status >= 200 or status == 101:
+                break
+            self.interim += 1
+        else:
+            raise InvalidUpstreamResponse(f"more than {MAX_INTERIM} interim responses")
+        if status == 101:
             raise InvalidUpstreamResponse("unrequested 101 Switching Protocols")
-        _check_header_lines(recorder.lines)
-        codings = self._check_framing()
-        if self.status in (204, 304) or self._method == "HEAD":
-            # No body, whatever the head says (RFC 9112 §6.3). The stdlib would still read
-            # a chunked body of a 204/304 (and wait for it); and a sender that frames a
-            # body-less answer, or gives a 204 a length, may send the body too: such a
-            # connection carries no other request.
-            if codings or (self.status == 204 and self.msg.get("content-length", "0") != "0"):
-                self.will_close = True
-            self.chunked = False
-            self.length = 0
-            self._close_conn()
-
-    def _check_framing(self) -> list[str] | None:
-        """Refuse ambiguous framing; returns the ``Transfer-Encoding`` values."""
-        headers = self.msg
-        lengths = headers.get_all("content-length")
-        codings = headers.get_all("transfer-encoding")
+        self.code = self.status = status
+        self.reason = line[13:-2].decode("latin-1").strip()
+        self.version = version = 10 if line[5:8] == b"1.0" else 11
+        fields = Fields()
+        codings: list[str] = []
+        lengths: list[str] = []
+        connection = ""
+        keep_alive = False
+        for raw in lines[:-1]:
+            name, _, value = raw[:-2].partition(b":")
+            pair = (name.decode("latin-1"), value.lstrip(b" \t").decode("latin-1"))
+            fields.append(pair)
+            lowered = pair[0].lower()
+            if lowered == "transfer-encoding":
+                codings.append(pair[1])
+            elif lowered == "content-length":
+                lengths.append(pair[1])
+            elif lowered == "connection":
+                connection += "," + pair[1].lower()
+            elif lowered == "keep-alive" or (lowered == "proxy-connection"
+                                             and "keep-alive" in pair[1].lower()):
+                keep_alive = True
+        self.headers = self.msg = fields
+        self.chunk_left = None
+        self.chunked = False
+        self.length = None
         if codings:
             if lengths:
                 raise InvalidUpstreamResponse("both Transfer-Encoding and Content-Length")
-            if self.version == 10:
+            if version == 10:
                 raise InvalidUpstreamResponse("Transfer-Encoding in an HTTP/1.0 response")
             names = [name.strip().lower() for value in codings for name in value.split(",")]
-            # Exactly what the stdlib reads as chunked: anything else would be read as a
-            # close-delimited body with the chunk framing inside, or not at all.
-            if names != ["chunked"] or not self.chunked:
+            # Only chunked: another coding would leave the body without an end we can find.
+            if names != ["chunked"]:
                 raise InvalidUpstreamResponse(f"unsupported Transfer-Encoding {codings!r}")
+            self.chunked = True
         elif lengths:
-            values = {item.strip() for value in lengths for item in value.split(",")}
+            # A list ("5, 5") is legal but passed on as it is, a client may read it otherwise:
+            # refused; repeated equal lines are accepted.
+            values = {value.strip() for value in lengths}
             if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
                 raise InvalidUpstreamResponse(f"invalid Content-Length {lengths!r}")
-            declared = int(values.pop())
-            if self.length not in (declared, 0):
-                # 0: a HEAD, 204 or 304 answer, which has no body whatever it declares.
-                raise InvalidUpstreamResponse(f"invalid Content-Length {lengths!r}")
-        return codings
+            self.length = int(values.pop())
+        if version == 11:
+            will_close = "close" in connection
+        else:
+            will_close = not (keep_alive or "keep-alive" in connection)
+        if status in (204, 304) or self._method == "HEAD":
+            # No body, whatever the head says (RFC 9112 §6.3). A sender that frames a
+            # body-less answer, or gives a 204 a length, may send the body too: such a
+            # connection carries no other request.
+            if codings or (status == 204 and self.length):
+                will_close = True
+            self.will_close = will_close
+            self.chunked = False
+            self.length = 0
+            self._close_conn()
+            self.complete = True
+            return
+        if not self.chunked and self.length is None:
+            will_close = True  # close-delimited
+        self.will_close = will_close
+
+    def read1(self, n: int = -1) -> bytes:
+        """What is available of the body, up to ``n`` bytes (at most one read from the
+        socket once the framing is known); ``b""`` when the body is over, the connection's
+        part done (``isclosed()``)."""
+        if self.fp is None or not n:
+            return b""
+        if self.chunked:
+            data = self._read1_chunked(n)  # closes after the last chunk and the trailers
+            if not data and self.fp is None:
+                self.complete = True
+            return data
+        length = self.length
+        if length is None:  # close-delimited: the end of the connection ends the body
+            data = self.fp.read1(n)
+            if not data:
+                self._close_conn()
+                self.complete = True
+            return data
+        if not length:
+            self._close_conn()
+            self.complete = True
+            return b""
+        data = self.fp.read1(length if n < 0 or n > length else n)
+        if not data:
+            # The stdlib's read1 ends a Content-Length body cut short silently.
+            self._close_conn()
+            raise http.client.IncompleteRead(b"", length)
+        self.length = length = length - len(data)
+        if not length:
+            self._close_conn()  # read to its exact end
+            self.complete = True
+        return data
 
 
 def _check_header_lines(lines: list[bytes]) -> None:
@@ -181,15 +260,3 @@ def _check_header_lines(lines: list[bytes]) -> None:
             raise InvalidUpstreamResponse(
                 f"control character in the value of header {name.decode('latin-1')}"
             )
-
-
-class GuardedHTTPConnection(HTTPConnection):
-    """urllib3's HTTP connection reading responses with :class:`GuardedResponse`."""
-
-    response_class = GuardedResponse
-
-
-class GuardedHTTPSConnection(HTTPSConnection):
-    """urllib3's HTTPS connection reading responses with :class:`GuardedResponse`."""
-
-    response_class = GuardedResponse
