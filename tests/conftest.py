@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.servers import TEST_JWT_SECRET, clear_gateway_env, shipped_gateway
+from tests.servers import TEST_JWT_SECRET, GatewayProcess, clear_gateway_env, shipped_gateway
 from tests.upstream import Upstream
 
 #: Set by .ci/run: a test that would skip for a missing system tool fails instead.
@@ -63,3 +63,23 @@ def gateway_factory(monkeypatch, upstream):
 @pytest.fixture
 def gateway(gateway_factory):
     return gateway_factory()
+
+
+@pytest.fixture
+def gateway_process(upstream):
+    """Start ``python -m meetinity_gateway serve`` (the shipped gateway.ini) in a child
+    process with extra environment variables; defaults: this test's upstream, the test JWT
+    secret, an auth rate limit that never triggers. Stopped after the test."""
+    processes = []
+
+    def start(**env):
+        env.setdefault("USER_SERVICE_URL", upstream.url)
+        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
+        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
+        process = GatewayProcess(env=env)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()

@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import threading
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -177,7 +178,11 @@ def test_several_limits_report_the_most_restrictive():
     app.get("/api/auth")
     refused = app.get("/api/auth", status=429)
     assert ratelimit_of(refused)[:2] == ("auth-3600s", 0)
-    assert int(refused.headers["Retry-After"]) > 60  # the hour must pass, not the minute
+    # The hour's budget decides, not the minute's: with a sliding window counter one request
+    # comes back when the hour's fixed window rolls over (its count then weighs < 3), so the
+    # wait is until that boundary, or more than the minute when the boundary is further off.
+    to_boundary = 3600 - time.time() % 3600
+    assert int(refused.headers["Retry-After"]) >= min(61, math.floor(to_boundary))
 
 
 def test_legacy_headers_only_when_asked():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import TEST_JWT_SECRET, GatewayProcess, session
+from tests.servers import session
 
 SIZE = 20 * 1000 * 1000
 READERS = 50
@@ -19,25 +19,16 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
 
 
 @pytest.fixture
-def served(upstream):
-    processes = []
-
+def served(gateway_process):
     def start(**env):
-        env.setdefault("USER_SERVICE_URL", upstream.url)
-        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
-        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
         env.setdefault("LOG_LEVEL", "WARNING")
         env.setdefault("LOG_FORMAT", "text")
         # Fifty downloads of one upstream at once: the bulkhead (tests/test_upstream_faults.py)
         # would refuse most of them before they could be slow readers.
         env.setdefault("UPSTREAM_MAX_IN_FLIGHT", "off")
-        process = GatewayProcess(env=env)
-        processes.append(process)
-        return process
+        return gateway_process(**env)
 
-    yield start
-    for process in processes:
-        process.stop()
+    return start
 
 
 def slow_reader(port: int, size: int) -> socket.socket:

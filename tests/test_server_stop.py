@@ -11,29 +11,19 @@ import time
 import pytest
 
 from tests.rawhttp import connect, read_response
-from tests.servers import TEST_JWT_SECRET, GatewayProcess
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32",
                                 reason="sends POSIX signals to the child process")
 
 
 @pytest.fixture
-def served(upstream):
-    processes = []
-
+def served(gateway_process):
     def start(**env):
-        env.setdefault("USER_SERVICE_URL", upstream.url)
-        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
-        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
         env.setdefault("LOG_FORMAT", "json")
         env.setdefault("LOG_LEVEL", "INFO")
-        process = GatewayProcess(env=env)
-        processes.append(process)
-        return process
+        return gateway_process(**env)
 
-    yield start
-    for process in processes:
-        process.stop()
+    return start
 
 
 def access_lines(stderr: str) -> list[dict]:
