@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import typing as t
+from urllib.parse import urlsplit
 
 __all__ = [
     "AccessRecord",
@@ -46,6 +47,20 @@ _QUERY = re.compile(r"\?[^\s'\"()]*")
 def without_query(text: str) -> str:
     """``text`` with every URL query string replaced by ``?…`` (queries may hold secrets)."""
     return _QUERY.sub("?…", text) if "?" in text else text
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with its password masked (``redis://:***@host:6379/0``), for logs, error
+    messages and the status page."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    except ValueError:
+        return "(unparsable URI)"
 
 
 def iso_time(timestamp: float) -> str:

@@ -30,10 +30,9 @@ import hashlib
 import html
 import time
 import typing as t
-from urllib.parse import urlsplit, urlunsplit
 
 from meetinity_gateway import __version__
-from meetinity_gateway.logs import iso_time
+from meetinity_gateway.logs import iso_time, redact_uri
 from meetinity_gateway.net import DEFAULT_ALLOW, client_allowed, parse_networks
 from meetinity_gateway.problems import error_response
 
@@ -68,22 +67,6 @@ _STARTED = time.time()
 
 def _e(value: t.Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
-
-
-def _redact(uri: str) -> str:
-    """A storage URI without its password."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    except ValueError:
-        return "(unreadable URI)"
 
 
 def _table(headers: t.Sequence[str], rows: t.Iterable[t.Sequence[str]]) -> str:
@@ -266,7 +249,7 @@ class StatusApp:
             if isinstance(counters, t.Mapping):
                 state += f", {len(counters)} counters in memory"
             rows.append((
-                f"<code>{_e(_redact(uri) if uri else type(storage).__name__)}</code>",
+                f"<code>{_e(redact_uri(uri) if uri else type(storage).__name__)}</code>",
                 _e(type(limiter.limiter).__name__),
                 f'<span class="{klass}">{_e(state)}</span>',
                 "<br>".join(f"<code>{_e(line)}</code>" for line in limiter.describe()) or "—",

@@ -149,6 +149,7 @@ from meetinity_gateway.config import (
     cast_settings,
     prepare,
 )
+from meetinity_gateway.logs import redact_uri as redact
 from meetinity_gateway.net import client_address
 from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
 from meetinity_gateway.problems import error_response
@@ -304,19 +305,6 @@ class _Count:
 
     def is_tighter_than(self, other: _Count) -> bool:
         return (self.remaining, -self.reset_in) < (other.remaining, -other.reset_in)
-
-
-def redact(uri: str) -> str:
-    """The URI with its password masked, for logs and error messages."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"{user}:***@{host}").geturl()
-    except ValueError:
-        return "(unparsable URI)"
 
 
 def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
