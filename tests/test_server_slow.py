@@ -91,6 +91,10 @@ def test_a_reader_too_slow_for_send_timeout_frees_its_thread(served):
     readers = [slow_reader(gateway.port, SIZE) for _ in range(4)]
     try:
         assert answered(gateway.url + "/api/auth/echo", bound=20)
+        # A reader whose request got a thread only after the echo's is being served now:
+        # leave it time to stall and be cut too (2 s) before anything is read, or draining
+        # the sockets below would let it receive its whole answer.
+        time.sleep(5)
         for sock in readers:
             received = 0
             sock.settimeout(15)
