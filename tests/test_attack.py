@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import socket
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -428,3 +430,78 @@ def test_hostile_tools_detect_what_they_must():
     finally:
         listener.close()
     assert response is None
+
+
+# -- garbage, then the client leaves ---------------------------------------------------------
+
+#: A request whose body framing leaves bytes behind (the issue's exact bytes first): the
+#: server answers the request, then refuses the leftover at its request line, by which time
+#: the client may be gone.
+LEFTOVERS = st.sampled_from([
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n1\r\nZ\r\n0\r\n\r\n",
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nZZ\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/9.9\r\n\r\n",
+    b"GET /api/users/42 HTTP/1.1\r\nHost: x\r\n\r\n \r\nHost: y\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"1\r\nZ\r\n0\r\n\r\nZ\r\n\r\n",
+])
+#: When the client closes: before reading anything, after a few bytes of the answer, after
+#: the first answer; with a FIN or a reset (SO_LINGER 0).
+CLOSE_AFTER = st.sampled_from(["sent", "some", "answer"])
+
+
+class _Exceptions(logging.Handler):
+    """Every log record that carries a traceback (any logger of this process)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.tries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def exceptions():
+    handler = _Exceptions()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+    # The issue saw the traceback in 4-6 % of tries: 400 make a miss practically impossible.
+    assert handler.tries == 0 or handler.tries >= 400, handler.tries
+
+
+@settings(SETTINGS, max_examples=400)
+@given(data=LEFTOVERS, tail=st.binary(max_size=6), close=CLOSE_AFTER, reset=st.booleans())
+def test_garbage_then_disconnect_logs_no_exception(rig, exceptions, data, tail, close, reset):
+    server, _ = rig
+    data += tail  # more garbage: a space too large for Hypothesis to exhaust before 400 tries
+    exceptions.tries += 1
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(data)
+        if close == "some":
+            sock.recv(16)
+        elif close == "answer":
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+    except OSError:
+        pass  # refused and closed first: the server's side of the story is what counts
+    finally:
+        sock.close()
+    assert_alive(server.port)  # also lets the server finish with the closed connection
+    formatted = [logging.Formatter().format(record) for record in exceptions.records]
+    assert not formatted, formatted[0]
