@@ -505,3 +505,86 @@ def test_garbage_then_disconnect_logs_no_exception(rig, exceptions, data, tail, 
     assert_alive(server.port)  # also lets the server finish with the closed connection
     formatted = [logging.Formatter().format(record) for record in exceptions.records]
     assert not formatted, formatted[0]
+
+
+# -- client-chosen address and path headers --------------------------------------------------
+
+#: Header names that proxies, CDNs and application servers read as the client's address,
+#: written down here independently of the gateway's own list (net.ADDRESS_HEADERS), so a
+#: spelling the gateway forgets fails this test.
+ADDRESS_SPELLINGS = """
+X-Real-IP X-Real-Client-IP Real-IP X-RealIP True-Client-IP X-True-Client-IP X-True-IP
+CF-Connecting-IP CF-Connecting-IPv6 Fastly-Client-IP Akamai-Client-IP X-Akamai-Client-IP
+X-Client-IP Client-IP X-ClientIP ClientIP X-Client-Addr X-Client-Address X-Cluster-Client-IP
+Cluster-Client-IP X-Originating-IP Originating-IP X-Remote-IP X-Remote-Addr Remote-Addr
+Remote-IP X-RemoteAddr RemoteAddr X-Remote-Address Proxy-Client-IP WL-Proxy-Client-IP
+X-Proxy-Client-IP X-ProxyUser-IP X-Azure-ClientIP X-Azure-SocketIP X-AppEngine-User-IP
+X-AppEngine-Remote-Addr X-User-IP User-IP X-UserIP X-End-User-IP X-EndUser-IP X-Source-IP
+Source-IP X-Src-IP X-SourceIP X-Host-IP X-IP X-IP-Address X-Custom-IP-Authorization
+X-Original-Remote-Addr X-Original-Client-IP X-Orig-Client-IP X-Connecting-IP Connecting-IP
+X-Envoy-External-Address X-Envoy-Peer-IP X-Amzn-Source-IP X-AWS-Client-IP X-GCP-Client-IP
+X-Client-Public-IP X-Public-IP X-Device-IP X-WAP-Client-IP X-Nokia-IPAddress X-IMForwards
+Forwarded-For X-Forward-For X-Forwarder-For X-Forwarded-For-Original X-Original-Forwarded-For
+X-Forwarded-For-IP Forwarded-For-IP X-Forwarded X-Forwarded-IP X-Forwarded-Client-IP
+X-Forwarded-By X-Forwarded-Server Forward-For X-ForwardedFor ForwardedFor X-Fwd-For
+X-Coming-From Coming-From X-HTTP-Client-IP HTTP-Client-IP HTTP-X-Real-IP HTTP-X-Forwarded-For
+HTTP-Forwarded-For X-Client-Real-IP X-Client-True-IP X-Real-Forwarded-For X-CDN-Client-IP
+X-Edge-Client-IP X-LB-Client-IP X-NF-Client-Connection-IP X-Vercel-Forwarded-For X-Vercel-IP
+DO-Connecting-IP Incap-Client-IP X-Sucuri-ClientIP X-Varnish-Client-IP X-WAF-Client-IP
+Z-Forwarded-For X-Cluster-IP X-ARR-ClientIP X-SP-Forwarded-IP X-Peer-IP X-Socket-IP
+X-Client-Peer-Addr My-Real-IP X-Origin-Client-IP X-Gateway-Client-IP
+""".split()
+PATH_SPELLINGS = """
+X-Original-URL X-Rewrite-URL X-Original-URI X-Rewrite-URI X-Override-URL X-Original-Path
+X-Envoy-Original-Path X-HTTP-DestinationURL X-Request-URI Request-URI X-Forwarded-URI
+X-Forwarded-Path X-Unencoded-URL X-Replaced-Path X-IIS-Original-URL X-My-Original-Url
+""".split()
+
+
+def test_the_spelling_list_is_large_enough():
+    assert len(set(name.lower() for name in ADDRESS_SPELLINGS)) >= 100
+
+
+def _case(name: str, flips: list[bool]) -> str:
+    return "".join(c.swapcase() if flip else c for c, flip in zip(name, flips + [False] * 99))
+
+
+def _send_spellings(rig, names: list[str]) -> Recorded:
+    server, upstream = rig
+    probe = f"spelling-{next(_probes)}"
+    seen = len(upstream.since(0))
+    lines = "".join(f"{name}: {FORGED_IP}\r\n" if name not in PATH_SPELLINGS
+                    and name.lower() not in {p.lower() for p in PATH_SPELLINGS}
+                    else f"{name}: /api/users/7/export\r\n" for name in names)
+    data = (f"GET /api/auth/{probe} HTTP/1.1\r\nHost: gw\r\n{lines}"
+            f"Connection: close\r\n\r\n").encode("latin-1")
+    response, reader = raw_exchange(server.port, data)
+    reader.sock.close()
+    assert response is not None and response.status == 200, response
+    recorded = [r for r in upstream.since(seen) if probe in r.target]
+    assert len(recorded) == 1
+    return recorded[0]
+
+
+def _leaks(recorded: Recorded) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in recorded.headers
+            if FORGED_IP in value or "/api/users/7" in value]
+
+
+def test_no_client_address_or_path_header_reaches_a_service_in_any_spelling(rig):
+    names = ADDRESS_SPELLINGS + PATH_SPELLINGS
+    leaks = []
+    for start in range(0, len(names), 20):
+        leaks += _leaks(_send_spellings(rig, names[start:start + 20]))
+    assert not leaks, f"{len(leaks)} of {len(names)} reached the upstream: {leaks}"
+
+
+@settings(SETTINGS, max_examples=60)
+@given(names=st.lists(st.sampled_from(ADDRESS_SPELLINGS + PATH_SPELLINGS), min_size=1,
+                      max_size=8, unique=True),
+       flips=st.lists(st.booleans(), max_size=40))
+def test_address_and_path_headers_are_dropped_in_any_case(rig, names, flips):
+    recorded = _send_spellings(rig, [_case(name, flips) for name in names])
+    assert not _leaks(recorded)
+    # The gateway's own word on the address is the peer's.
+    assert recorded.header("X-Real-IP") == ["127.0.0.1"]
