@@ -582,6 +582,11 @@ class RateLimitMiddleware:
             return rules[prefix]
         return self.default
 
+    def policy_for(self, path: str, method: str = "GET") -> str:
+        """This layer's part of a route's policy (for ``check`` and ``/status``)."""
+        rule = self.rule_for(method, path)
+        return rule.describe() if rule is not None else "none"
+
     def key_for(self, environ: WSGIEnvironment) -> str:
         """Who is counted: ``claim.NAME:<sha256 of the claim>`` (with ``key=claim:NAME``,
         when the request carries verified claims), ``key:<sha256 of the header>`` (with
