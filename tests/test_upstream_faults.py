@@ -287,28 +287,49 @@ def test_a_burst_on_a_healthy_service_waits_for_slots_instead_of_503(gateways, f
     assert 1 <= service.most_at_once <= 6
 
 
-def test_the_cap_counts_until_the_response_body_is_sent(gateways, faulty):
+def test_the_cap_counts_until_the_response_head_not_while_the_body_streams(
+        gateways, faulty):
+    """A body in progress (a slow reader, a long stream) holds no slot: with a cap of 1
+    and no queue, the service still answers others; the cap counts only what waits on it."""
     service = faulty("stall")
-    gateway = gateways({"svc": service.url}, max_in_flight=1)
+    gateway = gateways({"svc": service.url}, max_in_flight=1, queue_size=0)
+    pool = gateway.pool("svc")
     with session() as client:
         streaming = client.get(gateway.url + "/svc/stream", stream=True, timeout=30)
         try:
             assert streaming.status_code == 200
             assert next(streaming.iter_content(1024)) == b"a" * 1024
-            # The first answer is still being sent: the upstream is at its cap.
-            assert gateway.pool("svc").in_flight == 1
+            # The first answer is still being sent, its slot is free; the target still
+            # counts it as outstanding (for least_outstanding and the status page).
+            assert pool.in_flight == 0
+            assert [row["outstanding"] for row in pool.snapshot()] == [1]
+            service.mode = "ok"
             for method in ("GET", "POST", "HEAD"):
-                busy = get(gateway.url + "/svc/echo", method)
-                assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
-            assert len(service.requests) == 1
+                assert get(gateway.url + "/svc/echo", method).status_code == 200
+            assert pool.rejected == 0
             service.release()
             rest = b"".join(streaming.iter_content(65536))
             assert len(rest) == 128 * 1024 - 1024 and rest.endswith(b"b" * 65536)
         finally:
             streaming.close()
+    wait_until(lambda: [row["outstanding"] for row in pool.snapshot()] == [0], timeout=5)
+    assert pool.in_flight == 0
+
+
+def test_over_the_cap_without_a_queue_the_503_is_immediate(gateways, faulty):
+    service = faulty("hang")
+    gateway = gateways({"svc": service.url}, max_in_flight=1, queue_size=0, read_timeout=30)
+    with ThreadPoolExecutor(1) as executor:
+        hung = executor.submit(get, gateway.url + "/svc/hang")
+        wait_until(lambda: service.hung == 1)
+        for method in ("GET", "POST", "HEAD"):
+            busy = get(gateway.url + "/svc/echo", method)
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        assert gateway.pool("svc").rejected_by["queue_full"] == 3
+        assert len(service.requests) == 1
+        service.release()
+        assert hung.result(30).status_code == 502
     wait_until(lambda: gateway.pool("svc").in_flight == 0, timeout=5)
-    service.mode = "ok"
-    assert get(gateway.url + "/svc/echo").status_code == 200
 
 
 def test_shipped_gateway_serves_a_service_that_answered_503_three_times(gateway_factory,

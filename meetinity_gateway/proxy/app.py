@@ -19,10 +19,10 @@ client :mod:`meetinity_gateway.proxy.client`):
   At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
   request body over ``max_body_size`` a JSON 413, a request over the upstream's
-  ``max_in_flight`` cap that cannot wait for a slot (``queue_size``, ``queue_timeout``:
-  see :mod:`~meetinity_gateway.proxy.upstream`) a JSON 503 with ``Retry-After`` (a retry
-  never waits) — responses, never
-  exceptions (every target ejected is no error: the pool then routes to all of them);
+  ``max_in_flight`` cap (counted until the response head arrives) that cannot wait for a
+  slot (``queue_size``, ``queue_timeout``: see :mod:`~meetinity_gateway.proxy.upstream`)
+  a JSON 503 with ``Retry-After`` (a retry never waits) — responses, never exceptions
+  (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
@@ -260,7 +260,7 @@ class _UpstreamBody:
         if response is None:
             return
         release(response)  # back to its pool only when read to its exact end, else closed
-        self._pool.done(self._target)
+        self._pool.done(self._target, holding=False)  # its slot was freed at the head
 
 
 class ProxyApp:
@@ -416,6 +416,9 @@ class ProxyApp:
                 target = self._next(tried, started) if idempotent and replayable else None
             else:
                 _attempted(environ, target, sent)
+                # The upstream answered: its slot of the bulkhead is free (the body streams
+                # at the client's pace, which is the server's send timeout to bound).
+                pool.responded()
                 # Whether an answer counts against the target is the pool's policy.
                 pool.answered(target, response.status, since=began)
                 if response.status not in _FAILURE_STATUSES:
@@ -428,7 +431,7 @@ class ProxyApp:
                 if following is None:
                     return target, response, began
                 release(response)
-                pool.done(target)
+                pool.done(target, holding=False)
                 tried.append(target)
                 target = following
                 continue

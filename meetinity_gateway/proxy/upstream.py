@@ -45,8 +45,11 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
     a real request (panic routing) re-admits at once.
 
 * **Concurrency cap (bulkhead) with a short queue.** With ``max_in_flight = N``, at most N
-  requests are in flight to the upstream (from :meth:`UpstreamPool.acquire` to
-  :meth:`UpstreamPool.done`, i.e. until the response body was sent). A request over the cap
+  requests are *waiting on the upstream* (from :meth:`UpstreamPool.acquire` until its
+  response head arrived, :meth:`UpstreamPool.responded`, or the attempt failed). A response
+  body then streams outside the cap, at the client's pace: slow readers or long streams
+  (server-sent events) of a healthy service never take its slots (the server's send timeout
+  bounds slow readers; a body that stalls mid-way, its ``read_timeout``). A request over the cap
   *waits* for a slot, first come first served, like Envoy's pending requests or nginx'
   ``upstream queue``: at most ``queue_size`` wait, each at most ``queue_timeout`` seconds.
   A burst against a service that answers is therefore queued for the milliseconds a slot
@@ -87,8 +90,9 @@ Use alone::
     pool = UpstreamPool(parse_targets("http://a:5001 weight=2, http://b:5001"), name="users")
     target = pool.acquire()          # may raise UpstreamBusy
     began = pool.clock()
-    ...  # target.pool.request(...), then pool.answered(target, status, since=began)
-         # or pool.record(target, False, since=began); finally pool.done(target)
+    ...  # target.pool.request(...), then pool.responded() and
+         # pool.answered(target, status, since=began), at the end pool.done(target,
+         # holding=False); or pool.record(target, False, since=began), pool.done(target)
 
 :param specs: the targets (see :func:`parse_targets`).
 :param name: the upstream's name, for logs and errors.
@@ -494,7 +498,7 @@ class UpstreamPool:
 
     @property
     def in_flight(self) -> int:
-        """Requests acquired and not yet done."""
+        """Requests holding a slot: acquired, and neither answered nor done."""
         return self._in_flight
 
     @property
@@ -639,11 +643,19 @@ class UpstreamPool:
         else:
             self._in_flight -= 1
 
-    def done(self, target: Target) -> None:
-        """The request on ``target`` is over (its response body closed)."""
+    def responded(self) -> None:
+        """An attempt got its response head: its slot is free (the caller passes
+        ``holding=False`` to :meth:`done` later)."""
+        with self._lock:
+            self._release()
+
+    def done(self, target: Target, holding: bool = True) -> None:
+        """The request on ``target`` is over (its response body closed, or it failed);
+        ``holding``: it still holds its slot (no :meth:`responded`)."""
         with self._lock:
             target.outstanding -= 1
-            self._release()
+            if holding:
+                self._release()
 
     # -- outcomes ------------------------------------------------------------------------------
 
