@@ -47,6 +47,7 @@ from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.upstream import (
     BALANCERS,
     default_max_in_flight,
+    default_queue_size,
     parse_failure_statuses,
 )
 from meetinity_gateway.routing import Route, Router, parse_route
@@ -116,6 +117,16 @@ def _as_max_in_flight(value: str) -> int | str | None:
     return as_positive_int(value)
 
 
+def _as_queue_size(value: str) -> int | str:
+    """``auto`` (the threads the cap leaves, see default_queue_size) or a number (0: none)."""
+    if value.strip().lower() in ("auto", ""):
+        return "auto"
+    return as_non_negative_int(value)
+
+
+#: Seconds a request over an upstream's cap waits for a slot when the ini does not say.
+DEFAULT_QUEUE_TIMEOUT = 0.5
+
 #: The server's worker threads when the ini does not say (``meetinity-gateway serve``'s).
 _DEFAULT_THREADS = 8
 
@@ -134,6 +145,8 @@ _APP_PARAMS = {
     "max_eject_percent": _as_percent,
     "eject_recheck": _as_seconds_or_off,
     "max_in_flight": _as_max_in_flight,
+    "queue_size": _as_queue_size,
+    "queue_timeout": _as_seconds_or_off,
     "server_threads": as_positive_int,
     "health_interval": _as_seconds_or_off,
     "dns_interval": _as_seconds_or_off,
@@ -241,10 +254,14 @@ def app_factory(global_conf, **local_conf):
 
     health_timeout = settings.pop("health_timeout", 2.0)
     # The bulkhead: by default each upstream may hold all threads but a few (see
-    # default_max_in_flight), so one slow service cannot starve the others or /health/live.
+    # default_max_in_flight), so one slow service cannot starve the others or /health/live;
+    # a burst over it waits briefly in a queue as long as the few threads left.
     threads = settings.pop("server_threads", _DEFAULT_THREADS)
     if settings.get("max_in_flight", "auto") == "auto":
         settings["max_in_flight"] = default_max_in_flight(threads)
+    if settings.get("queue_size", "auto") == "auto":
+        settings["queue_size"] = default_queue_size(threads, settings["max_in_flight"])
+    settings.setdefault("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     mounted = {name: url for name, url in upstream_urls.items() if url}
     unmounted_names = [name for name, url in upstream_urls.items() if not url]
     detail_allow = settings.pop("detail_allow", list(DEFAULT_ALLOW))

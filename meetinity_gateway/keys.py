@@ -30,8 +30,9 @@ UPSTREAM_KEY = "meetinity_gateway.upstream"
 #: The upstream's cap on requests in flight (``max_in_flight``; ``None``: no cap), set by the
 #: proxy with ``UPSTREAM_KEY``.
 UPSTREAM_LIMIT_KEY = "meetinity_gateway.upstream_max_in_flight"
-#: Why the proxy refused the request without calling the upstream (``max_in_flight``: the
-#: cap was reached), set by the proxy.
+#: Why the proxy refused the request without calling the upstream at its ``max_in_flight``
+#: cap (``queue_full``, ``queue_timeout`` or ``stalled``: see proxy.upstream.BUSY_REASONS),
+#: set by the proxy.
 UPSTREAM_REJECTED_KEY = "meetinity_gateway.upstream_rejected"
 #: The upstream target actually called (``host:port``), set by the proxy.
 TARGET_KEY = "meetinity_gateway.target"

@@ -23,7 +23,9 @@ every request it
    and ``trace_id``; ``attempts`` is added when the proxy retried, ``authz_denied`` (the
    refusing rule's name) when the authorization layer refused, ``error`` when the
    response was cut off by an exception, ``upstream_error`` (``timeout``, ``unavailable``,
-   ``invalid``) when the last upstream attempt failed, also after its headers were relayed.
+   ``invalid``) when the last upstream attempt failed, also after its headers were relayed,
+   ``upstream_rejected`` (``queue_full``, ``queue_timeout``, ``stalled``) when the proxy
+   refused the request at the upstream's concurrency cap.
    Headers are never
    logged: no token, cookie or ``Authorization`` value can reach a log line;
 4. answers ``GET metrics_path`` itself with the Prometheus exposition (OpenMetrics when the
@@ -39,7 +41,8 @@ Metrics (``namespace`` ``gateway``)::
     gateway_upstream_request_duration_seconds{upstream,target}      histogram
     gateway_upstream_failures_total{upstream,target,reason}         counter (see below)
     gateway_upstream_max_in_flight{upstream}                        gauge (the proxy's cap)
-    gateway_upstream_rejections_total{upstream,reason}              counter (max_in_flight)
+    gateway_upstream_rejections_total{upstream,reason}              counter (queue_full,
+                                                                    queue_timeout, stalled)
     gateway_ratelimit_rejections_total{rule}                        counter
     gateway_auth_failures_total{reason}                             counter
 
@@ -234,7 +237,8 @@ class _Metrics:
             ("upstream",), multiprocess_mode="max", **common)
         self.upstream_rejections = Counter(
             "upstream_rejections", "Requests refused without calling the upstream, by "
-            "reason (max_in_flight: its concurrency cap).", ("upstream", "reason"), **common)
+            "reason (queue_full, queue_timeout, stalled: at its concurrency cap).",
+            ("upstream", "reason"), **common)
         self.upstream_limits: dict[str, int] = {}
         self.ratelimit_rejections = Counter(
             "ratelimit_rejections", "Requests refused with 429, by rate-limit rule.",
@@ -514,6 +518,9 @@ class ObserveMiddleware:
         upstream_error = environ.get(UPSTREAM_ERROR_KEY)
         if upstream_error:
             fields["upstream_error"] = upstream_error
+        rejected = environ.get(UPSTREAM_REJECTED_KEY)
+        if rejected:
+            fields["upstream_rejected"] = rejected  # why the bulkhead refused it
         return AccessRecord(fields, self._as_json)
 
     # -- the metrics endpoint ------------------------------------------------------------------

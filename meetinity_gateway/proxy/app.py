@@ -19,8 +19,10 @@ client :mod:`meetinity_gateway.proxy.client`):
   At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
   request body over ``max_body_size`` a JSON 413, a request over the upstream's
-  ``max_in_flight`` cap an immediate JSON 503 with ``Retry-After`` — responses, never
-  exceptions (every target ejected is no error: the pool then routes to all of them);
+  ``max_in_flight`` cap (counted until the response head arrives) that cannot wait for a
+  slot (``queue_size``, ``queue_timeout``: see :mod:`~meetinity_gateway.proxy.upstream`)
+  a JSON 503 with ``Retry-After`` (a retry never waits) — responses, never exceptions
+  (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
@@ -58,7 +60,8 @@ Use alone::
 :param replay_size: largest body of an idempotent request buffered so it can be retried.
 :param pool_options: passed to :class:`~meetinity_gateway.proxy.upstream.UpstreamPool`
     (``balance``, ``max_fails``, ``eject_time``, ``failure_statuses``, ``max_eject_percent``,
-    ``eject_recheck``, ``max_in_flight``, ``health_interval``, ``health_timeout``,
+    ``eject_recheck``, ``max_in_flight``, ``queue_size``, ``queue_timeout``,
+    ``health_interval``, ``health_timeout``,
     ``dns_interval``, ``resolver``, ``idle_timeout``).
 
 Security note: a retried request reaches a second target; that is why only idempotent
@@ -257,7 +260,7 @@ class _UpstreamBody:
         if response is None:
             return
         release(response)  # back to its pool only when read to its exact end, else closed
-        self._pool.done(self._target)
+        self._pool.done(self._target, holding=False)  # its slot was freed at the head
 
 
 class ProxyApp:
@@ -379,8 +382,8 @@ class ProxyApp:
         environ[UPSTREAM_LIMIT_KEY] = pool.max_in_flight
         try:
             target = pool.acquire()
-        except UpstreamBusy:
-            environ[UPSTREAM_REJECTED_KEY] = "max_in_flight"
+        except UpstreamBusy as exc:
+            environ[UPSTREAM_REJECTED_KEY] = exc.reason
             raise
         while True:
             headers["Host"] = target.host_header
@@ -413,6 +416,9 @@ class ProxyApp:
                 target = self._next(tried, started) if idempotent and replayable else None
             else:
                 _attempted(environ, target, sent)
+                # The upstream answered: its slot of the bulkhead is free (the body streams
+                # at the client's pace, which is the server's send timeout to bound).
+                pool.responded()
                 # Whether an answer counts against the target is the pool's policy.
                 pool.answered(target, response.status, since=began)
                 if response.status not in _FAILURE_STATUSES:
@@ -425,7 +431,7 @@ class ProxyApp:
                 if following is None:
                     return target, response, began
                 release(response)
-                pool.done(target)
+                pool.done(target, holding=False)
                 tried.append(target)
                 target = following
                 continue
@@ -437,7 +443,8 @@ class ProxyApp:
         if len(tried) > self.retries or time.monotonic() - started >= self.retry_budget:
             return None
         try:
-            return self.pool.acquire(tried)
+            # A retry never waits: it would hold a thread a second time for one request.
+            return self.pool.acquire(tried, wait=False)
         except UpstreamBusy:
             return None
 
