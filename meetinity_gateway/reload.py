@@ -26,8 +26,9 @@ WSGI app that hands each new request to the current pipeline and watches the ini
   body cap, ``LOG_LEVEL``/``LOG_FORMAT`` of the process' logging, ``RELOAD`` itself.
 
 Every pipeline carries its configuration's fingerprint (12 hex digits of SHA-256 over the
-ini file and the ``.env``), shown in the start-up log, in each reload's log line, in the
-``/health`` detail and on ``/status``.
+ini file, the ``.env`` and the environment values the file reads, see
+:func:`~meetinity_gateway.config.config_fingerprint`), shown in the start-up log, in each
+reload's log line, in the ``/health`` detail and on ``/status``.
 """
 from __future__ import annotations
 

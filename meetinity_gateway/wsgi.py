@@ -17,9 +17,13 @@ import os
 from meetinity_gateway.config import config_path, load_env
 from meetinity_gateway.logs import configure_logging
 from meetinity_gateway.reload import serving_app
+from meetinity_gateway.server import announce
 
 CONFIG = config_path()
 load_env({"here": str(CONFIG.resolve().parent)})
 configure_logging(os.environ.get("LOG_LEVEL") or "INFO", os.environ.get("LOG_FORMAT") or "json")
 
 pipeline, application = serving_app(CONFIG)
+# The start-up line, as under `serve` (each worker process that imports this module logs
+# it once).
+announce(pipeline, server="wsgi")

@@ -20,12 +20,14 @@ every request it
    ``log_query``), ``status``, ``duration_ms`` (until the body was sent and closed),
    ``bytes_out`` (body bytes), ``client`` (the address the rate limiter counts), ``route``,
    ``upstream``, ``target``, ``upstream_ms`` (of the last attempt), ``user`` (the JWT ``sub``)
-   and ``trace_id``; ``attempts`` is added when the proxy retried, ``authz_denied`` (the
+   and ``trace_id``; ``attempts`` is added when the proxy retried, ``auth_error`` (the
+   reason, e.g. ``token expired``) when authentication refused, ``authz_denied`` (the
    refusing rule's name) when the authorization layer refused, ``error`` when the
-   response was cut off by an exception, ``upstream_error`` (``timeout``, ``unavailable``,
-   ``invalid``) when the last upstream attempt failed, also after its headers were relayed.
-   Headers are never
-   logged: no token, cookie or ``Authorization`` value can reach a log line;
+   response was cut off by an exception or by the server at stop (``cut at stop (…)``;
+   ``status`` is then 0 when no status line had reached the client), ``upstream_error``
+   (``timeout``, ``unavailable``, ``invalid``) when the last upstream attempt failed, also
+   after its headers were relayed. Headers are never logged: no token, cookie or
+   ``Authorization`` value can reach a log line;
 4. answers ``GET metrics_path`` itself with the Prometheus exposition (OpenMetrics when the
    scraper asks for it), before the rate limiter and authentication, but only to clients in
    ``metrics_allow``; anyone else gets the standard JSON 404, as for a path that does not
@@ -110,6 +112,7 @@ from meetinity_gateway.config import (
 from meetinity_gateway.keys import (
     AUTH_ERROR_KEY,
     AUTHZ_DENIED_KEY,
+    CUT_KEY,
     TARGET_KEY,
     TRACE_ID_KEY,
     UPSTREAM_ATTEMPTS_KEY,
@@ -423,6 +426,11 @@ class ObserveMiddleware:
         exchange.done = True
         duration = time.perf_counter() - exchange.start
         status = exchange.status or 500
+        cut = environ.get(CUT_KEY)
+        if cut:  # the server cut the connection at stop: say so, and what the client got
+            exchange.error = cut.get("reason") or "cut at stop"
+            if not cut.get("answered"):
+                status = exchange.status = 0  # no status line reached the client
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight.dec()
@@ -506,6 +514,9 @@ class ObserveMiddleware:
         attempts = environ.get(UPSTREAM_ATTEMPTS_KEY)
         if attempts and len(attempts) > 1:
             fields["attempts"] = len(attempts)
+        auth_error = environ.get(AUTH_ERROR_KEY)
+        if auth_error:
+            fields["auth_error"] = auth_error  # why authentication refused (401/503)
         denied_by = environ.get(AUTHZ_DENIED_KEY)
         if denied_by:
             fields["authz_denied"] = denied_by  # the authorization rule that refused
