@@ -236,7 +236,9 @@ def test_check_says_what_is_mounted_and_prints_the_policies(monkeypatch, capsys)
     monkeypatch.setenv("MATCHING_SUGGEST_READ_TIMEOUT", "45")
     assert main(["check", "--config", str(SHIPPED_INI)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "upstreams mounted: user_service, event_service" in lines
+    # Each upstream with its URL (an URL never holds credentials: refused at start).
+    assert ("upstreams mounted: user_service=http://127.0.0.1:5001, "
+            "event_service=http://127.0.0.1:5002") in lines
     assert "upstreams not mounted (empty URL): matching_service, messaging_service" in lines
     assert ("  recommendations: * /api/users/<int:id>/recommendations -> event_service "
             "/users/<id>/recommendations (parameters: id:int)") in lines
