@@ -851,7 +851,7 @@ def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
     pipeline = adopt(wsgi_app, file)
     server = build(wsgi_app, settings, file=file,
                    max_body_size=max_body_size_of(file) if file else None)
-    announce(pipeline, where=_where(server), server="waitress")
+    announce(pipeline, where=_where(server), server="waitress")  # pserve prints its own
     cut = run(server, drain_seconds=settings["drain_seconds"])
     logging.shutdown()
     return 1 if cut else 0
@@ -951,7 +951,6 @@ def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -
         server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
                        file=file)
         announce(pipeline, where=_where(server), server=name)
-        server.print_listen("Serving on http://{}:{}")
         return 1 if run(server, drain_seconds=settings["drain_seconds"]) else 0
     if config is None:
         raise ConfigError(f"server {name!r} needs the ini file's path")
