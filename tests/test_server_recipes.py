@@ -212,3 +212,23 @@ def test_a_request_finished_during_the_stop_is_logged(name, env, upstream):
     logged = {(r.get("path"), r.get("status")) for r in parsed}
     assert {("/api/auth/first", 200), ("/api/auth/slow", 200)} <= logged, output
     assert recipe.process.returncode == 0, output
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_readiness_fails_while_a_fail_closed_limiter_cannot_count(name, env, upstream):
+    """Every limited path answered 503 (Redis gone, RATELIMIT_ON_ERROR=closed) while /health
+    said ok: a load balancer kept sending traffic to a gateway that refused all of it."""
+    pytest.importorskip("redis")
+    port, nothing = free_port(), free_port()  # nothing listens on the storage's port
+    recipe = Recipe(RECIPES[name](port), port, dict(
+        env, GATEWAY_LISTEN=f"127.0.0.1:{port}", RATELIMIT_ON_ERROR="closed",
+        RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{nothing}/0"))
+    try:
+        client = session()
+        assert client.get(recipe.url + "/api/auth/x", timeout=20).status_code == 503
+        health = client.get(recipe.url + "/health", timeout=20)
+    finally:
+        output = recipe.stop()
+    assert health.status_code == 503, output
+    assert health.json()["status"] == "error"
+    assert health.json()["ratelimit"]["ratelimit"] == "failing (on_error=closed)"
