@@ -142,14 +142,16 @@ def records(output: str) -> tuple[list[dict], list[str]]:
         except ValueError:
             other.append(line)
             continue
-        (parsed if isinstance(record, dict) else other).append(record if isinstance(
-            record, dict) else line)
+        if isinstance(record, dict):
+            parsed.append(record)
+        else:
+            other.append(line)
     return parsed, other
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_every_recipe_logs_json_only_a_start_up_line_and_a_true_status_page(name, env,
-                                                                             upstream):
+def test_every_recipe_logs_json_only_a_start_up_line_and_a_true_status_page(
+        name, env, upstream):
     port = free_port()
     recipe = Recipe(RECIPES[name](port), port,
                     dict(env, GATEWAY_LISTEN=f"127.0.0.1:{port}", LOG_LEVEL="WARNING"))
