@@ -381,12 +381,16 @@ def adopt(app: t.Any, file: str | None = None, name: str = "main") -> Pipeline |
 
 
 def _attach(pipeline: Pipeline) -> None:
-    """Hand the built pipeline to the endpoints that show it (status page, health)."""
+    """Hand the built pipeline to the endpoints that show it (status page, health) and to
+    the metrics of the process and configuration (build info, per-target state)."""
+    from meetinity_gateway.runtime_metrics import watch_pipeline
+
     router = pipeline.router
     for endpoint in (router.endpoints.values() if router is not None else ()):
         attach = getattr(endpoint, "attach_pipeline", None)
         if attach is not None:
             attach(pipeline)
+    watch_pipeline(pipeline)
 
 
 class _AllRoutes:

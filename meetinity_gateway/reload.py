@@ -46,6 +46,7 @@ from meetinity_gateway.config import (
     env_file,
     refresh_env,
 )
+from meetinity_gateway.runtime_metrics import count_reload
 from meetinity_gateway.shared import SharedState
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -181,6 +182,7 @@ class ReloadingApp:
         except Exception as exc:
             undo()
             self.failures += 1
+            count_reload(False)
             if isinstance(exc, ConfigError):
                 message = f"configuration error: {exc}"
             else:
@@ -191,6 +193,7 @@ class ReloadingApp:
             return False
         self.pipeline = new
         self.reloads += 1
+        count_reload(True)
         self.last_error = None
         log.info("configuration reloaded: %s -> %s (%s)", old.fingerprint, new.fingerprint,
                  " -> ".join(new.names))

@@ -45,6 +45,9 @@ Metrics (``namespace`` ``gateway``)::
     gateway_ratelimit_rejections_total{rule}                        counter
     gateway_auth_failures_total{reason}                             counter
 
+plus, once a loader has built the pipeline, the process' and configuration's metrics (build
+info, per-target state, reloads, ``process_*``: :mod:`meetinity_gateway.runtime_metrics`).
+
 ``reason`` is ``timeout``, ``unavailable`` or ``invalid`` (a response the proxy refused).
 ``status`` is the class (``2xx``…``5xx``), ``route`` the route name (``none`` for a request
 answered before or without routing: 400, 401, 404, 429…), ``method`` one of the standard
@@ -251,6 +254,9 @@ class _Metrics:
         self.auth_failures = Counter(
             "auth_failures", "Requests refused by authentication, by reason.",
             ("reason",), **common)
+        #: The process' and configuration's metrics (meetinity_gateway.runtime_metrics),
+        #: registered here by the loader.
+        self.runtime = None
 
     def expose(self, accept: str | None) -> tuple[bytes, str]:
         from prometheus_client import CollectorRegistry
@@ -358,6 +364,7 @@ class ObserveMiddleware:
         self.trusted_proxies = trusted_proxies
         self.trace = trace
         self.trace_sampled = trace_sampled
+        self.namespace = namespace
         if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", namespace or ""):
             raise ConfigError("expected a metric name prefix like gateway", key="namespace",
                               value=namespace)
