@@ -10,6 +10,8 @@ loader once a pipeline is built (:func:`watch_pipeline`, called by
     gateway_build_info{version,python}                                 gauge, always 1
     gateway_upstream_target_state{upstream,target,state}               gauge, 1 or 0
     gateway_config_reloads_total{result}                               counter
+    gateway_otel_spans_exported_total, gateway_otel_spans_dropped_total,
+    gateway_otel_export_failures_total           counters, with OpenTelemetry tracing on
 
 ``state`` is each of ``healthy``, ``ejected`` and ``panic`` (ejected, but getting traffic
 because every target of its upstream is ejected): 1 for the target's current state, 0 for
@@ -22,6 +24,7 @@ of its own and nothing is registered here: the scale-out setup merges its own vi
 from __future__ import annotations
 
 import platform
+import sys
 import threading
 import typing as t
 
@@ -80,6 +83,18 @@ class RuntimeCollector:
         for result, count in counts.items():
             reloads.add_metric((result,), count)
         yield reloads
+        tracing = sys.modules.get("meetinity_gateway.tracing")  # loaded only when it is on
+        current = getattr(tracing, "_tracing", None) if tracing is not None else None
+        if current is not None:
+            spans = current.processor
+            for name, value, text in (
+                    ("otel_spans_exported", spans.exported, "Spans the collector accepted."),
+                    ("otel_spans_dropped", spans.dropped, "Spans dropped: the export queue "
+                     "was full (collector down or slow)."),
+                    ("otel_export_failures", spans.failed, "Spans whose export failed.")):
+                family = CounterMetricFamily(f"{ns}_{name}", text)
+                family.add_metric((), value)
+                yield family
 
 
 def watch_pipeline(pipeline) -> None:

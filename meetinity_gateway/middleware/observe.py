@@ -79,6 +79,9 @@ Use alone around any WSGI app::
 :param namespace: prefix of every metric name (default ``gateway``).
 :param buckets: duration histogram buckets in seconds (default prometheus-client's).
 :param registry: a ``CollectorRegistry`` to register the metrics in (default: a new one).
+:param otel: export spans over OpenTelemetry (default ``False``; needs the ``[otel]`` extra;
+    endpoint, sampling and batching by the standard ``OTEL_*`` variables): a server span
+    per request, a client span per upstream attempt (see :mod:`meetinity_gateway.tracing`).
 
 In gateway.ini::
 
@@ -118,6 +121,7 @@ from meetinity_gateway.keys import (
     CUT_KEY,
     TARGET_KEY,
     TRACE_ID_KEY,
+    TRACE_KEY,
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
@@ -277,9 +281,10 @@ class _Metrics:
 class _Exchange:
     """What is known about one request while it is answered."""
 
-    __slots__ = ("start", "wall", "status", "bytes_out", "error", "done", "trace_id")
+    __slots__ = ("start", "wall", "status", "bytes_out", "error", "done", "trace_id", "spans")
 
-    def __init__(self, trace_id: str | None) -> None:
+    def __init__(self, trace_id: str | None, spans=None) -> None:
+        self.spans = spans  # the request's OpenTelemetry spans (tracing on)
         self.start = time.perf_counter()
         self.wall = time.time()
         self.status = 0
@@ -339,8 +344,18 @@ class ObserveMiddleware:
         namespace: str = "gateway",
         buckets: t.Sequence[float] | None = None,
         registry=None,
+        otel: bool = False,
     ) -> None:
         self.app = app
+        #: OpenTelemetry export (meetinity_gateway.tracing), imported only when asked for.
+        self.tracing = None
+        if otel:
+            try:
+                from meetinity_gateway.tracing import tracing
+            except ImportError as exc:
+                raise ConfigError(f"OpenTelemetry is not installed ({exc.name}): pip install "
+                                  "meetinity_gateway[otel]", key="otel", value="true") from None
+            self.tracing = tracing()
         log_format = (log_format or "json").strip().lower()
         if log_format not in LOG_FORMATS:
             raise ConfigError(f"expected one of {', '.join(LOG_FORMATS)}", key="log_format",
@@ -393,10 +408,11 @@ class ObserveMiddleware:
             return self._serve_metrics(environ, start_response)
 
         trace_id = None
-        if self.trace:
+        spans = None
+        if self.trace or self.tracing is not None:
             trace_id = parse_traceparent(environ.get("HTTP_TRACEPARENT"))
             if trace_id is None:
-                environ["HTTP_TRACEPARENT"], trace_id = new_traceparent(self.trace_sampled)
+                environ.pop("HTTP_TRACEPARENT", None)
                 # A tracestate belongs to the traceparent it came with.
                 environ.pop("HTTP_TRACESTATE", None)
             else:
@@ -404,8 +420,16 @@ class ObserveMiddleware:
                 if state is not None and (len(state) > _TRACESTATE_MAX
                                           or _CONTROL.search(state)):
                     del environ["HTTP_TRACESTATE"]
+            if self.tracing is not None:
+                # The server span, child of the caller's trace if any: its context is what
+                # goes on (upstream, in the log).
+                spans = self.tracing.start(environ, environ.get("REQUEST_METHOD", ""))
+                environ["HTTP_TRACEPARENT"], trace_id = spans.traceparent, spans.trace_id
+                environ[TRACE_KEY] = spans
+            elif trace_id is None:
+                environ["HTTP_TRACEPARENT"], trace_id = new_traceparent(self.trace_sampled)
             environ[TRACE_ID_KEY] = trace_id
-        return self._observe(environ, start_response, _Exchange(trace_id))
+        return self._observe(environ, start_response, _Exchange(trace_id, spans))
 
     def _observe(self, environ, start_response, exchange: _Exchange):
         def start_and_note(status, headers, exc_info=None):
@@ -444,6 +468,33 @@ class ObserveMiddleware:
             self._record(metrics, environ, status, duration)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(self._access_record(environ, exchange, status, duration))
+        if exchange.spans is not None:
+            self._end_span(environ, exchange, status)
+
+    def _end_span(self, environ, exchange: _Exchange, status: int) -> None:
+        """The server span's attributes (never a header, a token or a claim but ``sub``)."""
+        claims = environ.get(_CLAIMS_KEY)
+        user = claims.get("sub") if isinstance(claims, dict) else None
+        decision = environ.get(_RATELIMIT_KEY)
+        attributes: dict[str, t.Any] = {
+            "http.request.method": environ.get("REQUEST_METHOD"),
+            "url.path": environ.get("PATH_INFO") or "/",
+            "url.scheme": environ.get("wsgi.url_scheme"),
+            "http.route": environ.get(_ROUTE_KEY),
+            "client.address": client_address(environ, self.trusted_proxies),
+            "gateway.request_id": environ.get(REQUEST_ID_KEY),
+            "gateway.auth.error": environ.get(AUTH_ERROR_KEY),
+            "gateway.authz.denied": environ.get(AUTHZ_DENIED_KEY),
+            "enduser.id": None if user is None else str(user),
+            "gateway.error": exchange.error,
+        }
+        if isinstance(decision, dict) and decision.get("rule") is not None:
+            attributes["gateway.ratelimit.rule"] = str(decision.get("rule"))
+            attributes["gateway.ratelimit.allowed"] = decision.get("allowed") is not False
+        try:
+            exchange.spans.finish(status, attributes)
+        except Exception:  # tracing never fails a request
+            log.debug("ending the server span failed", exc_info=True)
 
     def _record(self, metrics: _Metrics, environ, status: int, duration: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
@@ -627,6 +678,7 @@ _PARAMS = {
     "trace_sampled": as_bool,
     "namespace": as_str,
     "buckets": _floats,
+    "otel": as_bool,
 }
 
 
