@@ -91,6 +91,7 @@ class SpanQueue(SpanProcessor):
         self._stop = threading.Event()
         self._flush = threading.Event()
         self._counts = threading.Lock()
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="otel-export", daemon=True)
         self._thread.start()
 
@@ -106,22 +107,15 @@ class SpanQueue(SpanProcessor):
             with self._counts:
                 self.dropped += 1
 
-    def _take(self, wait: float) -> list:
-        spans = []
-        try:
-            spans.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
-            while len(spans) < self.batch:
-                spans.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return spans
-
     def _export(self, spans: list) -> None:
+        self._busy = True
         try:
             ok = self.exporter.export(spans) is SpanExportResult.SUCCESS
         except Exception:  # never let the exporter end the thread
             log.debug("span export raised", exc_info=True)
             ok = False
+        finally:
+            self._busy = False
         with self._counts:
             if ok:
                 self.exported += len(spans)
@@ -129,27 +123,48 @@ class SpanQueue(SpanProcessor):
                 self.failed += len(spans)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            spans = self._take(self.delay)
+        """Collect up to ``batch`` spans or for ``delay`` seconds, export, again; at stop,
+        one last export of what is queued."""
+        while True:
+            deadline = time.monotonic() + self.delay
+            spans: list = []
+            while (len(spans) < self.batch and not self._stop.is_set()
+                   and not self._flush.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:  # short waits: a stop or a flush is noticed at once
+                    spans.append(self._queue.get(timeout=min(left, 0.1)))
+                except queue.Empty:
+                    continue
+            if self._stop.is_set() or self._flush.is_set():
+                self._flush.clear()
+                try:
+                    while True:
+                        spans.append(self._queue.get_nowait())
+                except queue.Empty:
+                    pass
             if spans:
                 self._export(spans)
+            if self._stop.is_set():
+                return
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export what is queued now; ``False`` when not done within ``timeout_millis``
+        (the caller never exports itself: a hanging collector holds only the export
+        thread)."""
+        self._flush.set()
         deadline = time.monotonic() + timeout_millis / 1000.0
         while time.monotonic() < deadline:
-            spans = self._take(0)
-            if not spans:
+            if self._queue.empty() and not self._busy and not self._flush.is_set():
                 return True
-            self._export(spans)
-        return self._queue.empty()
+            time.sleep(0.02)
+        return False
 
     def shutdown(self) -> None:
+        """At exit: what is queued gets at most ``SHUTDOWN_SECONDS`` to leave."""
         self._stop.set()
-        self.force_flush(int(SHUTDOWN_SECONDS * 1000))
-        try:
-            self.exporter.shutdown()
-        except Exception:
-            pass
+        self._thread.join(SHUTDOWN_SECONDS)
 
 
 class RequestTrace:
