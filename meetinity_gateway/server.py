@@ -1001,6 +1001,14 @@ def worker_logging() -> None:
     from multiprocessing import util
 
     util.Finalize(None, logging.shutdown, exitpriority=-100)
+    util.Finalize(None, _end_tracing, exitpriority=-50)  # queued spans, at most 2 s
+
+
+def _end_tracing() -> None:
+    tracing = sys.modules.get("meetinity_gateway.tracing")  # loaded only when it is on
+    current = getattr(tracing, "_tracing", None) if tracing is not None else None
+    if current is not None:
+        current.processor.shutdown()
 
 
 def worker_app(target: str | None = None):
