@@ -225,3 +225,22 @@ def test_off_by_default_the_sdk_is_never_imported(monkeypatch):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, env={"JWT_SECRET": TEST_JWT_SECRET, "PATH": ""})
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_sampling_follows_the_callers_flag_by_default(gateway_process, upstream, receiver):
+    """OTEL_TRACES_SAMPLER's default (parent-based): a caller's unsampled trace is not
+    exported, yet its context still goes upstream; a sampled one is."""
+    collector = receiver()
+    gateway = traced(gateway_process, collector.endpoint)
+    unsampled, sampled = secrets.token_hex(16), secrets.token_hex(16)
+    client = session()
+    for trace_id, flags in ((unsampled, "00"), (sampled, "01")):
+        response = client.get(gateway.url + "/api/auth/x", headers={
+            "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"})
+        assert response.status_code == 200
+    spans = collector.wait_for(2)
+    assert {span["trace_id"] for span in spans} == {sampled}, spans
+    sent = [dict((k.lower(), v) for k, v in headers)["traceparent"]
+            for _, _, headers in upstream.requests]
+    assert [value.split("-")[1] for value in sent] == [unsampled, sampled]
+    assert [value.split("-")[3] for value in sent] == ["00", "01"]
