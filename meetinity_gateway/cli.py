@@ -21,7 +21,7 @@ from meetinity_gateway.config import (
     load_env,
     refresh_env,
 )
-from meetinity_gateway.assembly import mounted_summary
+from meetinity_gateway.assembly import upstream_list
 from meetinity_gateway.reload import install_sighup, serving_app
 
 log = logging.getLogger("meetinity_gateway")
@@ -52,7 +52,7 @@ def _print_pipeline(pipeline) -> None:
         print("routes:")
         for line in router.describe():
             print(f"  {line}")
-        print("upstreams mounted: " + (", ".join(router.upstreams) or "none"))
+        print("upstreams mounted: " + upstream_list(router))
         print("upstreams not mounted (empty URL): "
               + (", ".join(router.unmounted_upstreams) or "none"))
         print("upstream policy per route (effective values):")
@@ -121,15 +121,29 @@ def cmd_init(args) -> int:
         "# Every other variable is documented in .env.example.\n"
         f"JWT_SECRET={secret}\n"
     )
+    lines = existing.splitlines(keepends=True)
+    # A copied .env.example has an empty `JWT_SECRET=` line: fill that one in, rather than
+    # leave a second JWT_SECRET line below it (the first one read would win elsewhere).
+    empty = [index for index, line in enumerate(lines)
+             if not line.lstrip().startswith("#") and "=" in line
+             and line.split("=", 1)[0].strip() == "JWT_SECRET"]
+    if empty:
+        lines[empty[0]] = f"JWT_SECRET={secret}\n"
+        for index in reversed(empty[1:]):
+            del lines[index]
+        text = "".join(lines)
+        mode = "w"
+    else:
+        text = ("\n" if existing and not existing.endswith("\n") else "") + block
+        mode = "a"
     # Created 0600 (os.open applies the mode before any byte is written); an existing file
     # that others could read is narrowed too. Windows has no such modes: ACLs of the folder
     # apply there.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    flags |= os.O_APPEND if mode == "a" else os.O_TRUNC
     descriptor = os.open(env_path, flags, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8", newline="\n") as handle:
-        if existing and not existing.endswith("\n"):
-            handle.write("\n")
-        handle.write(block)
+    with os.fdopen(descriptor, mode, encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
     if os.name == "posix":
         os.chmod(env_path, 0o600)
     refresh_env(args.config)  # this process read the file before: let it see the secret
@@ -147,12 +161,9 @@ def cmd_serve(args) -> int:
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
     pipeline, app = serving_app(args.config)  # reload.py: a ReloadingApp when RELOAD is on
-    # Logged once the server listens, so that a bind error is the only line.
-    started = (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
-               + f" (config {pipeline.fingerprint}); {mounted_summary(pipeline.router)}")
     install_sighup(app)
     try:
-        return serving.serve(pipeline, settings, config=args.config, started=started, app=app)
+        return serving.serve(pipeline, settings, config=args.config, app=app)
     finally:
         logging.shutdown()  # write out buffered log lines
 
@@ -204,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `meetinity-gateway check | head`: the reader has gone, which is no error. Point
+        # stdout at nothing so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -628,6 +628,12 @@ class RateLimitMiddleware:
             counts.append(_Count(item, policy, remaining, reset_in))
         return allowed, counts
 
+    @property
+    def storage_failing(self) -> bool:
+        """The storage failed and has not answered since: requests apply ``on_error`` (read
+        by ``/health``, which then says degraded, or failing when ``on_error`` is closed)."""
+        return self._failing
+
     def _storage_turn(self) -> tuple[bool, bool]:
         """(may this request use the storage, is it the probe holding ``_probe``)."""
         if not self._failing:

@@ -77,6 +77,7 @@ from urllib.parse import quote
 
 from meetinity_gateway.keys import (
     TARGET_KEY,
+    TRACE_KEY,
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
@@ -385,8 +386,12 @@ class ProxyApp:
         except UpstreamBusy as exc:
             environ[UPSTREAM_REJECTED_KEY] = exc.reason
             raise
+        spans = environ.get(TRACE_KEY)  # OpenTelemetry on: a client span per attempt
+        span = None
         while True:
             headers["Host"] = target.host_header
+            if spans is not None:
+                span = spans.attempt(headers, method, self.name, target.host_header, len(tried))
             sent = time.perf_counter()
             began = pool.clock()  # outcomes count toward the target state they started in
             try:
@@ -395,27 +400,29 @@ class ProxyApp:
                     chunked=size is None and body is not None,
                     connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
                 )
-            except GatewayError:
+            except GatewayError as exc:
                 # The client's body failed us (too large, cut short): not the target's fault.
+                if span is not None:
+                    spans.end_attempt(span, error=exc.message)
                 pool.done(target)
                 raise
             except (ConnectFailed, ConnectTimeout) as exc:
                 # No connection, so nothing was sent: safe to retry for any method.
-                _attempted(environ, target, sent, exc)
+                _attempted(environ, target, sent, exc, span=span)
                 pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started)
             except Exception as exc:
-                _attempted(environ, target, sent, exc)
+                _attempted(environ, target, sent, exc, span=span)
                 pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started) if idempotent and replayable else None
             else:
-                _attempted(environ, target, sent)
+                _attempted(environ, target, sent, span=span, status=response.status)
                 # The upstream answered: its slot of the bulkhead is free (the body streams
                 # at the client's pace, which is the server's send timeout to bound).
                 pool.responded()
@@ -487,14 +494,17 @@ def _short(exc: BaseException) -> str:
 
 
 def _attempted(environ: WSGIEnvironment, target: Target, sent: float,
-               exc: Exception | None = None) -> None:
-    """Note one attempt for the access log and metrics (:mod:`meetinity_gateway.keys`)."""
+               exc: Exception | None = None, *, span=None, status: int | None = None) -> None:
+    """Note one attempt for the access log and metrics (:mod:`meetinity_gateway.keys`), and
+    end its span (OpenTelemetry on)."""
     ms = (time.perf_counter() - sent) * 1000.0
     error = None if exc is None else _reason(exc)
     environ[TARGET_KEY] = target.host_header
     environ[UPSTREAM_MS_KEY] = ms
     environ[UPSTREAM_ERROR_KEY] = error
     environ.setdefault(UPSTREAM_ATTEMPTS_KEY, []).append((target.host_header, ms, error))
+    if span is not None:
+        environ[TRACE_KEY].end_attempt(span, status, error)
 
 
 def _note_failure(environ: WSGIEnvironment, exc: Exception) -> str:

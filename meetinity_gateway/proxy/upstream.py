@@ -853,6 +853,11 @@ class UpstreamPool:
                 rows.append(row)
             return rows
 
+    @property
+    def panic(self) -> bool:
+        """Every target is ejected and all of them get traffic anyway (panic routing)."""
+        return self._panic
+
     def close(self) -> None:
         """Stop the background thread and close every connection."""
         self._stop.set()
