@@ -166,6 +166,15 @@ def cmd_serve(args) -> int:
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
+    # Several workers: one /metrics for all (before the pipeline imports prometheus-client).
+    cleanup = serving.prepare_metrics_directory(settings)
+    try:
+        return _serve(args, serving, settings)
+    finally:
+        cleanup()
+
+
+def _serve(args, serving, settings) -> int:
     pipeline, app = serving_app(args.config)  # reload.py: a ReloadingApp when RELOAD is on
     # Logged once the server listens, so that a bind error is the only line.
     started = (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
