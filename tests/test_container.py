@@ -100,6 +100,49 @@ def test_compose_has_two_replicas_sharing_one_redis():
     assert not re.search(r"image:\s*[\w.-]+\.[a-z]{2,}(:\d+)?/", text)  # no registry host
 
 
+def kubernetes_recipe() -> dict[str, dict]:
+    """The YAML block after the ``kubernetes-recipe`` marker of docs/scale-out.md, by kind."""
+    text = (ROOT / "docs" / "scale-out.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- kubernetes-recipe -->\s*```yaml\n(.*?)```", text, flags=re.S)
+    assert block, "docs/scale-out.md lost its Kubernetes recipe"
+    documents = [d for d in yaml.safe_load_all(block.group(1)) if d]
+    by_kind = {document["kind"]: document for document in documents}
+    assert len(by_kind) == len(documents)
+    return by_kind
+
+
+def test_kubernetes_recipe_holds_together():
+    recipe = kubernetes_recipe()
+    assert set(recipe) == {"ConfigMap", "Secret", "Deployment", "Service"}
+    config, secret = recipe["ConfigMap"], recipe["Secret"]
+    deployment, service = recipe["Deployment"], recipe["Service"]
+    assert all(isinstance(value, str) for value in config["data"].values())
+    assert "JWT_SECRET" in secret["stringData"] and "JWT_SECRET" not in config["data"]
+    spec = deployment["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"] == labels
+    assert service["spec"]["selector"] == labels
+    [container] = spec["template"]["spec"]["containers"]
+    sources = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
+    assert sources == {"configMapRef": config["metadata"]["name"],
+                       "secretRef": secret["metadata"]["name"]}
+    # The port the gateway listens on is the one probed and served.
+    [port] = container["ports"]
+    assert config["data"]["GATEWAY_LISTEN"].rsplit(":", 1)[1] == str(port["containerPort"])
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health/live", "port": port["name"]}
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    # Shared budgets, each process' share right, a drain that fits, no root.
+    assert not config["data"]["RATELIMIT_STORAGE_URI"].startswith("memory")
+    assert config["data"]["RATELIMIT_PROCESSES"] == str(spec["replicas"]) and spec["replicas"] > 1
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 20
+    assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Every variable it sets is one the shipped gateway.ini reads.
+    shipped = (ROOT / "gateway.ini").read_text(encoding="utf-8")
+    for name in config["data"]:
+        assert "${" + name + ":-" in shipped or "${" + name + "}" in shipped, name
+
+
 # -- built and run for real ---------------------------------------------------------------------
 
 def _unavailable(message: str):
