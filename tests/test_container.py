@@ -174,14 +174,16 @@ def _machine_sources() -> tuple[str, str]:
     for text in texts:  # deb822: URIs / Suites / Components paragraphs
         for paragraph in text.split("\n\n"):
             fields = dict(re.findall(r"^(\w[\w-]*):\s*(.+)$", paragraph, flags=re.M))
-            if "deb" in fields.get("Types", "").split() and suite in fields.get("Suites", ""):
+            suites, types = fields.get("Suites", "").split(), fields.get("Types", "").split()
+            if "deb" in types and suite in suites:
                 return suite, fields["URIs"].split()[0]
     listing = Path("/etc/apt/sources.list")
     if listing.is_file():
         for line in listing.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and parts[-2 if "[" in line else 2] == suite:
-                return suite, next(p for p in parts[1:] if p.startswith(("http", "ftp", "file")))
+            # deb [options] URI SUITE COMPONENTS...
+            words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                return suite, words[1]
     _unavailable("no Debian apt source on this machine to make the base image from")
 
 
