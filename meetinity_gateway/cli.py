@@ -92,17 +92,37 @@ def create_server(app, **kw):
     return create(app, **kw)
 
 
+def _write_starting_files(config: Path) -> None:
+    """The shipped ``gateway.ini`` at ``config`` (which does not exist), and the shipped
+    ``.env.example`` beside it unless one is there: an installed package's starting point."""
+    from meetinity_gateway.shipped import shipped_file
+
+    if not config.parent.is_dir():
+        raise ConfigError("the folder of the configuration file does not exist",
+                          file=str(config))
+    for name, target in (("gateway.ini", config),
+                         (".env.example", config.parent / ".env.example")):
+        if target.exists():
+            continue
+        try:
+            target.write_bytes(shipped_file(name).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot write the shipped {name}: {exc.strerror or exc}",
+                              file=str(target)) from None
+        print(f"wrote the shipped {name} to {target}")
+
+
 def cmd_init(args) -> int:
-    """Write a ``.env`` beside the ini file with a fresh random ``JWT_SECRET``, once.
+    """Write a starting ``gateway.ini`` (and ``.env.example``) when there is none, and a
+    ``.env`` beside the ini file with a fresh random ``JWT_SECRET``, once.
 
     The shipped gateway.ini refuses to start without a JWT secret (never an empty or guessable
-    one); this gives a newcomer a working start without committing a secret anywhere. The ini
-    file must exist (a ``.env`` anywhere else would configure nothing), and the ``.env`` is
-    readable by its owner only (0600) where the platform has file modes.
+    one); this gives a newcomer a working start without committing a secret anywhere. An ini
+    file that exists is never touched, and the ``.env`` is readable by its owner only (0600)
+    where the platform has file modes.
     """
     if not args.config.is_file():
-        raise ConfigError("configuration file not found: init writes the .env beside an "
-                          "existing ini file (see --config)", file=str(args.config))
+        _write_starting_files(args.config)
     env_path = env_file(args.config)
     existing = env_path.read_text(encoding="utf-8") if env_path.is_file() else ""
     if os.environ.get("JWT_SECRET") or any(
@@ -160,6 +180,15 @@ def cmd_serve(args) -> int:
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
+    # Several workers: one /metrics for all (before the pipeline imports prometheus-client).
+    cleanup = serving.prepare_metrics_directory(settings)
+    try:
+        return _serve(args, serving, settings)
+    finally:
+        cleanup()
+
+
+def _serve(args, serving, settings) -> int:
     pipeline, app = serving_app(args.config)  # reload.py: a ReloadingApp when RELOAD is on
     install_sighup(app)
     try:
@@ -172,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meetinity-gateway",
         description="The Meetinity API gateway: serve it, check its configuration, print its "
-                    "routes, or write a first .env (also: python -m meetinity_gateway).",
+                    "routes, or write a first gateway.ini and .env (also: python -m "
+                    "meetinity_gateway).",
         epilog="The ini file is --config, else GATEWAY_CONFIG, else gateway.ini; the .env "
                "beside it is read first (real environment variables win).",
     )
@@ -199,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reload the ini file and its .env when they change, without a "
                             "restart (also RELOAD=true; SIGHUP where it exists)")
     add("check", cmd_check, "validate the configuration, print pipeline and routes")
-    add("init", cmd_init, "write .env beside the ini with a random JWT_SECRET (once)")
+    add("init", cmd_init, "write the shipped gateway.ini when there is none, and .env beside "
+                          "it with a random JWT_SECRET (once)")
     add("routes", cmd_routes, "print the route table")
     return parser
 

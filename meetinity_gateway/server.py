@@ -954,6 +954,7 @@ def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -
         return 1 if run(server, drain_seconds=settings["drain_seconds"]) else 0
     if config is None:
         raise ConfigError(f"server {name!r} needs the ini file's path")
+    check_shared_state(pipeline, settings, file)
     os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
     _check_bind(settings, file)
     announce(pipeline, where=" ".join(f"http://{item}" for item in
@@ -962,6 +963,81 @@ def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -
     if name == "gunicorn":
         return _serve_gunicorn(settings, file)
     return _serve_granian(settings, file)
+
+
+# -- several worker processes: one budget, one set of counters -----------------------------
+
+def several_workers(settings: t.Mapping[str, t.Any]) -> bool:
+    """Whether ``settings`` start more than one worker process (granian, gunicorn)."""
+    return settings["server"] != "waitress" and settings["workers"] > 1
+
+
+_METRIC_FILE = re.compile(r"^[a-z_]+_\d+\.db$")  # prometheus-client's: counter_123.db, ...
+
+
+def prepare_metrics_directory(settings: t.Mapping[str, t.Any]) -> t.Callable[[], None]:
+    """Prometheus' multiprocess mode for several workers, set up before anything imports
+    prometheus-client; returns what to do once the server has stopped.
+
+    With one process nothing changes. With several, ``PROMETHEUS_MULTIPROC_DIR`` names the
+    directory where every worker keeps its values and from which any worker's ``/metrics``
+    adds them all up: the operator's directory, emptied of a previous run's files (stale
+    values would be added to the new run's), else a private temporary one, removed after
+    the stop."""
+    if not several_workers(settings):
+        return lambda: None
+    import shutil
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise ConfigError("PROMETHEUS_MULTIPROC_DIR is not a directory",
+                              key="PROMETHEUS_MULTIPROC_DIR", value=given)
+        for stale in folder.iterdir():
+            if _METRIC_FILE.match(stale.name):
+                stale.unlink()
+        return lambda: None
+    folder = Path(tempfile.mkdtemp(prefix="meetinity-gateway-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return lambda: shutil.rmtree(folder, ignore_errors=True)
+
+
+def mark_worker_dead(server, worker) -> None:
+    """gunicorn's ``child_exit`` hook: a dead worker's live gauges (requests in flight) stop
+    counting in the multiprocess sum."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def check_shared_state(pipeline, settings: t.Mapping[str, t.Any], file: str | None) -> None:
+    """Several workers must share their rate-limit counters: refuse ``memory://`` (each
+    worker would allow the whole budget, N workers N times it), and warn when ``processes``
+    (each one's share while the shared storage fails) is below the number of workers."""
+    if not several_workers(settings):
+        return
+    from meetinity_gateway.middleware.ratelimit import RateLimitMiddleware
+
+    workers = settings["workers"]
+    for name, layer in pipeline.layers.items():
+        if not isinstance(layer, RateLimitMiddleware) or not (layer.rules or layer.default):
+            continue
+        uri = layer.storage_uri or ""
+        if uri.split(":", 1)[0].lower() == "memory":
+            raise ConfigError(
+                f"memory:// counts in each process: with {workers} workers every client would "
+                f"get {workers} times each budget; share the counters in Redis "
+                "(RATELIMIT_STORAGE_URI=redis://…) or serve with workers = 1",
+                file=file, section=f"filter:{name}", key="storage_uri", value=uri)
+        if layer.processes < workers:
+            logging.getLogger("meetinity_gateway").warning(
+                "[filter:%s] processes = %d but %d workers share the storage: while it "
+                "fails each worker allows 1/%d of every limit, %d times the budget in all; "
+                "set RATELIMIT_PROCESSES to the number of gateway processes", name,
+                layer.processes, workers, layer.processes, workers // layer.processes)
 
 
 def _missing(name: str, file: str | None) -> ConfigError:
@@ -1115,6 +1191,7 @@ def gunicorn_options(settings: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         "graceful_timeout": max(1, round(settings["drain_seconds"])),
         # gunicorn's own lines in the gateway's format (JSON under LOG_FORMAT=json)
         "logger_class": "meetinity_gateway.gunicorn_log.GatewayLogger",
+        "child_exit": mark_worker_dead,
     }
 
 

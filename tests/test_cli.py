@@ -228,14 +228,30 @@ def test_real_environment_wins_over_env_file(tmp_path):
 
 # -- init --------------------------------------------------------------------------------------
 
-def test_init_refuses_without_a_config_file(tmp_path, monkeypatch, capsys):
+def test_init_writes_the_shipped_ini_when_there_is_none(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("JWT_SECRET")
     monkeypatch.chdir(tmp_path)
-    assert main(["init"]) == 2
+    assert main(["init"]) == 0
+    out = capsys.readouterr().out
+    assert "gateway.ini" in out and ".env.example" in out and "JWT_SECRET" in out
+    assert (tmp_path / "gateway.ini").read_bytes() == SHIPPED_INI.read_bytes()
+    assert (tmp_path / ".env.example").read_bytes() == (ROOT / ".env.example").read_bytes()
+    assert main(["check"]) == 0  # the secret from the new .env: it starts as it is
+    # An existing ini file (even an edited one) and .env.example are never overwritten.
+    (tmp_path / "gateway.ini").write_text(SHIPPED_INI.read_text() + "\n# mine\n")
+    (tmp_path / ".env.example").write_text("# mine\n")
+    assert main(["init"]) == 0
+    assert (tmp_path / "gateway.ini").read_text().endswith("# mine\n")
+    assert (tmp_path / ".env.example").read_text() == "# mine\n"
+
+
+def test_init_refuses_a_missing_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--config", str(tmp_path / "elsewhere" / "gw.ini")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("configuration error: ") and err.count("\n") == 1
-    assert "gateway.ini" in err and "not found" in err
-    assert main(["init", "--config", str(tmp_path / "elsewhere" / "gw.ini")]) == 2
+    assert "gw.ini" in err and "does not exist" in err
     assert not (tmp_path / ".env").exists()
     assert not (tmp_path / "elsewhere").exists()
 

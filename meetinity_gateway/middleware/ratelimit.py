@@ -326,6 +326,11 @@ def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
         except ImportError:
             return options  # limits reports the missing package itself
         options["retry"] = retry.Retry(backoff.NoBackoff(), 0)
+        if variant == "sentinel":
+            # The sentinels are asked for the master at every new connection (that is how a
+            # failover is followed): a sentinel that hangs must not hang the request either.
+            options["sentinel_kwargs"] = {"socket_timeout": timeout,
+                                          "socket_connect_timeout": timeout}
         return options
     if family == "memcached":
         return {"connect_timeout": timeout, "timeout": timeout}
