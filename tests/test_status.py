@@ -262,7 +262,7 @@ def test_page_says_the_overall_state_first_traffic_per_route_and_unmounted_route
     assert text.startswith("Meetinity gateway status ok ")
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
     # The routes of the unmounted services, as such.
-    assert "conversations * /api/conversations/* messaging_service /conversations — — " \
+    assert "conversations * /api/conversations/* — messaging_service /conversations — " \
         "not mounted: messaging_service has no URL" in text
     for _ in range(3):
         app.get("/api/auth/ok")
