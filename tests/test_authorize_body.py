@@ -381,3 +381,9 @@ def test_field_filters_that_tie_and_bad_limits_are_config_errors():
     assert any(line.startswith("fields user_public: GET /api/users/<id> unless sub=<id> or "
                                "role=admin -> body.user allow id, name, title")
                for line in describe)
+
+
+@pytest.mark.parametrize("path", ["/api/users//7", "/api/users/7/", "/api/users/07"])
+def test_other_spellings_of_another_users_record_are_filtered_too(path):
+    response = filtered({"sub": "7"} if path.endswith("07") else ADA, path, {"user": ALICE})
+    assert response.json == {"user": {"id": 7, "name": "Alice", "title": "CTO"}}

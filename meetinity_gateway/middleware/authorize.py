@@ -371,10 +371,18 @@ class AuthorizeMiddleware:
                   method: str, claims: t.Any):
         """Call the app; when a field filter covers the request and its ``unless`` does not
         hold, hold the answer (bounded) and send it filtered, or a 502: never unfiltered."""
-        try:
-            item, values = self._filter_adapter.match(path or "/", method)
-        except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+        # As for rules: a path a service would normalise (//, a trailing /) is filtered as
+        # its plain form is.
+        match = None
+        for candidate in (path or "/", _SLASHES.sub("/", path).rstrip("/") or "/"):
+            try:
+                match = self._filter_adapter.match(candidate, method)
+                break
+            except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+                continue
+        if match is None:
             return self.app(environ, start_response)
+        item, values = match
         if item.unless is not None and self._satisfied(item.unless, claims, values):
             return self.app(environ, start_response)
         # The answer must come whole and readable: no compression, no byte ranges.
