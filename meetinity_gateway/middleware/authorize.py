@@ -301,8 +301,10 @@ class AuthorizeMiddleware:
     def route_checks(self) -> list[tuple[str, str, str, bool, list[str] | None]]:
         """For each rule: (key, value, a path it covers, whether it covers everything below
         that path too, its methods) — for the assembly to check that some route serves it."""
-        return [(f"rule.{rule.name}", rule.text, rule.template.sample(), rule.template.prefix,
-                 sorted(rule.methods) if rule.methods else None) for rule in self.rules]
+        return [(f"{kind}.{item.name}", item.text, item.template.sample(), item.template.prefix,
+                 sorted(item.methods) if item.methods else None)
+                for kind, items in (("rule", self.rules), ("fields", self._filters))
+                for item in items]
 
     # -- decisions -------------------------------------------------------------------------------
 
@@ -548,7 +550,8 @@ class RequestJSON:
 _FILTER = re.compile(
     r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?(?P<path>/\S*)"
     r"(?:\s+unless\s+(?P<unless>\S.*?))?\s*->\s*(?P<location>body\S*)\s+"
-    r"(?P<mode>allow|deny)\s+(?P<fields>\S.*?)\s*$"
+    r"(?P<mode>allow|deny)\s+(?P<fields>\S.*?)\s*$",
+    re.DOTALL,  # an ini value may go on over several lines
 )
 _LOCATION = re.compile(r"^body(?:\.(?P<key>[A-Za-z_][A-Za-z0-9_-]*))?(?P<each>\[\])?$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
