@@ -63,9 +63,28 @@ In gateway.ini (after ``auth`` in the pipeline)::
 Security notes: the path is matched as the router will match it (``PATH_INFO``, after the
 error edge refused dot-segments and encoded slashes), and also with repeated slashes merged
 and a trailing slash dropped; a request carrying ``X-HTTP-Method-Override`` (or
-``X-HTTP-Method``, ``X-Method-Override``) must be allowed as that method too. Rules only
-see what the token says: a request body naming another user (``{"user_id": 9}``) is the
-service's to check.
+``X-HTTP-Method``, ``X-Method-Override``) must be allowed as that method too.
+
+Conditions on the body: ``CLAIM=body.FIELD`` holds when the top-level field ``FIELD`` of the
+JSON request body equals the claim (a string as is, an integer in decimal; ``1.0``, ``"01"``,
+``true``, ``null``, lists and objects never do): ``POST /api/matching/swipe ->
+sub=body.user_id``. The body is read only when a deciding rule needs it, once, at most
+``body_limit`` bytes, and handed on byte for byte (:mod:`meetinity_gateway.jsonbody`); 415
+when it is not declared JSON, 413 past the limit, 400 unless it is one strict JSON object
+(UTF-8 without BOM, no key twice, no ``NaN``): nothing is forwarded then.
+
+Field filters (``fields``): ``NAME = [METHODS] PATH [unless REQUIREMENT] -> LOCATION
+allow|deny FIELD, ...``. When ``REQUIREMENT`` does not hold for the caller, a 2xx answer is
+held (at most ``fields_limit`` bytes) and sent with only the allowed (or without the denied)
+top-level fields of the record(s) at ``LOCATION``: ``body``, ``body.KEY`` or ``body.KEY[]``
+(each object of the list ``KEY``). An answer that is not uncompressed JSON of that shape, or is
+too large, becomes a 502: never the unfiltered body. Example::
+
+    fields.user_public = GET /api/users/<id> unless sub=<id> -> body.user allow id, name
+
+:param body_limit: the largest request body read for a body condition (default 64 KiB).
+:param fields: filter name → spec, or ready :class:`FieldFilter` objects.
+:param fields_limit: the largest answer held for a field filter (default 1 MiB).
 """
 from __future__ import annotations
 
