@@ -387,3 +387,20 @@ def test_field_filters_that_tie_and_bad_limits_are_config_errors():
 def test_other_spellings_of_another_users_record_are_filtered_too(path):
     response = filtered({"sub": "7"} if path.endswith("07") else ADA, path, {"user": ALICE})
     assert response.json == {"user": {"id": 7, "name": "Alice", "title": "CTO"}}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["id", "name", "email", "sessions", "title"]),
+                                json_values, max_size=5), max_size=4))
+def test_property_a_filtered_answer_never_holds_a_field_outside_the_allow_list(records):
+    payload = {"items": records, "total": len(records)}
+    spec = "GET /api/users/search -> body.items[] allow id, name"
+    app, _ = client(ADA, rules={"all": "/* -> authenticated"}, fields={"s": spec},
+                    answer=answering(payload))
+    response = app.get("/api/users/search?q=x")
+    assert response.status_int == 200
+    items = response.json["items"]
+    assert len(items) == len(records)
+    for got, record in zip(items, records):
+        assert set(got) <= {"id", "name"}
+        assert got == {k: v for k, v in record.items() if k in ("id", "name")}
