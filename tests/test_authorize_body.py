@@ -404,3 +404,18 @@ def test_property_a_filtered_answer_never_holds_a_field_outside_the_allow_list(r
     for got, record in zip(items, records):
         assert set(got) <= {"id", "name"}
         assert got == {k: v for k, v in record.items() if k in ("id", "name")}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("fields.bad", "GET /x -> nowhere allow a", "fields.bad"),
+    ("body_limit", "lots", "body_limit"),
+    ("fields_limit", "0", "fields_limit"),
+    ("rule.bad", "/x -> sub=body.a.b", "rule.bad"),
+])
+def test_ini_errors_name_file_key_and_value(key, value, message):
+    from meetinity_gateway.middleware.authorize import filter_factory
+
+    with pytest.raises(ConfigError) as info:
+        filter_factory({"__file__": "gateway.ini"}, **{key: value})
+    text = str(info.value)
+    assert message in text and "gateway.ini" in text and value in text
