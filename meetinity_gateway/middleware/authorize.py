@@ -269,6 +269,18 @@ class AuthorizeMiddleware:
         self.body_limit = body_limit
         self.fields_limit = fields_limit
         self._filters, self._filter_adapter = _build_filters(fields)
+        # A cheap first sort, so requests no filter can cover skip the path match: the
+        # methods filters name (None: some filter takes every method) and the literal start
+        # of their paths (up to the first parameter).
+        self._filter_methods: frozenset[str] | None = frozenset()
+        for item in self._filters:
+            if item.methods is None or self._filter_methods is None:
+                self._filter_methods = None
+            else:
+                self._filter_methods |= item.methods | (
+                    {"HEAD"} if "GET" in item.methods else set())
+        self._filter_starts = tuple(
+            item.template.path.split("<", 1)[0] for item in self._filters)
         items = rules.items() if isinstance(rules, t.Mapping) else ((r.name, r) for r in rules)
         self.rules: list[Rule] = []
         for name, rule in items:
@@ -395,7 +407,12 @@ class AuthorizeMiddleware:
         # As for rules: a path a service would normalise (//, a trailing /) is filtered as
         # its plain form is.
         match = None
-        for candidate in (path or "/", _SLASHES.sub("/", path).rstrip("/") or "/"):
+        candidates = [path or "/"]
+        if "//" in path or (path.endswith("/") and path != "/"):
+            candidates.append(_SLASHES.sub("/", path).rstrip("/") or "/")
+        for candidate in candidates:
+            if not candidate.startswith(self._filter_starts):
+                continue
             try:
                 match = self._filter_adapter.match(candidate, method)
                 break
@@ -493,7 +510,8 @@ class AuthorizeMiddleware:
             environ[AUTHZ_DENIED_KEY] = "body"
             return exc(environ, start_response)
         if allowed:
-            if self._filters:
+            if self._filters and (self._filter_methods is None
+                                  or method in self._filter_methods):
                 return self._filtered(environ, start_response, path, method, claims)
             return self.app(environ, start_response)
         name = rule.name if rule is not None else "default"
