@@ -207,6 +207,8 @@ REFUSED = [
     ("GET", "/api/events/5/registrations", ADA, None, 403),
     ("GET", "/api/events/5/attendance", ADA, None, 403),
     ("GET", "/api/events/5/waitlist", ADA, None, 403),
+    ("GET", "/api/events/5/feedback", ADA, None, 403),
+    ("GET", "/api/events/5/bookmark", ADA, None, 403),
     ("POST", "/api/events/categories", ADA, {"name": "x"}, 403),
     ("DELETE", "/api/events/tags/3", ADA, None, 403),
     ("POST", "/api/event-templates", ADA, {"name": "x"}, 403),
