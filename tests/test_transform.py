@@ -184,7 +184,7 @@ def test_shipped_rules(gateway):
     assert auth.headers["Cache-Control"] == "no-store"
     assert "X-Powered-By" not in auth.headers
     assert auth.headers["Server"] == "meetinity-gateway"
-    users = client.get(gateway.url + "/api/users/powered", headers=auth_headers())
+    users = client.get(gateway.url + "/api/users/42/powered", headers=auth_headers())
     assert users.status_code == 200
     assert "X-Powered-By" not in users.headers and "Cache-Control" not in users.headers
 
