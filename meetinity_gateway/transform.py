@@ -39,6 +39,7 @@ import re
 import typing as t
 
 from meetinity_gateway.config import ConfigError
+from meetinity_gateway.http11 import is_field_value, is_token
 from meetinity_gateway.keys import ADDED_HEADERS_KEY
 from meetinity_gateway.proxy.headers import HOP_BY_HOP
 
@@ -47,9 +48,7 @@ if t.TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["HeaderRule", "HeaderRules", "apply_transforms", "parse_transform"]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Control characters other than horizontal tab: a CR or LF would start a new header line.
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ROUTE_NAME = r"[A-Za-z0-9_.@-]+"
 _SPEC = re.compile(
     rf"^\s*(?P<routes>\*|{_ROUTE_NAME}(?:\s*,\s*{_ROUTE_NAME})*)"
@@ -77,7 +76,7 @@ class HeaderRule:
 
 
 def _check_name(name: str, direction: str) -> str:
-    if not _TOKEN.match(name):
+    if not is_token(name):
         raise ValueError(f"{name!r} is not a valid header name")
     lowered = name.lower()
     if lowered in (_FORBIDDEN_REQUEST if direction == "request" else _FORBIDDEN):
@@ -88,7 +87,7 @@ def _check_name(name: str, direction: str) -> str:
 
 
 def _check_value(value: str) -> str:
-    if _BAD_VALUE.search(value):
+    if not is_field_value(value):
         raise ValueError("a header value cannot hold control characters (CR, LF, NUL…)")
     try:
         value.encode("latin-1")
