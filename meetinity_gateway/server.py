@@ -285,7 +285,7 @@ class StrictChunkedReceiver:
                     self._trailer_bytes += len(line)
                     if self._trailer_bytes > http11.MAX_CHUNK_LINE:
                         raise http11.FramingError("chunked trailer too long")
-                    http11.field_line(line)
+                    http11.check_field_line(line)
             except http11.FramingError as exc:
                 self._fail(str(exc))
         if self.completed:

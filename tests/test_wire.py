@@ -231,7 +231,8 @@ def test_strict_chunked_bodies_pass(body):
 def test_chunked_body_cut_short_is_incomplete():
     import http.client
 
-    for body in (b"5\r\nhel", b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n"):
+    for body in (b"5\r\nhel", b"5\r\nhello", b"5\r\nhello\r", b"5\r\nhello\r\n",
+                 b"5\r\nhello\r\n0", b"5\r\nhello\r\n0\r\n", b"5\r\nhello\r\n0\r\nX-T: 1\r\n"):
         response = read(CHUNKED_HEAD + body)
         with pytest.raises(http.client.IncompleteRead):
             response.read()

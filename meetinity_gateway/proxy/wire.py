@@ -207,34 +207,28 @@ class GuardedResponse(http.client.HTTPResponse):
         chunk_left = self.chunk_left
         if chunk_left:
             return chunk_left
-        if chunk_left is not None and self._safe_read(2) != b"\r\n":
-            raise InvalidUpstreamResponse("chunk data not followed by CRLF")
+        fp = self.fp
+        if chunk_left is not None:
+            end = fp.read(2)
+            if end != b"\r\n":
+                if len(end) < 2:
+                    raise http.client.IncompleteRead(b"")
+                raise InvalidUpstreamResponse("chunk data not followed by CRLF")
         try:
-            chunk_left = http11.chunk_size(self._chunk_line())
+            chunk_left = http11.chunk_size(_chunk_line(fp))
             if not chunk_left:  # the last chunk: trailer fields, then an empty line
                 chunk_left = None
                 trailer = 0
-                while line := self._chunk_line():
+                while line := _chunk_line(fp):
                     trailer += len(line)
                     if trailer > http11.MAX_CHUNK_LINE:
                         raise http11.FramingError("chunked trailer too long")
-                    http11.field_line(line)
+                    http11.check_field_line(line)
                 self._close_conn()
         except http11.FramingError as exc:
             raise InvalidUpstreamResponse(str(exc)) from None
         self.chunk_left = chunk_left
         return chunk_left
-
-    def _chunk_line(self) -> bytes:
-        """A chunk-size or trailer line without its CRLF."""
-        line = self.fp.readline(http11.MAX_CHUNK_LINE + 2)
-        if line.endswith(b"\r\n"):
-            return line[:-2]
-        if line.endswith(b"\n"):
-            raise http11.FramingError("bare CR or LF in a chunked body")
-        if len(line) > http11.MAX_CHUNK_LINE:
-            raise http11.FramingError("chunk line too long")
-        raise http.client.IncompleteRead(b"")  # the connection ended mid-line
 
     def read1(self, n: int = -1) -> bytes:
         """What is available of the body, up to ``n`` bytes (at most one read from the
@@ -270,6 +264,18 @@ class GuardedResponse(http.client.HTTPResponse):
         return data
 
 
+def _chunk_line(fp: t.BinaryIO) -> bytes:
+    """A chunk-size or trailer line without its CRLF."""
+    line = fp.readline(http11.MAX_CHUNK_LINE + 2)
+    if line[-2:] == b"\r\n":
+        return line[:-2]
+    if line[-1:] == b"\n":
+        raise http11.FramingError("bare CR or LF in a chunked body")
+    if len(line) > http11.MAX_CHUNK_LINE:
+        raise http11.FramingError("chunk line too long")
+    raise http.client.IncompleteRead(b"")  # the connection ended mid-line
+
+
 def _check_header_lines(lines: list[bytes]) -> None:
     """Refuse a header section that would not reach the client as the upstream sent it."""
     if not lines or lines[-1] != b"\r\n":
@@ -279,6 +285,8 @@ def _check_header_lines(lines: list[bytes]) -> None:
             # A bare LF ends a line for some parsers and not for others: never guess.
             raise InvalidUpstreamResponse("header line not ended by CRLF")
         try:
-            http11.field_line(line[:-2])
+            http11.check_field_line(line[:-2])
         except http11.FramingError as exc:
-            raise InvalidUpstreamResponse(f"{exc}: {line[:80]!r}") from None
+            # The name only: a value may be a secret (a cookie) and this goes to the log.
+            name = line.partition(b":")[0][:40]
+            raise InvalidUpstreamResponse(f"{exc} ({name!r})") from None
