@@ -47,6 +47,7 @@ import re
 import typing as t
 
 from meetinity_gateway.config import ConfigError
+from meetinity_gateway.http11 import is_field_value, is_token
 from meetinity_gateway.keys import ADDED_HEADERS_KEY, CLAIMS_KEY
 from meetinity_gateway.problems import error_response
 from meetinity_gateway.proxy.headers import HOP_BY_HOP
@@ -56,9 +57,6 @@ if t.TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["HeaderRule", "HeaderRules", "apply_transforms", "parse_transform"]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Control characters other than horizontal tab: a CR or LF would start a new header line.
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ROUTE_NAME = r"[A-Za-z0-9_.@-]+"
 _SPEC = re.compile(
     rf"^\s*(?P<routes>\*|{_ROUTE_NAME}(?:\s*,\s*{_ROUTE_NAME})*)"
@@ -81,7 +79,7 @@ def _claim_value(claims: t.Any, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _MissingClaim(name)
     text = str(value)
-    if not text or _BAD_VALUE.search(text):
+    if not text or not is_field_value(text):
         raise _MissingClaim(name)
     try:
         text.encode("latin-1")
@@ -105,7 +103,7 @@ class HeaderRule:
 
 
 def _check_name(name: str, direction: str) -> str:
-    if not _TOKEN.match(name):
+    if not is_token(name):
         raise ValueError(f"{name!r} is not a valid header name")
     lowered = name.lower()
     if lowered in (_FORBIDDEN_REQUEST if direction == "request" else _FORBIDDEN):
@@ -116,7 +114,7 @@ def _check_name(name: str, direction: str) -> str:
 
 
 def _check_value(value: str) -> str:
-    if _BAD_VALUE.search(value):
+    if not is_field_value(value):
         raise ValueError("a header value cannot hold control characters (CR, LF, NUL…)")
     try:
         value.encode("latin-1")
