@@ -158,6 +158,7 @@ def wrk(url: str, duration: int, headers: dict[str, str]) -> dict:
     output = subprocess.run(args + [url], capture_output=True, text=True,
                             timeout=duration + 60).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    requests_done = int(re.search(r"(\d+) requests in", output).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = re.search(r"Socket errors: (.*)", output)
 
@@ -166,7 +167,7 @@ def wrk(url: str, duration: int, headers: dict[str, str]) -> dict:
         value, unit = float(match.group(1)), match.group(2)
         return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return {"rps": rps, "p50": percentile(50), "p99": percentile(99),
+    return {"rps": rps, "requests": requests_done, "p50": percentile(50), "p99": percentile(99),
             "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "errors": errors.group(1) if errors else ""}
 
@@ -294,6 +295,24 @@ def start_rows(services: Services, server: str, upstream: str, threads: int,
     return urls
 
 
+def gateway_environment(secret: str, threads: int) -> dict[str, str]:
+    """The shipped ``gateway.ini`` with its rate budgets lifted (and the bulkhead at the
+    thread count, see below), for ``threads`` server threads."""
+    return {
+        "JWT_SECRET": secret, "CORS_ORIGINS": ORIGIN,
+        # Every rate limit applies, none triggers: one token, one address, many requests.
+        "RATE_LIMIT_DEFAULT": "100000000/minute", "RATE_LIMIT_AUTH": "100000000/minute",
+        "RATE_LIMIT_USERS": "100000000/minute",
+        "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+        "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(threads),
+        "GATEWAY_WORKERS": "1", "RELOAD": "false",
+        # One upstream takes every request: the bulkhead's default (threads - 2) would answer
+        # 503 to the rest at once, which wrk counts as fast successes. Capped at the thread
+        # count it is still counted on every request, and never refuses.
+        "UPSTREAM_MAX_IN_FLIGHT": str(threads),
+    }
+
+
 def layer_costs(upstream: str, token: str, env: dict[str, str]) -> dict:
     full_env = dict(os.environ, **env)
     done = subprocess.run(
@@ -337,19 +356,7 @@ def main() -> int:
     token = jwt.encode({"sub": 42, "email": "ada@example.com", "iat": now,
                         "exp": now + 3600}, secret, algorithm="HS256")
     gateway_headers = {"Authorization": f"Bearer {token}", "Origin": ORIGIN}
-    gateway_env = {
-        "JWT_SECRET": secret, "CORS_ORIGINS": ORIGIN,
-        # Every rate limit applies, none triggers: one token, one address, many requests.
-        "RATE_LIMIT_DEFAULT": "100000000/minute", "RATE_LIMIT_AUTH": "100000000/minute",
-        "RATE_LIMIT_USERS": "100000000/minute",
-        "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
-        "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(args.threads),
-        "GATEWAY_WORKERS": "1", "RELOAD": "false",
-        # One upstream takes every request: the bulkhead's default (threads - 2) would answer
-        # 503 to the rest at once, which wrk counts as fast successes. Capped at the thread
-        # count it is still counted on every request, and never refuses.
-        "UPSTREAM_MAX_IN_FLIGHT": str(args.threads),
-    }
+    gateway_env = gateway_environment(secret, args.threads)
     rows: list[tuple[str, str, str, dict]] = []  # (server, kind, label, wrk result)
     notes: list[str] = []
     results: dict = {"rows": [], "threads": args.threads, "duration": args.duration}
