@@ -474,13 +474,19 @@ def main() -> int:
                                                                 args.threads)))
             env["USER_SERVICE_URL"] = upstream
             env.update(extra)
+            cwd = tree or str(ROOT)  # python -m imports from its working directory first
             if tree:
                 env["PYTHONPATH"] = tree + os.pathsep + os.environ.get("PYTHONPATH", "")
+            loaded = subprocess.run(
+                [py, "-c", "import meetinity_gateway; print(meetinity_gateway.__file__)"],
+                env=dict(os.environ, **env), cwd=cwd, capture_output=True, text=True,
+                timeout=60).stdout.strip()
+            print(f"{name}: {loaded}", flush=True)
             listen = run.free_port()
             process = services.start(
                 [py, "-m", "meetinity_gateway", "serve", "--server", "waitress", "--listen",
                  f"127.0.0.1:{listen}", "--threads", env["GATEWAY_THREADS"]], listen, env=env,
-                timeout=60)
+                timeout=60, cwd=cwd)
             target = Target(name, f"http://127.0.0.1:{listen}{run.SMALL_PATH}", process.pid,
                             headers)
             check = run.requests.get(target.url, headers=headers, timeout=10)

@@ -84,8 +84,9 @@ class Services:
     def start(self, args, port, env=None, timeout: float = 20, **kw) -> subprocess.Popen:
         full_env = dict(os.environ)
         full_env.update(env or {})
-        process = subprocess.Popen(args, env=full_env, cwd=str(ROOT),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        kw.setdefault("cwd", str(ROOT))
+        process = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, **kw)
         self.processes.append(process)
         wait_port(port, process, timeout)
         return process
