@@ -160,7 +160,20 @@ class Target:
     def __init__(self, name: str, url: str, pid: int, headers: dict[str, str]) -> None:
         self.name, self.url, self.pid, self.headers = name, url, pid, headers
         self.rps: list[float] = []
+        self.cpu: list[float] = []  # process CPU µs per request, each round
+        self.switches: list[float] = []  # context switches per request, each round
         self.profile: dict = {}
+
+
+def measured_run(target: Target, duration: int) -> None:
+    """One throughput run: req/s, and the process' CPU and context switches per request
+    (both far less sensitive than req/s to what the machine's other users do)."""
+    switches, (user, system) = thread_switches(target.pid), cpu_seconds(target.pid)
+    result = wrk_run(target, duration)
+    user_now, system_now = cpu_seconds(target.pid)
+    target.rps.append(result["rps"])
+    target.cpu.append((user_now - user + system_now - system) / result["requests"] * 1e6)
+    target.switches.append((thread_switches(target.pid) - switches) / result["requests"])
 
 
 def wrk_run(target: Target, duration: int) -> dict:
@@ -311,17 +324,23 @@ def report(targets: list[Target], args, upstream_kind: str, load: str) -> str:
     lines = [f"# Profile under load {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"Machine: {run.machine()}. Load average at start: {load}.",
              f"Upstream: {upstream_kind}. Load: `wrk -t1 -c16 -d{args.duration}s`; "
-             f"{args.threads} threads; {args.rounds} interleaved rounds.", "",
-             "| server | req/s median [min–max] | × pass-through, pairwise median "
-             "[min–max] | wall µs/request (1e6 / req/s) |",
-             "| --- | ---: | ---: | ---: |"]
+             f"{args.threads} threads; {args.rounds} interleaved rounds (median [min–max]; "
+             "ratios taken round by round).", "",
+             "| server | req/s median [min–max] | × pass-through, same round | "
+             "× shipped gateway, same round | CPU µs/request | context switches/request |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def spread(values, digits=3):
+        return (f"{statistics.median(values):,.{digits}f} "
+                f"[{min(values):,.{digits}f}–{max(values):,.{digits}f}]")
+
+    shipped = targets[1] if len(targets) > 1 else base
     for target in targets:
-        ratios = [a / b for a, b in zip(target.rps, base.rps)]
         lines.append(
-            f"| {target.name} | {statistics.median(target.rps):,.0f} "
-            f"[{min(target.rps):,.0f}–{max(target.rps):,.0f}] | "
-            f"{statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] | "
-            f"{1e6 / statistics.median(target.rps):.0f} |")
+            f"| {target.name} | {spread(target.rps, 0)} | "
+            f"{spread([a / b for a, b in zip(target.rps, base.rps)])} | "
+            f"{spread([a / b for a, b in zip(target.rps, shipped.rps)])} | "
+            f"{spread(target.cpu, 0)} | {spread(target.switches, 1)} |")
     profiled = [target for target in targets if target.profile]
     if not profiled:
         return "\n".join(lines) + "\n"
@@ -498,7 +517,7 @@ def main() -> int:
         for index in range(args.rounds):
             order = targets if index % 2 == 0 else list(reversed(targets))
             for target in order:
-                target.rps.append(wrk_run(target, args.duration)["rps"])
+                measured_run(target, args.duration)
             done = ", ".join(f"{t.name} {t.rps[-1]:,.0f}" for t in targets)
             print(f"round {index + 1}: {done}", flush=True)
         if not args.throughput_only:
