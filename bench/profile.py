@@ -357,7 +357,11 @@ def report(targets: list[Target], args, upstream_kind: str, load: str) -> str:
         return "–" if value is None else f"{value:,.{digits}f}"
 
     table("Per request, from the sampled runs:", [
-        ("CPU µs (process user+sys / requests)",
+        ("CPU µs, throughput rounds (no sampler), median",
+         [num(statistics.median(t.cpu), 0) if t.cpu else "–" for t in profiled]),
+        ("context switches, throughput rounds, median",
+         [num(statistics.median(t.switches)) if t.switches else "–" for t in profiled]),
+        ("CPU µs under perf stat (tracepoints make syscalls dearer)",
          [num(t.profile.get("cpu_us"), 0) for t in profiled]),
         ("… of which user", [num(t.profile.get("user_us"), 0) for t in profiled]),
         ("… of which system (kernel)", [num(t.profile.get("sys_us"), 0) for t in profiled]),
