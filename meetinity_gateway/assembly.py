@@ -41,12 +41,14 @@ from meetinity_gateway.config import (
     prepare,
 )
 from meetinity_gateway.health import HealthApp, LiveApp
+from meetinity_gateway.logs import redact_uri
 from meetinity_gateway.net import DEFAULT_ALLOW, parse_networks
 from meetinity_gateway.proxy.app import ProxyApp
 from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.upstream import (
     BALANCERS,
     default_max_in_flight,
+    default_queue_size,
     parse_failure_statuses,
 )
 from meetinity_gateway.routing import Route, Router, parse_route
@@ -57,7 +59,8 @@ from meetinity_gateway.transform import apply_transforms
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIApplication
 
-__all__ = ["Pipeline", "app_factory", "load_app", "load_pipeline", "mounted_summary"]
+__all__ = ["Pipeline", "adopt", "app_factory", "load_app", "load_pipeline", "mounted_summary",
+           "startup_line"]
 
 
 @dataclasses.dataclass
@@ -70,8 +73,10 @@ class Pipeline:
     file: str
     #: The built filters by pipeline name (the middleware objects), outermost first.
     layers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
-    #: 12 hex digits naming the ini file and .env contents it was built from.
+    #: 12 hex digits naming the ini file, .env and environment values it was built from.
     fingerprint: str | None = None
+    #: Its start-up line was logged (:func:`meetinity_gateway.server.announce`).
+    announced: bool = False
 
     @property
     def max_body_size(self) -> int | None:
@@ -116,6 +121,16 @@ def _as_max_in_flight(value: str) -> int | str | None:
     return as_positive_int(value)
 
 
+def _as_queue_size(value: str) -> int | str:
+    """``auto`` (the threads the cap leaves, see default_queue_size) or a number (0: none)."""
+    if value.strip().lower() in ("auto", ""):
+        return "auto"
+    return as_non_negative_int(value)
+
+
+#: Seconds a request over an upstream's cap waits for a slot when the ini does not say.
+DEFAULT_QUEUE_TIMEOUT = 0.5
+
 #: The server's worker threads when the ini does not say (``meetinity-gateway serve``'s).
 _DEFAULT_THREADS = 8
 
@@ -134,6 +149,8 @@ _APP_PARAMS = {
     "max_eject_percent": _as_percent,
     "eject_recheck": _as_seconds_or_off,
     "max_in_flight": _as_max_in_flight,
+    "queue_size": _as_queue_size,
+    "queue_timeout": _as_seconds_or_off,
     "server_threads": as_positive_int,
     "health_interval": _as_seconds_or_off,
     "dns_interval": _as_seconds_or_off,
@@ -241,10 +258,14 @@ def app_factory(global_conf, **local_conf):
 
     health_timeout = settings.pop("health_timeout", 2.0)
     # The bulkhead: by default each upstream may hold all threads but a few (see
-    # default_max_in_flight), so one slow service cannot starve the others or /health/live.
+    # default_max_in_flight), so one slow service cannot starve the others or /health/live;
+    # a burst over it waits briefly in a queue as long as the few threads left.
     threads = settings.pop("server_threads", _DEFAULT_THREADS)
     if settings.get("max_in_flight", "auto") == "auto":
         settings["max_in_flight"] = default_max_in_flight(threads)
+    if settings.get("queue_size", "auto") == "auto":
+        settings["queue_size"] = default_queue_size(threads, settings["max_in_flight"])
+    settings.setdefault("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     mounted = {name: url for name, url in upstream_urls.items() if url}
     unmounted_names = [name for name, url in upstream_urls.items() if not url]
     detail_allow = settings.pop("detail_allow", list(DEFAULT_ALLOW))
@@ -313,12 +334,80 @@ def app_factory(global_conf, **local_conf):
     return router
 
 
-def mounted_summary(router: Router | None) -> str:
-    """Which upstreams serve and which are unmounted (an empty URL): for the start-up line."""
+def upstream_list(router: Router | None) -> str:
+    """``user_service=http://10.0.0.5:5001, …`` (passwords masked), or ``none``."""
     mounted = getattr(router, "upstreams", None) or {}
+    return ", ".join(f"{name}={redact_uri(url)}" for name, url in mounted.items()) or "none"
+
+
+def mounted_summary(router: Router | None) -> str:
+    """Which upstreams serve (with their URLs) and which are unmounted (an empty URL): for the
+    start-up line."""
     unmounted = getattr(router, "unmounted_upstreams", None) or []
-    return (f"upstreams mounted: {', '.join(mounted) or 'none'}; "
+    return (f"upstreams mounted: {upstream_list(router)}; "
             f"not mounted (empty URL): {', '.join(unmounted) or 'none'}")
+
+
+def startup_line(pipeline: Pipeline) -> str:
+    """The one line every way of serving logs when a process has loaded the gateway: version,
+    pipeline, configuration fingerprint, upstreams."""
+    from meetinity_gateway import __version__
+
+    return (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
+            + f" (config {pipeline.fingerprint}); {mounted_summary(pipeline.router)}")
+
+
+def adopt(app: t.Any, file: str | None = None, name: str = "main") -> Pipeline | None:
+    """The :class:`Pipeline` of ``app`` when another loader built it from the ini file
+    (PasteDeploy, under ``gunicorn --paste`` and ``pserve``): the layers are found by
+    following each one's ``app`` down to the router, their names read from
+    ``[pipeline:NAME]``; the built-in endpoints (``/status``, ``/health``) get it as under
+    :func:`load_pipeline`. ``None`` when ``app`` does not lead to a gateway router.
+    """
+    inner = getattr(app, "pipeline", None)  # a ReloadingApp: its current pipeline
+    if isinstance(inner, Pipeline):
+        return inner
+    layers: list[t.Any] = []
+    current, seen = app, set()
+    while current is not None and not isinstance(current, Router) and id(current) not in seen:
+        seen.add(id(current))
+        layers.append(current)
+        current = getattr(current, "app", None)
+    if not isinstance(current, Router):
+        return None
+    router = current
+    for endpoint in router.endpoints.values():  # built by load_pipeline: already known
+        known = getattr(endpoint, "pipeline", None)
+        if isinstance(known, Pipeline) and known.app is app:
+            return known
+    names: list[str] = []
+    if file:
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(file, encoding="utf-8")
+            names = parser.get(f"pipeline:{name}", "pipeline").split()
+        except (configparser.Error, OSError):
+            names = []
+    if len(names) != len(layers) + 1:  # not the file's pipeline: name the layers by class
+        names = [type(layer).__name__ for layer in layers] + ["gateway"]
+    pipeline = Pipeline(app=app, names=names, router=router, file=file or "unknown",
+                        layers=dict(zip(names[:-1], layers)),
+                        fingerprint=config_fingerprint(file) if file else None)
+    _attach(pipeline)
+    return pipeline
+
+
+def _attach(pipeline: Pipeline) -> None:
+    """Hand the built pipeline to the endpoints that show it (status page, health) and to
+    the metrics of the process and configuration (build info, per-target state)."""
+    from meetinity_gateway.runtime_metrics import watch_pipeline
+
+    router = pipeline.router
+    for endpoint in (router.endpoints.values() if router is not None else ()):
+        attach = getattr(endpoint, "attach_pipeline", None)
+        if attach is not None:
+            attach(pipeline)
+    watch_pipeline(pipeline)
 
 
 class _AllRoutes:
@@ -495,10 +584,7 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
     layers = {name: layers[name] for name in filter_names}
     pipeline = Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
                         layers=layers, fingerprint=parser.defaults()["__fingerprint__"])
-    for endpoint in (router.endpoints.values() if router is not None else ()):
-        attach = getattr(endpoint, "attach_pipeline", None)
-        if attach is not None:  # the status page shows the layers
-            attach(pipeline)
+    _attach(pipeline)  # the status page shows the layers, /health the limiters' storage
     return pipeline
 
 

@@ -21,7 +21,7 @@ from meetinity_gateway.config import (
     load_env,
     refresh_env,
 )
-from meetinity_gateway.assembly import mounted_summary
+from meetinity_gateway.assembly import upstream_list
 from meetinity_gateway.reload import install_sighup, serving_app
 
 log = logging.getLogger("meetinity_gateway")
@@ -52,7 +52,7 @@ def _print_pipeline(pipeline) -> None:
         print("routes:")
         for line in router.describe():
             print(f"  {line}")
-        print("upstreams mounted: " + (", ".join(router.upstreams) or "none"))
+        print("upstreams mounted: " + upstream_list(router))
         print("upstreams not mounted (empty URL): "
               + (", ".join(router.unmounted_upstreams) or "none"))
         print("upstream policy per route (effective values):")
@@ -92,17 +92,37 @@ def create_server(app, **kw):
     return create(app, **kw)
 
 
+def _write_starting_files(config: Path) -> None:
+    """The shipped ``gateway.ini`` at ``config`` (which does not exist), and the shipped
+    ``.env.example`` beside it unless one is there: an installed package's starting point."""
+    from meetinity_gateway.shipped import shipped_file
+
+    if not config.parent.is_dir():
+        raise ConfigError("the folder of the configuration file does not exist",
+                          file=str(config))
+    for name, target in (("gateway.ini", config),
+                         (".env.example", config.parent / ".env.example")):
+        if target.exists():
+            continue
+        try:
+            target.write_bytes(shipped_file(name).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot write the shipped {name}: {exc.strerror or exc}",
+                              file=str(target)) from None
+        print(f"wrote the shipped {name} to {target}")
+
+
 def cmd_init(args) -> int:
-    """Write a ``.env`` beside the ini file with a fresh random ``JWT_SECRET``, once.
+    """Write a starting ``gateway.ini`` (and ``.env.example``) when there is none, and a
+    ``.env`` beside the ini file with a fresh random ``JWT_SECRET``, once.
 
     The shipped gateway.ini refuses to start without a JWT secret (never an empty or guessable
-    one); this gives a newcomer a working start without committing a secret anywhere. The ini
-    file must exist (a ``.env`` anywhere else would configure nothing), and the ``.env`` is
-    readable by its owner only (0600) where the platform has file modes.
+    one); this gives a newcomer a working start without committing a secret anywhere. An ini
+    file that exists is never touched, and the ``.env`` is readable by its owner only (0600)
+    where the platform has file modes.
     """
     if not args.config.is_file():
-        raise ConfigError("configuration file not found: init writes the .env beside an "
-                          "existing ini file (see --config)", file=str(args.config))
+        _write_starting_files(args.config)
     env_path = env_file(args.config)
     existing = env_path.read_text(encoding="utf-8") if env_path.is_file() else ""
     if os.environ.get("JWT_SECRET") or any(
@@ -121,15 +141,29 @@ def cmd_init(args) -> int:
         "# Every other variable is documented in .env.example.\n"
         f"JWT_SECRET={secret}\n"
     )
+    lines = existing.splitlines(keepends=True)
+    # A copied .env.example has an empty `JWT_SECRET=` line: fill that one in, rather than
+    # leave a second JWT_SECRET line below it (the first one read would win elsewhere).
+    empty = [index for index, line in enumerate(lines)
+             if not line.lstrip().startswith("#") and "=" in line
+             and line.split("=", 1)[0].strip() == "JWT_SECRET"]
+    if empty:
+        lines[empty[0]] = f"JWT_SECRET={secret}\n"
+        for index in reversed(empty[1:]):
+            del lines[index]
+        text = "".join(lines)
+        mode = "w"
+    else:
+        text = ("\n" if existing and not existing.endswith("\n") else "") + block
+        mode = "a"
     # Created 0600 (os.open applies the mode before any byte is written); an existing file
     # that others could read is narrowed too. Windows has no such modes: ACLs of the folder
     # apply there.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    flags |= os.O_APPEND if mode == "a" else os.O_TRUNC
     descriptor = os.open(env_path, flags, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8", newline="\n") as handle:
-        if existing and not existing.endswith("\n"):
-            handle.write("\n")
-        handle.write(block)
+    with os.fdopen(descriptor, mode, encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
     if os.name == "posix":
         os.chmod(env_path, 0o600)
     refresh_env(args.config)  # this process read the file before: let it see the secret
@@ -146,13 +180,19 @@ def cmd_serve(args) -> int:
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
+    # Several workers: one /metrics for all (before the pipeline imports prometheus-client).
+    cleanup = serving.prepare_metrics_directory(settings)
+    try:
+        return _serve(args, serving, settings)
+    finally:
+        cleanup()
+
+
+def _serve(args, serving, settings) -> int:
     pipeline, app = serving_app(args.config)  # reload.py: a ReloadingApp when RELOAD is on
-    # Logged once the server listens, so that a bind error is the only line.
-    started = (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
-               + f" (config {pipeline.fingerprint}); {mounted_summary(pipeline.router)}")
     install_sighup(app)
     try:
-        return serving.serve(pipeline, settings, config=args.config, started=started, app=app)
+        return serving.serve(pipeline, settings, config=args.config, app=app)
     finally:
         logging.shutdown()  # write out buffered log lines
 
@@ -161,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meetinity-gateway",
         description="The Meetinity API gateway: serve it, check its configuration, print its "
-                    "routes, or write a first .env (also: python -m meetinity_gateway).",
+                    "routes, or write a first gateway.ini and .env (also: python -m "
+                    "meetinity_gateway).",
         epilog="The ini file is --config, else GATEWAY_CONFIG, else gateway.ini; the .env "
                "beside it is read first (real environment variables win).",
     )
@@ -188,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reload the ini file and its .env when they change, without a "
                             "restart (also RELOAD=true; SIGHUP where it exists)")
     add("check", cmd_check, "validate the configuration, print pipeline and routes")
-    add("init", cmd_init, "write .env beside the ini with a random JWT_SECRET (once)")
+    add("init", cmd_init, "write the shipped gateway.ini when there is none, and .env beside "
+                          "it with a random JWT_SECRET (once)")
     add("routes", cmd_routes, "print the route table")
     return parser
 
@@ -204,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `meetinity-gateway check | head`: the reader has gone, which is no error. Point
+        # stdout at nothing so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

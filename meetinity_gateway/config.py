@@ -185,16 +185,39 @@ def refresh_env(config: str | Path) -> t.Callable[[], None]:
     return undo
 
 
+#: Variables the gateway reads from the environment itself (not through the ini file); they
+#: count in the fingerprint too.
+CODE_VARIABLES = ("LOG_LEVEL", "RELOAD", "RELOAD_INTERVAL", "OTEL_SDK_DISABLED",
+                  "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME",
+                  "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
+
+
 def config_fingerprint(config: str | Path) -> str:
-    """12 hex digits naming this version of the ini file and the ``.env`` beside it."""
+    """12 hex digits naming this version of the configuration: the ini file, the ``.env``
+    beside it, and the real environment's value of every variable the ini file reads
+    (``${VAR}``) or the gateway reads itself (:data:`CODE_VARIABLES`). Containers and
+    systemd units configure through the environment: two processes differently configured
+    that way have different fingerprints. Each value enters as its SHA-256, inside the
+    fingerprint's own hash: no value can be read back from it."""
     digest = hashlib.sha256()
+    texts = []
     for path in (Path(config), env_file(config)):
         try:
             data = path.read_bytes()
         except OSError:
             data = b""
+        texts.append(data)
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
+    names = set(CODE_VARIABLES)
+    names.update(match.group(1) for match in _VAR.finditer(texts[0].decode("utf-8", "replace")))
+    for name in sorted(names):
+        value = os.environ.get(name)
+        if value is None or _from_env_file.get(name) == value:
+            continue  # unset, or from the .env (whose bytes are in already): as if unread
+        digest.update(f"\0{name}=".encode())
+        digest.update(hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest())
     return digest.hexdigest()[:12]
 
 

@@ -21,7 +21,16 @@ globals().update(gunicorn_options(_settings))
 
 
 def post_worker_init(worker) -> None:
-    """Configure logging in each worker (a log writer thread does not survive a fork)."""
-    from meetinity_gateway.server import worker_logging
+    """Configure logging in each worker (a log writer thread does not survive a fork), and
+    make the pipeline gunicorn loaded (``--paste``: PasteDeploy built it) known to the
+    status page and /health; log the start-up line as ``serve`` does."""
+    from meetinity_gateway.assembly import adopt
+    from meetinity_gateway.server import announce, worker_logging
 
     worker_logging()
+    file = getattr(worker.cfg, "paste", None) or os.environ.get("GATEWAY_CONFIG") or "gateway.ini"
+    pipeline = adopt(worker.wsgi, os.path.abspath(file))
+    where = " ".join(f"http://{sock.cfg_addr[0]}:{sock.cfg_addr[1]}"
+                     if isinstance(sock.cfg_addr, tuple) else str(sock.cfg_addr)
+                     for sock in getattr(worker, "sockets", ()))
+    announce(pipeline, where=where, server="gunicorn")

@@ -27,6 +27,11 @@ down (``"status": "ok"``, or ``"degraded"`` when one is), else 503 with ``"statu
 for ``cache_seconds`` so that a flood of ``/health`` requests cannot become a flood of
 upstream requests.
 
+The rate limiters count too (the pipeline's, handed over by the loader): while a limiter's
+storage fails (Redis down), ``"ratelimit": {"ratelimit": "failing (on_error=closed)"}`` is
+added; with ``on_error=closed`` every path it limits answers 503, so the gateway is not ready
+(503, ``"status": "error"``); with ``on_error=open`` it serves, ``"degraded"``.
+
 ``LiveApp`` answers 200 whenever the process serves: a liveness probe must not restart the
 gateway because a service behind it is down.
 """
@@ -109,6 +114,19 @@ class HealthApp:
         self.health_path = health_path
         self._lock = threading.Lock()
         self._cached: tuple[float, tuple[dict, dict]] | None = None
+        #: The pipeline's rate-limit layers by name (see :meth:`attach_pipeline`).
+        self.limiters: dict[str, t.Any] = {}
+
+    def attach_pipeline(self, pipeline) -> None:
+        """Called by the loader (or :func:`~meetinity_gateway.assembly.adopt`) once the whole
+        pipeline is built: its rate-limit layers' storage counts in the readiness."""
+        self.limiters = {name: layer for name, layer in pipeline.layers.items()
+                         if hasattr(layer, "storage_failing") and hasattr(layer, "on_error")}
+
+    def limiter_states(self) -> dict[str, str]:
+        """``{layer: "failing (on_error=closed)"}`` for each rate limiter whose storage fails."""
+        return {name: f"failing (on_error={layer.on_error})"
+                for name, layer in self.limiters.items() if layer.storage_failing}
 
     def close(self) -> None:
         for pool in self._own:
@@ -154,13 +172,19 @@ class HealthApp:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         upstreams, details = self.report()
-        healthy = all(state != "down" for state in upstreams.values())
-        degraded = any(state == "degraded" for state in upstreams.values())
+        limiters = self.limiter_states()
+        # A limiter failing closed answers 503 on every path it limits: not ready. Failing
+        # open, it still serves (each process counting alone): degraded.
+        healthy = (all(state != "down" for state in upstreams.values())
+                   and not any(state.endswith("closed)") for state in limiters.values()))
+        degraded = any(state == "degraded" for state in upstreams.values()) or bool(limiters)
         payload: dict[str, t.Any] = {
             "status": ("degraded" if degraded else "ok") if healthy else "error",
             "service": SERVICE,
             "upstreams": upstreams,
         }
+        if limiters:
+            payload["ratelimit"] = limiters
         if client_allowed(environ, self.detail_allow, self.trusted_proxies):
             payload["targets"] = details
             fingerprint = self.fingerprint() if callable(self.fingerprint) else self.fingerprint

@@ -11,7 +11,9 @@ __all__ = [
     "AUTH_ERROR_KEY",
     "AUTHZ_DENIED_KEY",
     "CLAIMS_KEY",
+    "CUT_KEY",
     "TRACE_ID_KEY",
+    "TRACE_KEY",
     "UPSTREAM_ATTEMPTS_KEY",
     "UPSTREAM_ERROR_KEY",
     "UPSTREAM_KEY",
@@ -30,8 +32,9 @@ UPSTREAM_KEY = "meetinity_gateway.upstream"
 #: The upstream's cap on requests in flight (``max_in_flight``; ``None``: no cap), set by the
 #: proxy with ``UPSTREAM_KEY``.
 UPSTREAM_LIMIT_KEY = "meetinity_gateway.upstream_max_in_flight"
-#: Why the proxy refused the request without calling the upstream (``max_in_flight``: the
-#: cap was reached), set by the proxy.
+#: Why the proxy refused the request without calling the upstream at its ``max_in_flight``
+#: cap (``queue_full``, ``queue_timeout`` or ``stalled``: see proxy.upstream.BUSY_REASONS),
+#: set by the proxy.
 UPSTREAM_REJECTED_KEY = "meetinity_gateway.upstream_rejected"
 #: The upstream target actually called (``host:port``), set by the proxy.
 TARGET_KEY = "meetinity_gateway.target"
@@ -52,3 +55,10 @@ TRACE_ID_KEY = "meetinity_gateway.trace_id"
 CLAIMS_KEY = "meetinity_gateway.claims"
 #: The name of the authorization rule that refused the request, set by the authorize layer.
 AUTHZ_DENIED_KEY = "meetinity_gateway.authz_denied"
+#: Set by the server when it cut the request's connection at stop (a second stop signal or
+#: the drain deadline): ``{"reason": …, "answered": whether the status line had been sent}``.
+CUT_KEY = "meetinity_gateway.cut"
+#: The request's OpenTelemetry spans (a :class:`meetinity_gateway.tracing.RequestTrace`), set
+#: by the observability layer only when OpenTelemetry tracing is on; the proxy starts a
+#: client span per upstream attempt through it (``attempt`` / ``end_attempt``).
+TRACE_KEY = "meetinity_gateway.trace"

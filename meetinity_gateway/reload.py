@@ -26,8 +26,9 @@ WSGI app that hands each new request to the current pipeline and watches the ini
   body cap, ``LOG_LEVEL``/``LOG_FORMAT`` of the process' logging, ``RELOAD`` itself.
 
 Every pipeline carries its configuration's fingerprint (12 hex digits of SHA-256 over the
-ini file and the ``.env``), shown in the start-up log, in each reload's log line, in the
-``/health`` detail and on ``/status``.
+ini file, the ``.env`` and the environment values the file reads, see
+:func:`~meetinity_gateway.config.config_fingerprint`), shown in the start-up log, in each
+reload's log line, in the ``/health`` detail and on ``/status``.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from meetinity_gateway.config import (
     env_file,
     refresh_env,
 )
+from meetinity_gateway.runtime_metrics import count_reload
 from meetinity_gateway.shared import SharedState
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -180,6 +182,7 @@ class ReloadingApp:
         except Exception as exc:
             undo()
             self.failures += 1
+            count_reload(False)
             if isinstance(exc, ConfigError):
                 message = f"configuration error: {exc}"
             else:
@@ -190,6 +193,7 @@ class ReloadingApp:
             return False
         self.pipeline = new
         self.reloads += 1
+        count_reload(True)
         self.last_error = None
         log.info("configuration reloaded: %s -> %s (%s)", old.fingerprint, new.fingerprint,
                  " -> ".join(new.names))

@@ -208,6 +208,12 @@ class Router:
         # The app answering each route: its own, else its target's endpoint; maybe wrapped.
         self._apps = {route.name: self.route_apps.get(route.name, self.endpoints[route.target])
                       for route in self.routes}
+        # The unmounted routes' paths, matched only to name their service in the 404.
+        self._unmounted_adapter = None
+        if self.unmounted:
+            spare = [rule for route in self.unmounted
+                     for rule in route.template.rules(route, route.methods)]
+            self._unmounted_adapter = build_map(spare).bind("gateway", "/")
 
     def wrap_route(self, name: str, wrapper: t.Callable[[WSGIApplication], WSGIApplication]):
         """Answer route ``name`` with ``wrapper(current app)`` (e.g. its header rules)."""
@@ -231,8 +237,20 @@ class Router:
         except WerkzeugMethodNotAllowed as exc:
             raise MethodNotAllowed(exc.valid_methods or ()) from None
         except (WerkzeugNotFound, RequestRedirect):
-            raise NotFound(f"no route for {path_info or '/'}") from None
+            raise NotFound(self._not_found(path_info or "/", method)) from None
         return route, values
+
+    def _not_found(self, path: str, method: str) -> str:
+        """The 404's message: names the unmounted service whose route covers ``path``."""
+        if self._unmounted_adapter is not None:
+            try:
+                route, _ = self._unmounted_adapter.match(path, method)
+            except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+                pass  # no unmounted route either
+            else:
+                return (f"no route for {path}: service {route.target} is not mounted "
+                        f"(its upstream URL is empty)")
+        return f"no route for {path}"
 
     def match(self, path_info: str, method: str) -> Route:
         """The route for this request; raises the gateway's NotFound / MethodNotAllowed."""

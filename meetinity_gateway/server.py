@@ -93,6 +93,7 @@ from meetinity_gateway.config import (
     as_str,
     cast_settings,
 )
+from meetinity_gateway.keys import CUT_KEY
 from meetinity_gateway.problems import error_body, status_line
 
 log = logging.getLogger("meetinity_gateway.server")
@@ -473,6 +474,7 @@ class GatewayTask(WSGITask):
     def start(self) -> None:
         super().start()
         self.channel.waited = 0.0
+        self.channel.current_task = self  # a cut at stop marks its environ (CUT_KEY)
 
     def execute(self) -> None:
         if self.request.body_refused:
@@ -500,6 +502,7 @@ class GatewayChannel(HTTPChannel):
     closed = False
     _linger_until: float | None = None
     waited = 0.0  # seconds the current response has kept its thread waiting on this client
+    current_task: GatewayTask | None = None
 
     @property
     def lingering(self) -> bool:
@@ -755,8 +758,9 @@ def stop(server) -> None:
     server.gateway.stops += 1
 
 
-def run(server, *, drain_seconds: float = DEFAULTS["drain_seconds"]) -> None:
-    """Serve until a stop signal (or :func:`stop`), then drain and close."""
+def run(server, *, drain_seconds: float = DEFAULTS["drain_seconds"]) -> int:
+    """Serve until a stop signal (or :func:`stop`), then drain and close. Returns the number
+    of requests cut at stop (0: every request was answered)."""
     import waitress.wasyncore as wasyncore
 
     state: ServingState = server.gateway
@@ -767,16 +771,17 @@ def run(server, *, drain_seconds: float = DEFAULTS["drain_seconds"]) -> None:
         while not state.stops and socket_map:
             wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=socket_map,
                            use_poll=adj.asyncore_use_poll, count=1)
-        _drain(server, drain_seconds, wasyncore)
+        return _drain(server, drain_seconds, wasyncore)
     finally:
         restore()
 
 
-def _drain(server, drain_seconds: float, wasyncore) -> None:
+def _drain(server, drain_seconds: float, wasyncore) -> int:
     state: ServingState = server.gateway
     adj = _listeners(server)[0].adj
     socket_map = _socket_map(server)
     state.draining = True
+    began = time.monotonic()
     for listener in _listeners(server):  # stop accepting; keep the triggers
         listener.accepting = False
         wasyncore.dispatcher.close(listener)
@@ -786,18 +791,26 @@ def _drain(server, drain_seconds: float, wasyncore) -> None:
 
     busy = sum(1 for ch in channels() if ch.busy())
     log.info("stopping: %d request(s) in flight, waiting up to %g s", busy, drain_seconds)
-    deadline = time.monotonic() + drain_seconds
+    deadline = began + drain_seconds
     while (state.stops < 2 and time.monotonic() < deadline
            and any(ch.busy() for ch in channels())):
         wasyncore.loop(timeout=min(0.2, adj.asyncore_loop_timeout), map=socket_map,
                        use_poll=adj.asyncore_use_poll, count=1)
     left = [ch for ch in channels() if ch.busy()]
+    elapsed = time.monotonic() - began
+    why = ("a second stop signal" if state.stops >= 2
+           else f"the drain deadline of {drain_seconds:g} s")
     for channel in left:
         # Its access-log line comes only if its thread ends within the grace below (one
         # waiting on an upstream may not): this line says what was cut, in any case.
         request = channel.requests[0] if channel.requests else channel.request
-        log.warning("stopping: request still in flight after %g s, cut: %s %s from %s",
-                    drain_seconds, getattr(request, "command", "-"),
+        task = channel.current_task
+        environ = getattr(task, "environ", None) if task is not None else None
+        if environ is not None and task.request is request:
+            environ[CUT_KEY] = {"reason": f"cut at stop ({why})",
+                                "answered": bool(task.wrote_header)}
+        log.warning("stopping: request still in flight after %.1f s, cut by %s: %s %s from %s",
+                    elapsed, why, getattr(request, "command", "-"),
                     getattr(request, "path", "-"), channel.addr[0] if channel.addr else "-")
     for channel in channels():
         channel._close_now()
@@ -805,7 +818,12 @@ def _drain(server, drain_seconds: float, wasyncore) -> None:
     # log line included); one blocked on an upstream gets a few seconds more.
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=5 if left else 1)
     wasyncore.close_all(socket_map)
-    log.info("stopped")
+    if left:
+        log.warning("stopped after %.1f s: %d request(s) cut", time.monotonic() - began,
+                    len(left))
+    else:
+        log.info("stopped")
+    return len(left)
 
 
 def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
@@ -814,6 +832,7 @@ def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
     """
     import configparser
 
+    from meetinity_gateway.assembly import adopt
     from meetinity_gateway.logs import configure_logging
 
     file = (global_conf or {}).get("__file__")
@@ -826,12 +845,49 @@ def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
                       os.environ.get("LOG_FORMAT") or "json",
                       force=not parser.has_section("loggers"))
     settings = server_settings(local_conf, global_conf)
+    _refuse_waitress_workers(settings, file)
+    # PasteDeploy built the pipeline: find its layers so /status, /health and the start-up
+    # line say what `serve` would.
+    pipeline = adopt(wsgi_app, file)
     server = build(wsgi_app, settings, file=file,
                    max_body_size=max_body_size_of(file) if file else None)
-    server.print_listen("Serving on http://{}:{}")
-    run(server, drain_seconds=settings["drain_seconds"])
+    announce(pipeline, where=_where(server), server="waitress")  # pserve prints its own
+    cut = run(server, drain_seconds=settings["drain_seconds"])
     logging.shutdown()
-    return 0
+    return 1 if cut else 0
+
+
+def announce(pipeline, *, where: str = "", server: str = "") -> None:
+    """Log the start-up line once per loaded pipeline: version, pipeline, configuration
+    fingerprint, upstreams and where it serves. At WARNING, so that it shows at every
+    ``LOG_LEVEL`` but ERROR: an operator always sees that (and what) the gateway serves."""
+    if pipeline is None or pipeline.announced:
+        return
+    from meetinity_gateway.assembly import startup_line
+
+    pipeline.announced = True
+    text = startup_line(pipeline)
+    if server:
+        text += f"; server {server}, pid {os.getpid()}"
+    if where:
+        text = f"serving on {where}: {text}"
+    logging.getLogger("meetinity_gateway").warning("%s", text)
+
+
+def _where(server) -> str:
+    out = []
+    for listener in _listeners(server):
+        host, port = listener.effective_host, listener.effective_port
+        out.append(f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}")
+    return " ".join(out)
+
+
+def _refuse_waitress_workers(settings: t.Mapping[str, t.Any], file: str | None) -> None:
+    if settings.get("server", "waitress") == "waitress" and settings["workers"] > 1:
+        raise ConfigError("waitress serves from one process (threads = its concurrency): "
+                          "use --server gunicorn or granian for several worker processes",
+                          file=file, section="server:main", key="workers",
+                          value=str(settings["workers"]))
 
 
 def build(app, settings: t.Mapping[str, t.Any], *, max_body_size: int | None = None,
@@ -879,34 +935,109 @@ def read_settings(config, **overrides) -> dict[str, t.Any]:
     return settings
 
 
-def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, started: str = "",
-          app=None) -> int:
+def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -> int:
     """Serve a loaded pipeline with the server ``settings["server"]`` names, until stopped.
 
-    ``started`` is logged once the server listens (so a bind error is the only line); ``app``
-    replaces ``pipeline.app`` under waitress (a :class:`~meetinity_gateway.reload.ReloadingApp`).
-    granian and gunicorn run worker processes that each load ``config`` themselves (threads
-    and sockets do not survive a fork); ``pipeline`` has validated it already."""
+    The start-up line (:func:`announce`) is logged once the server listens (so a bind error
+    is the only line); ``app`` replaces ``pipeline.app`` under waitress (a
+    :class:`~meetinity_gateway.reload.ReloadingApp`). granian and gunicorn run worker
+    processes that each load ``config`` themselves (threads and sockets do not survive a
+    fork); ``pipeline`` has validated it already. Returns the exit status: 1 when requests
+    were cut at stop."""
     name = settings["server"]
     file = str(config) if config else None
+    _refuse_waitress_workers(settings, file)
     if name == "waitress":
         server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
                        file=file)
-        if started:
-            logging.getLogger("meetinity_gateway").info("%s", started)
-        server.print_listen("Serving on http://{}:{}")
-        run(server, drain_seconds=settings["drain_seconds"])
-        return 0
+        announce(pipeline, where=_where(server), server=name)
+        return 1 if run(server, drain_seconds=settings["drain_seconds"]) else 0
     if config is None:
         raise ConfigError(f"server {name!r} needs the ini file's path")
+    check_shared_state(pipeline, settings, file)
     os.environ["GATEWAY_CONFIG"] = str(Path(config).resolve())
     _check_bind(settings, file)
-    if started:
-        logging.getLogger("meetinity_gateway").info("%s (%s)", started, name)
+    announce(pipeline, where=" ".join(f"http://{item}" for item in
+                                      _bind_strings(settings["listen"])), server=name)
     logging.shutdown()  # flush; each worker process sets its logging up again
     if name == "gunicorn":
         return _serve_gunicorn(settings, file)
     return _serve_granian(settings, file)
+
+
+# -- several worker processes: one budget, one set of counters -----------------------------
+
+def several_workers(settings: t.Mapping[str, t.Any]) -> bool:
+    """Whether ``settings`` start more than one worker process (granian, gunicorn)."""
+    return settings["server"] != "waitress" and settings["workers"] > 1
+
+
+_METRIC_FILE = re.compile(r"^[a-z_]+_\d+\.db$")  # prometheus-client's: counter_123.db, ...
+
+
+def prepare_metrics_directory(settings: t.Mapping[str, t.Any]) -> t.Callable[[], None]:
+    """Prometheus' multiprocess mode for several workers, set up before anything imports
+    prometheus-client; returns what to do once the server has stopped.
+
+    With one process nothing changes. With several, ``PROMETHEUS_MULTIPROC_DIR`` names the
+    directory where every worker keeps its values and from which any worker's ``/metrics``
+    adds them all up: the operator's directory, emptied of a previous run's files (stale
+    values would be added to the new run's), else a private temporary one, removed after
+    the stop."""
+    if not several_workers(settings):
+        return lambda: None
+    import shutil
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise ConfigError("PROMETHEUS_MULTIPROC_DIR is not a directory",
+                              key="PROMETHEUS_MULTIPROC_DIR", value=given)
+        for stale in folder.iterdir():
+            if _METRIC_FILE.match(stale.name):
+                stale.unlink()
+        return lambda: None
+    folder = Path(tempfile.mkdtemp(prefix="meetinity-gateway-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return lambda: shutil.rmtree(folder, ignore_errors=True)
+
+
+def mark_worker_dead(server, worker) -> None:
+    """gunicorn's ``child_exit`` hook: a dead worker's live gauges (requests in flight) stop
+    counting in the multiprocess sum."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def check_shared_state(pipeline, settings: t.Mapping[str, t.Any], file: str | None) -> None:
+    """Several workers must share their rate-limit counters: refuse ``memory://`` (each
+    worker would allow the whole budget, N workers N times it), and warn when ``processes``
+    (each one's share while the shared storage fails) is below the number of workers."""
+    if not several_workers(settings):
+        return
+    from meetinity_gateway.middleware.ratelimit import RateLimitMiddleware
+
+    workers = settings["workers"]
+    for name, layer in pipeline.layers.items():
+        if not isinstance(layer, RateLimitMiddleware) or not (layer.rules or layer.default):
+            continue
+        uri = layer.storage_uri or ""
+        if uri.split(":", 1)[0].lower() == "memory":
+            raise ConfigError(
+                f"memory:// counts in each process: with {workers} workers every client would "
+                f"get {workers} times each budget; share the counters in Redis "
+                "(RATELIMIT_STORAGE_URI=redis://…) or serve with workers = 1",
+                file=file, section=f"filter:{name}", key="storage_uri", value=uri)
+        if layer.processes < workers:
+            logging.getLogger("meetinity_gateway").warning(
+                "[filter:%s] processes = %d but %d workers share the storage: while it "
+                "fails each worker allows 1/%d of every limit, %d times the budget in all; "
+                "set RATELIMIT_PROCESSES to the number of gateway processes", name,
+                layer.processes, workers, layer.processes, workers // layer.processes)
 
 
 def _missing(name: str, file: str | None) -> ConfigError:
@@ -940,6 +1071,20 @@ def worker_logging() -> None:
     inherited = any(isinstance(h, BufferedStreamHandler) for h in logging.getLogger().handlers)
     configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
                       os.environ.get("LOG_FORMAT") or "json", force=inherited)
+    # A worker started by multiprocessing (granian's) ends with os._exit: the interpreter's
+    # exit handlers never run, so the lines still buffered (the access lines of the requests
+    # that finished during the drain) would be lost. multiprocessing's own exit hook runs.
+    from multiprocessing import util
+
+    util.Finalize(None, logging.shutdown, exitpriority=-100)
+    util.Finalize(None, _end_tracing, exitpriority=-50)  # queued spans, at most 2 s
+
+
+def _end_tracing() -> None:
+    tracing = sys.modules.get("meetinity_gateway.tracing")  # loaded only when it is on
+    current = getattr(tracing, "_tracing", None) if tracing is not None else None
+    if current is not None:
+        current.processor.shutdown()
 
 
 def worker_app(target: str | None = None):
@@ -997,9 +1142,34 @@ def _serve_granian(settings: t.Mapping[str, t.Any], file: str | None) -> int:
             header_read_timeout=int(settings["header_timeout"] * 1000), keep_alive=True),
         workers_kill_timeout=max(1, round(settings["drain_seconds"])),
         log_access=False,  # the gateway's observe layer writes the access log
+        # granian's own lines in the gateway's format, on stderr with the others
+        log_dictconfig=granian_log_config(os.environ.get("LOG_FORMAT") or "json"),
     )
     server.serve(target_loader=worker_app)
     return 0
+
+
+def granian_log_config(log_format: str) -> dict[str, t.Any]:
+    """granian's ``log_dictconfig``: its loggers write to stderr through the gateway's
+    formatter (JSON lines under ``LOG_FORMAT=json``)."""
+    from meetinity_gateway.logs import TEXT_FORMAT
+
+    if (log_format or "json").strip().lower() == "json":
+        formatter = {"()": "meetinity_gateway.logs.JsonFormatter"}
+    else:
+        formatter = {"()": "logging.Formatter", "fmt": TEXT_FORMAT}
+    handler = {"formatter": "gateway", "class": "logging.StreamHandler",
+               "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"gateway": formatter},
+        "handlers": {"gateway": handler},
+        "loggers": {
+            "_granian": {"handlers": ["gateway"], "level": "INFO", "propagate": False},
+            "granian.access": {"handlers": ["gateway"], "level": "INFO", "propagate": False},
+        },
+    }
 
 
 def _bind_strings(listen: str) -> list[str]:
@@ -1019,6 +1189,9 @@ def gunicorn_options(settings: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         "backlog": settings["backlog"],
         "keepalive": max(1, int(settings["channel_timeout"])),
         "graceful_timeout": max(1, round(settings["drain_seconds"])),
+        # gunicorn's own lines in the gateway's format (JSON under LOG_FORMAT=json)
+        "logger_class": "meetinity_gateway.gunicorn_log.GatewayLogger",
+        "child_exit": mark_worker_dead,
     }
 
 

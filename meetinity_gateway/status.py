@@ -1,12 +1,18 @@
 """``GET /status``: a live, server-rendered status page for operators.
 
-One HTML page, no script, no external asset, refreshing itself every ``refresh`` seconds
-(``<meta http-equiv="refresh">``), with
+One HTML page, no script, no external asset, readable on a phone (tables scroll sideways),
+refreshing itself every ``refresh`` seconds (``<meta http-equiv="refresh">``), with
 
+* first, the overall state: ``ok``, ``degraded`` (a target ejected, an upstream in panic
+  routing, a fail-open rate limiter without its storage) or ``failing`` (an upstream with
+  every target ejected, a fail-closed rate limiter without its storage), and why;
+* per route, the traffic since start: requests, server errors (5xx), mean duration and the
+  95th percentile (the bucket of the observe layer's duration histogram it falls in);
 * the configuration's fingerprint and file, the version, when the page was made;
 * the pipeline, outermost layer first;
 * the route table: methods, path, target, rewrite, whether a token is required, the rate-limit
   rule that applies, and for upstream routes the policy (timeouts, body limit, retries);
+  the routes of an unmounted service (empty URL) are listed as such;
 * every upstream target: weight, state (``healthy``, or ``ejected`` with the seconds left),
   consecutive failures, requests in flight, and the error rate of its last
   ``window`` seconds (failed / all attempts and health probes);
@@ -15,7 +21,8 @@ One HTML page, no script, no external asset, refreshing itself every ``refresh``
 It is a built-in endpoint (``route.status = GET /status -> @status``, like ``@health``), so it
 is logged and counted like any request; :func:`meetinity_gateway.assembly.load_pipeline`
 hands it the loaded pipeline (:meth:`StatusApp.attach_pipeline`) so it can show the layers.
-Under another loader (``gunicorn --paste``) the routes and upstreams still show.
+Under another loader (``gunicorn --paste``, ``pserve``) the pipeline comes from
+:func:`meetinity_gateway.assembly.adopt`: the page is the same.
 
 Only clients in ``detail_allow`` (the same allow-list as ``/metrics``, checked on the trusted
 client address) see it; anyone else gets the JSON 404 of an unknown path. Every value is
@@ -45,13 +52,17 @@ if t.TYPE_CHECKING:  # pragma: no cover
 __all__ = ["CONTENT_SECURITY_POLICY", "StatusApp"]
 
 _STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d232a;background:#fafbfc}
+body{font:14px/1.4 system-ui,sans-serif;margin:1em;color:#1d232a;background:#fafbfc}
+table{display:block;max-width:100%;overflow-x:auto}
+.state{font-size:1.2em;padding:.4em .7em;border-radius:4px;display:inline-block}
+.state.ok{background:#e3f4e8;color:#11702f}.state.degraded{background:#fff4d6;color:#7a5300}
+.state.failing{background:#fde7e5;color:#b3261e}
 h1{font-size:1.4em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;margin:.3em 0 1em;background:#fff}
 th,td{border:1px solid #d5dbe1;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#eef1f4}code{font:13px ui-monospace,monospace}
 .meta{color:#56606b}.healthy{color:#11702f;font-weight:600}
-.ejected,.failing{color:#b3261e;font-weight:600}
+.ejected,.failing,.panic{color:#b3261e;font-weight:600}
 ol{margin:.3em 0 1em}
 """.strip()
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
@@ -136,7 +147,84 @@ class StatusApp:
     def _auth_layers(self) -> list[t.Any]:
         return [layer for layer in self._layers() if hasattr(layer, "protects")]
 
+    def _observers(self) -> list[t.Any]:
+        return [layer for layer in self._layers()
+                if getattr(layer, "registry", None) is not None and hasattr(layer, "metrics")]
+
     # -- sections --------------------------------------------------------------------------
+
+    def overall(self) -> tuple[str, list[str]]:
+        """``("ok" | "degraded" | "failing", reasons)``: what an operator needs first."""
+        failing, degraded = [], []
+        for name, endpoint in sorted(self.endpoints.items()):
+            pool = getattr(endpoint, "pool", None)
+            if pool is None:
+                continue
+            rows = pool.snapshot()
+            ejected = [row["target"] for row in rows if row["state"] == "ejected"]
+            if rows and len(ejected) == len(rows):
+                failing.append(f"upstream {name}: every target ejected (panic routing)")
+            elif ejected:
+                degraded.append(f"upstream {name}: {len(ejected)} of {len(rows)} target(s) "
+                                "ejected")
+        for limiter in self._ratelimiters():
+            if getattr(limiter, "storage_failing", False):
+                uri = getattr(limiter, "storage_uri", None)
+                where = redact_uri(uri) if uri else "its storage"
+                text = (f"rate limiting: {where} is failing, on_error="
+                        f"{getattr(limiter, 'on_error', '?')}")
+                (failing if getattr(limiter, "on_error", "") == "closed" else degraded).append(
+                    text)
+        if failing:
+            return "failing", failing + degraded
+        return ("degraded" if degraded else "ok"), degraded
+
+    def _overall(self) -> str:
+        state, reasons = self.overall()
+        items = "".join(f"<li>{_e(reason)}</li>" for reason in reasons)
+        return (f'<p><span class="state {_e(state)}">{_e(state)}</span></p>'
+                + (f"<ul>{items}</ul>" if items else ""))
+
+    def _traffic(self) -> str:
+        """Requests, 5xx, mean and p95 duration per route, from the observe layer's
+        metrics (since the process started)."""
+        observers = self._observers()
+        if not observers:
+            return "<p class=meta>no metrics layer</p>"
+        routes: dict[str, dict[str, t.Any]] = {}
+        for family in observers[0].registry.collect():
+            for sample in family.samples:
+                route = sample.labels.get("route")
+                if route is None or "method" not in sample.labels:
+                    continue
+                row = routes.setdefault(route, {"count": 0.0, "errors": 0.0, "sum": 0.0,
+                                                "buckets": {}})
+                if sample.name.endswith("_requests_total"):
+                    row["count"] += sample.value
+                    if sample.labels.get("status") == "5xx":
+                        row["errors"] += sample.value
+                elif sample.name.endswith("_request_duration_seconds_sum"):
+                    row["sum"] += sample.value
+                elif sample.name.endswith("_request_duration_seconds_bucket"):
+                    bound = float(sample.labels["le"])
+                    row["buckets"][bound] = row["buckets"].get(bound, 0.0) + sample.value
+        rows = []
+        for route, row in sorted(routes.items(), key=lambda item: -item[1]["count"]):
+            count = row["count"]
+            if not count:
+                continue
+            p95 = next((bound for bound, seen in sorted(row["buckets"].items())
+                        if seen >= 0.95 * count), None)
+            p95_text = "—" if p95 is None else (
+                "&gt; last bucket" if p95 == float("inf") else f"≤ {p95 * 1000:g} ms")
+            rows.append((
+                f"<code>{_e(route)}</code>", _e(f"{count:.0f}"),
+                _e(f"{row['errors']:.0f} ({100.0 * row['errors'] / count:.1f} %)"),
+                _e(f"{1000.0 * row['sum'] / count:.1f} ms"), p95_text,
+            ))
+        if not rows:
+            return "<p class=meta>no request yet</p>"
+        return _table(("route", "requests", "5xx", "mean", "p95"), rows)
 
     def _summary(self) -> str:
         now = time.time()
@@ -187,6 +275,15 @@ class StatusApp:
                 f"<code>{_e(route.rewrite or '')}</code>", _e(token),
                 "<br>".join(f"<code>{_e(limit)}</code>" for limit in limits) or "—",
                 _e(policy),
+            ))
+        for route in self.router.unmounted:  # listed, never matched: their paths get a 404
+            path = route.path + ("/*" if route.prefix and route.path != "/" else "")
+            methods = sorted(route.methods) if route.methods else ["*"]
+            rows.append((
+                f"<code>{_e(route.name)}</code>", _e(", ".join(methods)),
+                f"<code>{_e(path)}</code>", f"<code>{_e(route.target)}</code>",
+                f"<code>{_e(route.rewrite or '')}</code>", "—", "—",
+                f'<span class="failing">not mounted: {_e(route.target)} has no URL</span>',
             ))
         return _table(("route", "methods", "path", "target", "rewrite", "token",
                        "rate limit", "upstream policy"), rows)
@@ -262,9 +359,12 @@ class StatusApp:
             "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             f'<meta http-equiv="refresh" content="{int(self.refresh)}">'
             '<meta name="referrer" content="no-referrer">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>meetinity gateway status</title><style>{_STYLE}</style></head><body>"
             "<h1>Meetinity gateway status</h1>"
-            f"<p class=meta>refreshes every {int(self.refresh)} s</p>"
+            + self._overall()
+            + f"<p class=meta>refreshes every {int(self.refresh)} s</p>"
+            + "<h2>Traffic per route (since start)</h2>" + self._traffic()
             + self._summary()
             + "<h2>Pipeline (outermost first)</h2>" + self._pipeline()
             + "<h2>Routes</h2>" + self._routes()

@@ -13,13 +13,20 @@ when its files change (see :mod:`meetinity_gateway.reload`; no SIGHUP here: guni
 from __future__ import annotations
 
 import os
+import sys
 
 from meetinity_gateway.config import config_path, load_env
 from meetinity_gateway.logs import configure_logging
 from meetinity_gateway.reload import serving_app
+from meetinity_gateway.server import announce
 
 CONFIG = config_path()
 load_env({"here": str(CONFIG.resolve().parent)})
 configure_logging(os.environ.get("LOG_LEVEL") or "INFO", os.environ.get("LOG_FORMAT") or "json")
 
 pipeline, application = serving_app(CONFIG)
+# The start-up line, as under `serve` (each worker process that imports this module logs
+# it once). Under gunicorn with the shipped gunicorn.conf.py, its post_worker_init logs it,
+# with the addresses gunicorn listens on.
+if "meetinity_gateway.gunicorn_conf" not in sys.modules:
+    announce(pipeline, server="wsgi")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,15 +16,18 @@ from tests.servers import free_port, wait_for_port
 
 
 class RedisServer:
-    """``redis-server`` on 127.0.0.1, no persistence; ``stop()`` kills it (also mid-test)."""
+    """``redis-server`` on 127.0.0.1, no persistence; ``stop()`` kills it (also mid-test).
+    ``args``: more command-line options (a replica's ``--replicaof``, a cluster node's...);
+    ``config``: a configuration file to start from (a sentinel's, which Redis rewrites)."""
 
-    def __init__(self, executable: str, port: int | None = None) -> None:
+    def __init__(self, executable: str, port: int | None = None, *args: str,
+                 config: Path | None = None) -> None:
         self.executable = executable
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+            [executable, *([str(config)] if config else []), "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
@@ -235,3 +239,128 @@ class RedisProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _wait_until(condition, what: str, timeout: float = 20.0):
+    """Poll ``condition()`` until it returns something true; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except OSError:  # redis-py's ConnectionError is one: a node still starting
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout} s")
+        time.sleep(0.05)
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` nodes (no replicas) on loopback, its 16384 slots split
+    evenly, assembled with CLUSTER ADDSLOTSRANGE and CLUSTER MEET (what ``redis-cli
+    --cluster create`` does, without needing redis-cli). ``url`` is the ``limits`` URI
+    listing every node."""
+
+    def __init__(self, executable: str, folder: Path, masters: int = 3) -> None:
+        import redis
+
+        self.nodes: list[RedisServer] = []
+        bus_ports: list[int] = []
+        try:
+            for number in range(masters):
+                home = folder / f"node{number}"
+                home.mkdir(parents=True)
+                # The cluster bus port is chosen too: port + 10000 may be taken or too high.
+                bus_ports.append(free_port())
+                self.nodes.append(RedisServer(
+                    executable, None, "--cluster-enabled", "yes", "--dir", str(home),
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-port", str(bus_ports[-1]), "--cluster-node-timeout", "2000"))
+            clients = [redis.Redis(port=node.port, socket_timeout=5) for node in self.nodes]
+            step = 16384 // masters
+            for number, client in enumerate(clients):
+                last = 16383 if number == masters - 1 else (number + 1) * step - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", number * step, last)
+            for client in clients[1:]:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port,
+                                       bus_ports[0])
+            for client in clients:
+                _wait_until(lambda c=client: c.execute_command("CLUSTER INFO")
+                            ["cluster_state"] == "ok", "cluster_state:ok on every node")
+                _wait_until(lambda c=client: len(c.execute_command("CLUSTER NODES")) == masters,
+                            "every node knows every other")
+            for client in clients:
+                client.close()
+        except Exception:
+            self.stop()
+            raise
+        self.url = "redis+cluster://" + ",".join(
+            f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class SentinelSet:
+    """A Redis master, one replica and three sentinels watching them (quorum 2) on loopback,
+    failing over one second after the master stops answering. ``url`` is the ``limits``
+    URI naming the sentinels and the service."""
+
+    SERVICE = "gateway"
+
+    def __init__(self, executable: str, folder: Path, down_after_ms: int = 1000) -> None:
+        import redis
+
+        self.master = self.replica = None
+        self.sentinels: list[RedisServer] = []
+        try:
+            self.master = RedisServer(executable)
+            self.replica = RedisServer(executable, None, "--replicaof", "127.0.0.1",
+                                       str(self.master.port))
+            for number in range(3):
+                config = folder / f"sentinel{number}.conf"
+                config.write_text(
+                    f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.SERVICE} {down_after_ms}\n"
+                    f"sentinel failover-timeout {self.SERVICE} 10000\n"
+                    f"sentinel parallel-syncs {self.SERVICE} 1\n"
+                    f"dir {folder}\n", encoding="utf-8")
+                self.sentinels.append(RedisServer(executable, None, "--sentinel",
+                                                  config=config))
+            replica = redis.Redis(port=self.replica.port, socket_timeout=5)
+            _wait_until(lambda: replica.info("replication")["master_link_status"] == "up",
+                        "the replica in sync")
+            replica.close()
+            for sentinel in self.sentinels:
+                client = redis.Redis(port=sentinel.port, socket_timeout=5,
+                                     decode_responses=True)
+                _wait_until(lambda c=client: (lambda m: int(m["num-other-sentinels"]) == 2
+                                              and int(m["num-slaves"]) == 1)(
+                    c.sentinel_master(self.SERVICE)), "every sentinel sees the set")
+                client.close()
+        except Exception:
+            self.stop()
+            raise
+        self.url = ("redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+                    + f"/{self.SERVICE}")
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel that answers says."""
+        import redis
+
+        for sentinel in self.sentinels:
+            client = redis.Redis(port=sentinel.port, socket_timeout=1)
+            try:
+                return int(client.sentinel_get_master_addr_by_name(self.SERVICE)[1])
+            except (redis.RedisError, OSError, TypeError):
+                continue
+            finally:
+                client.close()
+        raise ConnectionError("no sentinel answers")
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            if server is not None:
+                server.stop()

@@ -129,16 +129,22 @@ class GatewayProcess:
     tests). Environment: this process's, plus ``env``."""
 
     def __init__(self, config: Path = SHIPPED_INI, env: dict[str, str] | None = None,
-                 threads: int = 4) -> None:
+                 threads: int = 4, log: Path | None = None) -> None:
+        """``log``: a file for the process' stderr (log lines), readable while it runs;
+        else a pipe, read by :meth:`stderr` once it has exited (keep such a process quiet:
+        a full pipe blocks it)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_file = log.open("wb") if log is not None else None
         child_env = dict(os.environ)
         child_env.update(env or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meetinity_gateway", "serve", "--config", str(config),
              "--listen", f"127.0.0.1:{self.port}", "--threads", str(threads)],
             env=child_env, cwd=str(ROOT),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_file or subprocess.PIPE,
         )
         try:
             wait_for_port("127.0.0.1", self.port, timeout=15, process=self.process)
@@ -147,6 +153,8 @@ class GatewayProcess:
             raise RuntimeError(f"gateway did not start: {self.stderr()}") from None
 
     def stderr(self) -> str:
+        if self.log is not None:
+            return self.log.read_text(encoding="utf-8", errors="replace")
         if self.process.poll() is None:
             return ""
         return (self.process.stderr.read() or b"").decode(errors="replace")
@@ -169,6 +177,8 @@ class GatewayProcess:
                 self.process.wait(5)
         if self.process.stderr:
             self.process.stderr.close()
+        if self._log_file is not None:
+            self._log_file.close()
 
     def __enter__(self) -> "GatewayProcess":
         return self

@@ -250,4 +250,4 @@ def test_the_start_up_line_says_which_services_are_mounted(tmp_path):
     pipeline = load_pipeline(
         write(tmp_path, GOOD + "upstream.other = \nroute.other = /o/* -> other\n"))
     assert mounted_summary(pipeline.router) == (
-        "upstreams mounted: svc; not mounted (empty URL): other")
+        "upstreams mounted: svc=http://127.0.0.1:5001; not mounted (empty URL): other")

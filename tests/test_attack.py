@@ -56,8 +56,6 @@ def rig():
             "UPSTREAM_READ_TIMEOUT": "2",
             # Ejection is tested elsewhere; here every answer must come from the target.
             "UPSTREAM_MAX_FAILS": "100000",
-            # Neither the bulkhead nor any rate limit may answer instead of the target.
-            "UPSTREAM_MAX_IN_FLIGHT": "off",
         }
         for name in ("USER", "EVENT", "MATCHING", "MESSAGING"):
             env[f"{name}_SERVICE_URL"] = upstream.url

@@ -479,6 +479,11 @@ def test_client_cannot_inject_claims_through_environ():
     ({"secret": SECRET, "jwks_url": "http://127.0.0.1:1/jwks.json"}, "jwks_url",
      "only HMAC"),
     ({"algorithms": ["RS256"], "jwks_url": "file:///etc/passwd"}, "jwks_url", "http(s)"),
+    # A key set over plain http to another host could be swapped on the way.
+    ({"algorithms": ["RS256"], "jwks_url": "http://id.example.com/jwks.json"}, "jwks_url",
+     "use https, or set jwks_allow_http"),
+    ({"algorithms": ["RS256"], "jwks_url": "http://10.0.0.7/jwks.json",
+      "jwks_allow_http": False}, "jwks_url", "plain http"),
     ({"algorithms": ["RS256"], "jwks_url": "http://127.0.0.1:1/j", "jwks_ttl": 0},
      "jwks_ttl", "positive"),
     ({"secret": SECRET, "leeway": -1}, "leeway", "at least 0"),
@@ -492,6 +497,19 @@ def test_bad_arguments_are_config_errors(kwargs, key, fragment):
         AuthMiddleware(echo_app, **kwargs)
     assert info.value.key == key
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("url, allow", [
+    ("https://id.example.com/jwks.json", False),
+    ("http://id.example.com/jwks.json", True),  # explicitly allowed
+    ("http://127.0.0.1:9/jwks.json", False),  # loopback: never leaves the host
+    ("http://[::1]:9/jwks.json", False),
+    ("http://localhost:9/jwks.json", False),
+])
+def test_plain_http_key_sets_only_on_loopback_or_when_allowed(url, allow):
+    middleware = AuthMiddleware(echo_app, algorithms=["RS256"], jwks_url=url,
+                                jwks_allow_http=allow)
+    assert middleware.jwks is not None
 
 
 def test_jwks_only_needs_no_secret():

@@ -78,7 +78,10 @@ exit 0
 
 
 def run_ci(tmp_path: Path, test_text: str = "def test_x():\n    pass\n",
+           search_path: str | None = None,
            **statuses: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """.ci/run in a copy of the repository with stubs first on PATH (then ``search_path``,
+    default this process' PATH)."""
     if shutil.which("bash") is None:
         pytest.skip("bash is needed to run .ci/run")
     repo = tmp_path / "repo"
@@ -94,8 +97,10 @@ def run_ci(tmp_path: Path, test_text: str = "def test_x():\n    pass\n",
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "calls.log"
+    if search_path is None:
+        search_path = os.environ.get("PATH", "")
     env = {
-        "PATH": f"{stubs}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": f"{stubs}{os.pathsep}{search_path}",
         "FAKE_LOG": str(log),
         "FAKE_VENV_PYTHON": str(stubs / "venv-python"),
         **{f"FAKE_{key.upper()}": str(value) for key, value in statuses.items()},
@@ -145,3 +150,13 @@ def test_ci_installs_the_debian_package_of_every_tool_a_test_requires(tmp_path):
     installs = [call for call in calls if call.startswith("apt-get install")]
     assert len(installs) == 1 and installs[0].endswith(" " + fake), calls
     assert calls.index(installs[0]) < calls.index("python3 -m venv .venv")
+
+
+def test_ci_installs_the_package_named_for_a_tool_of_another_name(tmp_path):
+    # dockerd comes with Debian's docker.io. PATH without the sbin folders: "not installed".
+    test_text = ('from tests.conftest import require_tool\n'
+                 'def test_x():\n    require_tool("' + 'dockerd' + '", "why")\n')
+    result, calls = run_ci(tmp_path, test_text=test_text, search_path="/usr/bin:/bin")
+    assert result.returncode == 0, result.stderr
+    installs = [call for call in calls if call.startswith("apt-get install")]
+    assert len(installs) == 1 and installs[0].endswith(" docker.io"), calls

@@ -228,14 +228,30 @@ def test_real_environment_wins_over_env_file(tmp_path):
 
 # -- init --------------------------------------------------------------------------------------
 
-def test_init_refuses_without_a_config_file(tmp_path, monkeypatch, capsys):
+def test_init_writes_the_shipped_ini_when_there_is_none(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("JWT_SECRET")
     monkeypatch.chdir(tmp_path)
-    assert main(["init"]) == 2
+    assert main(["init"]) == 0
+    out = capsys.readouterr().out
+    assert "gateway.ini" in out and ".env.example" in out and "JWT_SECRET" in out
+    assert (tmp_path / "gateway.ini").read_bytes() == SHIPPED_INI.read_bytes()
+    assert (tmp_path / ".env.example").read_bytes() == (ROOT / ".env.example").read_bytes()
+    assert main(["check"]) == 0  # the secret from the new .env: it starts as it is
+    # An existing ini file (even an edited one) and .env.example are never overwritten.
+    (tmp_path / "gateway.ini").write_text(SHIPPED_INI.read_text() + "\n# mine\n")
+    (tmp_path / ".env.example").write_text("# mine\n")
+    assert main(["init"]) == 0
+    assert (tmp_path / "gateway.ini").read_text().endswith("# mine\n")
+    assert (tmp_path / ".env.example").read_text() == "# mine\n"
+
+
+def test_init_refuses_a_missing_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--config", str(tmp_path / "elsewhere" / "gw.ini")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("configuration error: ") and err.count("\n") == 1
-    assert "gateway.ini" in err and "not found" in err
-    assert main(["init", "--config", str(tmp_path / "elsewhere" / "gw.ini")]) == 2
+    assert "gw.ini" in err and "does not exist" in err
     assert not (tmp_path / ".env").exists()
     assert not (tmp_path / "elsewhere").exists()
 
@@ -290,3 +306,64 @@ def test_help_has_no_raw_markup(command):
     assert "usage: meetinity-gateway" in result.stdout
     assert "`" not in result.stdout and "``" not in result.stdout
     assert ":class:" not in result.stdout and ":func:" not in result.stdout
+
+
+def test_init_over_a_copied_env_example_fills_its_empty_secret(tmp_path, monkeypatch):
+    """`cp .env.example .env; meetinity-gateway init` added a second JWT_SECRET line."""
+    monkeypatch.delenv("JWT_SECRET")
+    config = tmp_path / "gateway.ini"
+    config.write_text(SHIPPED_INI.read_text())
+    example = (ROOT / ".env.example").read_text()
+    (tmp_path / ".env").write_text(example)
+    assert main(["init", "--config", str(config)]) == 0
+    text = (tmp_path / ".env").read_text()
+    secrets = [line for line in text.splitlines() if line.startswith("JWT_SECRET=")]
+    assert len(secrets) == 1 and len(secrets[0]) > len("JWT_SECRET=") + 40
+    # Everything else of the example stays, in place.
+    assert [line for line in text.splitlines() if not line.startswith("JWT_SECRET=")] == [
+        line for line in example.splitlines() if not line.startswith("JWT_SECRET=")]
+    assert main(["check", "--config", str(config)]) == 0
+
+
+def test_check_piped_into_head_ends_quietly():
+    """`meetinity-gateway check | head` printed a BrokenPipeError traceback."""
+    env = dict(os.environ, JWT_SECRET=TEST_JWT_SECRET)
+    result = subprocess.run(
+        f"'{sys.executable}' -m meetinity_gateway check --config '{SHIPPED_INI}' | head -n 1",
+        shell=True, env=env, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert result.stdout.startswith("config: ")
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_several_workers_under_waitress_are_refused_with_the_reason(capsys):
+    assert main(["serve", "--config", str(SHIPPED_INI), "--workers", "2",
+                 "--listen", f"127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert "[server:main] workers = '2': waitress serves from one process" in err
+    assert "--server gunicorn or granian" in err
+
+
+def test_the_fingerprint_follows_the_environment_the_ini_reads(monkeypatch, capsys):
+    """An RS256 + JWKS process and a default HS256 one reported the same fingerprint: only
+    the ini file and .env were hashed."""
+    def fingerprint() -> str:
+        assert main(["check", "--config", str(SHIPPED_INI)]) == 0
+        [line] = [x for x in capsys.readouterr().out.splitlines()
+                  if x.startswith("fingerprint: ")]
+        return line
+
+    plain = fingerprint()
+    assert fingerprint() == plain  # stable
+    monkeypatch.setenv("JWT_ALGORITHMS", "HS256, RS256")
+    monkeypatch.setenv("JWT_JWKS_URL", "https://id.example.com/jwks.json")
+    other = fingerprint()
+    assert other != plain
+    # A secret changes it too, without being readable from it.
+    monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET + "x")
+    assert fingerprint() not in (plain, other)
+    # A variable the ini does not read changes nothing.
+    monkeypatch.setenv("SOMETHING_ELSE", "1")
+    monkeypatch.delenv("JWT_ALGORITHMS")
+    monkeypatch.delenv("JWT_JWKS_URL")
+    monkeypatch.setenv("JWT_SECRET", TEST_JWT_SECRET)
+    assert fingerprint() == plain

@@ -181,3 +181,17 @@ def test_shipped_gateway_hides_the_network_map_from_outsiders(gateway_factory, u
     # ...and the metrics, with a request id although they are served outside the error edge.
     status, fields, _ = _raw_get(allowed.port, "/metrics", "X-Request-ID: scrape-42\r\n")
     assert status == "HTTP/1.1 200 OK" and fields["x-request-id"] == "scrape-42"
+
+
+def test_a_fail_open_limiter_without_its_storage_makes_the_gateway_degraded(gateway_factory):
+    pytest.importorskip("redis")
+    gateway = gateway_factory(RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
+    client = session()
+    health = client.get(gateway.url + "/health", timeout=10)
+    assert health.json()["status"] == "ok" and "ratelimit" not in health.json()
+    # Counted locally (on_error=open, the default): served, but not as configured.
+    assert client.get(gateway.url + "/api/auth/x", timeout=10).status_code == 200
+    health = client.get(gateway.url + "/health", timeout=10)
+    assert health.status_code == 200
+    assert health.json()["status"] == "degraded"
+    assert health.json()["ratelimit"] == {"ratelimit": "failing (on_error=open)"}

@@ -659,6 +659,10 @@ use = call:tests.test_observe:boom_factory
         "users", "user_service", f"127.0.0.1:{upstream.port}", "42")
     assert ok["upstream_ms"] > 0 and ok["path"] == "/api/users/7"
     assert unauthorized["user"] is None and unauthorized["upstream"] is None
+    # A 401 says why (a fixed text, never the token); the others have no such field.
+    assert unauthorized["auth_error"] == "malformed token", unauthorized
+    assert bad_token not in json.dumps(unauthorized)
+    assert "auth_error" not in ok and "auth_error" not in missing
     assert missing["route"] is None
     assert failed["route"] == "auth" and failed["upstream"] == "user_service"
     assert timeout["upstream_ms"] >= 400 and timeout["route"] == "auth"

@@ -204,10 +204,17 @@ def test_a_per_route_body_limit(tmp_path, monkeypatch, platform):
 def test_an_empty_service_url_unmounts_its_routes(platform):
     start, upstreams = platform
     server = start(MESSAGING_SERVICE_URL="", MATCHING_SERVICE_URL="")
-    for path in ("/api/conversations/9", "/api/matching/matches/42", "/api/matching/swipe"):
+    for path, service in (("/api/conversations/9", "messaging_service"),
+                          ("/api/matching/matches/42", "matching_service"),
+                          ("/api/matching/swipe", "matching_service")):
         response = call(server, "GET", path, ADA)
         assert response.status_code == 404
-        assert response.json()["error"]["message"] == f"no route for {path}"
+        # The 404 names the unmounted service, not just "no route".
+        assert response.json()["error"]["message"] == (
+            f"no route for {path}: service {service} is not mounted (its upstream URL is "
+            "empty)")
+    response = call(server, "GET", "/api/nothing/here", ADA)
+    assert response.json()["error"]["message"] == "no route for /api/nothing/here"
     assert call(server, "GET", "/api/events/5", ADA).status_code == 200
     health = call(server, "GET", "/health").json()
     assert health["upstreams"] == {"user_service": "up", "event_service": "up"}
@@ -229,7 +236,9 @@ def test_check_says_what_is_mounted_and_prints_the_policies(monkeypatch, capsys)
     monkeypatch.setenv("MATCHING_SUGGEST_READ_TIMEOUT", "45")
     assert main(["check", "--config", str(SHIPPED_INI)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "upstreams mounted: user_service, event_service" in lines
+    # Each upstream with its URL (an URL never holds credentials: refused at start).
+    assert ("upstreams mounted: user_service=http://127.0.0.1:5001, "
+            "event_service=http://127.0.0.1:5002") in lines
     assert "upstreams not mounted (empty URL): matching_service, messaging_service" in lines
     assert ("  recommendations: * /api/users/<int:id>/recommendations -> event_service "
             "/users/<id>/recommendations (parameters: id:int)") in lines

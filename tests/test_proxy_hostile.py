@@ -184,10 +184,8 @@ def raw():
 @pytest.fixture
 def front(gateway_factory, raw):
     """The shipped gateway in front of the raw upstream (retries on, as shipped; no
-    ejection and no bulkhead, so that many hostile answers at once still reach the
-    upstream)."""
-    return gateway_factory(USER_SERVICE_URL=raw.url, UPSTREAM_MAX_FAILS="1000",
-                           UPSTREAM_MAX_IN_FLIGHT="off")
+    ejection, so that many hostile answers in a row still reach the upstream)."""
+    return gateway_factory(USER_SERVICE_URL=raw.url, UPSTREAM_MAX_FAILS="1000")
 
 
 def assert_json_502(answer, message: str | None = None) -> dict:

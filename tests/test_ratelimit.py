@@ -537,9 +537,8 @@ def test_silent_redis_costs_a_timeout_not_a_hang(gateway_factory, on_error, stat
 
 
 def test_concurrent_requests_through_redis_never_over_admit(redis_server, gateway_factory):
-    # 20 concurrent clients: no bulkhead, so every answer is the rate limiter's.
-    gateway = gateway_factory(RATELIMIT_STORAGE_URI=redis_server.url, RATE_LIMIT_AUTH="25/day",
-                              UPSTREAM_MAX_IN_FLIGHT="off")
+    # 20 concurrent clients on the shipped bulkhead: every answer is the rate limiter's.
+    gateway = gateway_factory(RATELIMIT_STORAGE_URI=redis_server.url, RATE_LIMIT_AUTH="25/day")
     avoid_window_edge(86400)
     start = threading.Barrier(20)
 

@@ -57,9 +57,6 @@ def start_gateway(monkeypatch, upstream):
     def start(**env):
         env.setdefault("USER_SERVICE_URL", upstream.url)
         env.setdefault("RATELIMIT_STORAGE_TIMEOUT", str(TIMEOUT))
-        # Twelve concurrent clients on one upstream: the bulkhead (tested elsewhere) would
-        # answer some of them 503 before the rate limiter is even asked.
-        env.setdefault("UPSTREAM_MAX_IN_FLIGHT", "off")
         server = shipped_gateway(monkeypatch, env, threads=8)
         servers.append(server)
         return server

@@ -416,9 +416,7 @@ def test_serve_reload_under_load_adds_a_route_and_rejects_a_bad_file(tmp_path, u
     write(config, SHIPPED_INI.read_text())
     (tmp_path / ".env").write_text(
         f"USER_SERVICE_URL={upstream.url}\nJWT_SECRET={TEST_JWT_SECRET}\n"
-        "RATE_LIMIT_AUTH=100000/minute\nLOG_FORMAT=text\nRELOAD_INTERVAL=0.1\n"
-        # Three client threads on one upstream: no bulkhead 503 may count as a failure.
-        "UPSTREAM_MAX_IN_FLIGHT=off\n")
+        "RATE_LIMIT_AUTH=100000/minute\nLOG_FORMAT=text\nRELOAD_INTERVAL=0.1\n")
     gateway = ServeProcess(config, {}, extra_args=["--reload"])
     load = None
     try:
@@ -476,3 +474,54 @@ def test_sighup_reloads(tmp_path, upstream):
         assert response.status_code == 200 and response.json()["path"] == "/x/1"
     finally:
         gateway.stop()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample of a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            sample, _, value = line.rpartition(" ")
+            if all(f'{key}="{val}"' in sample for key, val in labels.items()):
+                return float(value)
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
+
+
+def test_metrics_say_version_target_states_and_reloads(workdir, served, upstream):
+    """No process, build-info, per-target-state or reload metrics: what every anchor has."""
+    from meetinity_gateway import __version__
+
+    config = workdir / "gateway.ini"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: ejected after one failure
+    (workdir / ".env").write_text(f"SVC_URL={upstream.url}\n")
+    write(config, INI.format(extra=""))
+    app, server = served(config)
+    client = session()
+    text = client.get(server.url + "/metrics").text
+    assert metric(text, "gateway_build_info", version=__version__) == 1
+    target = f"http://127.0.0.1:{upstream.port}"
+    assert metric(text, "gateway_upstream_target_state", upstream="svc", target=target,
+                  state="healthy") == 1
+    assert metric(text, "gateway_upstream_target_state", target=target, state="ejected") == 0
+    before = {result: metric(text, "gateway_config_reloads_total", result=result)
+              for result in ("success", "failure")}
+    if sys.platform.startswith("linux"):  # where the platform has them
+        assert metric(text, "process_resident_memory_bytes") > 0
+        assert metric(text, "process_open_fds") > 0
+    write(config, INI.format(extra="route.broken = nonsense"))
+    assert app.check() is False
+    (workdir / ".env").write_text(f"SVC_URL={dead}\n")
+    write(config, INI.format(extra=""))
+    assert app.check() is True
+    assert client.get(server.url + "/api/svc/x").status_code == 502  # ejects the one target
+    text = client.get(server.url + "/metrics").text
+    assert metric(text, "gateway_upstream_target_state", target=dead, state="ejected") == 1
+    # The next request finds every target ejected and routes to them anyway: panic.
+    assert client.get(server.url + "/api/svc/x").status_code == 502
+    text = client.get(server.url + "/metrics").text
+    assert metric(text, "gateway_config_reloads_total", result="success") == \
+        before["success"] + 1
+    assert metric(text, "gateway_config_reloads_total", result="failure") == \
+        before["failure"] + 1
+    assert metric(text, "gateway_upstream_target_state", upstream="svc", target=dead,
+                  state="panic") == 1
+    assert metric(text, "gateway_upstream_target_state", target=dead, state="ejected") == 0

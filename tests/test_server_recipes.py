@@ -1,11 +1,17 @@
 """Every serving recipe of the README, run as written from the repository folder: it listens
-where it should, proxies a call, and writes the access log."""
+where it should, proxies a call, writes the access log, logs its start-up line, writes every
+log line (its own server's included) as JSON, shows the same /status, and keeps the access
+line of a request that finished while it stopped."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +46,7 @@ class Recipe:
 
     def stop(self) -> str:
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -48,11 +54,14 @@ class Recipe:
                 self.process.wait(5)
         return self.output()
 
+    stderr = ""
+
     def output(self) -> str:
         if self.process.poll() is None:
             return ""
         out, err = self.process.communicate()
-        return out.decode(errors="replace") + err.decode(errors="replace")
+        self.stderr = err.decode(errors="replace")  # the log stream
+        return out.decode(errors="replace") + self.stderr
 
 
 @pytest.fixture
@@ -106,3 +115,122 @@ def test_pserve_listens_where_the_ini_says(env, upstream):
     recipe = Recipe([tool("pserve"), "gateway.ini"], port,
                     dict(env, GATEWAY_LISTEN=f"127.0.0.1:{port}"))
     check(recipe, upstream)
+
+
+#: Every recipe of the README "Serving" section, as written (the listen address from the
+#: environment, as an operator's unit file would set it).
+RECIPES = {
+    "serve": lambda port: [tool("meetinity-gateway"), "serve"],
+    "serve granian": lambda port: [tool("meetinity-gateway"), "serve", "--server", "granian"],
+    "serve gunicorn": lambda port: [tool("meetinity-gateway"), "serve", "--server", "gunicorn"],
+    "gunicorn --paste": lambda port: [tool("gunicorn"), "--paste", "gateway.ini"],
+    "gunicorn wsgi": lambda port: [tool("gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}",
+                                   "meetinity_gateway.wsgi:application"],
+    # -q: pserve's own "Starting server in PID …" is a plain-text line on stderr
+    "pserve": lambda port: [tool("pserve"), "-q", "gateway.ini"],
+}
+
+
+def records(output: str) -> tuple[list[dict], list[str]]:
+    """(JSON log records, lines that are not JSON) of a recipe's stderr and stdout."""
+    parsed, other = [], []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            other.append(line)
+            continue
+        if isinstance(record, dict):
+            parsed.append(record)
+        else:
+            other.append(line)
+    return parsed, other
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_logs_json_only_a_start_up_line_and_a_true_status_page(
+        name, env, upstream):
+    port = free_port()
+    recipe = Recipe(RECIPES[name](port), port,
+                    dict(env, GATEWAY_LISTEN=f"127.0.0.1:{port}", LOG_LEVEL="WARNING"))
+    try:
+        client = session()
+        response = client.get(recipe.url + "/api/auth/recipe", timeout=20)
+        assert response.status_code == 200, response.text
+        status = client.get(recipe.url + "/status", timeout=20)
+        assert status.status_code == 200
+        page = status.text
+    finally:
+        output = recipe.stop()
+    # /status knows the pipeline whatever loaded it (PasteDeploy under --paste and pserve).
+    assert "not loaded by" not in page and "no router" not in page, page
+    assert "no rate-limit layer" not in page, page
+    assert re.search(r"<li><code>observe</code></li>.*<li><code>userlimit</code></li>", page)
+    assert "memory://" in page  # the limiters' storage
+    # Every log line (stderr; its server's own included) is JSON under LOG_FORMAT=json.
+    # (stdout may hold what a launcher prints for a person: pserve's "Starting server".)
+    parsed, other = records(recipe.stderr)
+    assert other == [], output
+    # At LOG_LEVEL=WARNING, one line still says that, where and what the gateway serves.
+    started = [r for r in parsed if r.get("message", "").startswith(
+        f"serving on http://127.0.0.1:{port}: meetinity-gateway ")]
+    assert started, output
+    line = started[0]
+    assert line["level"] == "WARNING"
+    assert "observe -> errors -> cors -> ratelimit -> auth -> authorize -> userlimit" \
+        in line["message"]
+    assert re.search(r"\(config [0-9a-f]{12}\)", line["message"])
+    assert f"user_service={upstream.url}" in line["message"]
+    assert recipe.process.returncode == 0, output
+
+
+@pytest.mark.parametrize("name", ["serve", "serve granian", "serve gunicorn"])
+def test_a_request_finished_during_the_stop_is_logged(name, env, upstream):
+    """granian lost the access lines of its last requests: those of a worker that exits
+    through os._exit never reached stderr."""
+    port = free_port()
+    recipe = Recipe(RECIPES[name](port), port, dict(env, GATEWAY_LISTEN=f"127.0.0.1:{port}"))
+    answers = []
+
+    def slow() -> None:
+        answers.append(session().get(recipe.url + "/api/auth/slow?seconds=2", timeout=20))
+
+    try:
+        assert session().get(recipe.url + "/api/auth/first", timeout=20).status_code == 200
+        caller = threading.Thread(target=slow)
+        caller.start()
+        deadline = time.monotonic() + 10
+        while not any(r[1].startswith("/auth/slow") for r in upstream.requests):
+            assert time.monotonic() < deadline, "the slow request never reached the upstream"
+            time.sleep(0.05)
+        recipe.process.send_signal(signal.SIGTERM)  # while the slow request is in flight
+        caller.join(20)
+    finally:
+        output = recipe.stop()
+    assert [answer.status_code for answer in answers] == [200], output
+    parsed, _ = records(output)
+    logged = {(r.get("path"), r.get("status")) for r in parsed}
+    assert {("/api/auth/first", 200), ("/api/auth/slow", 200)} <= logged, output
+    assert recipe.process.returncode == 0, output
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_readiness_fails_while_a_fail_closed_limiter_cannot_count(name, env, upstream):
+    """Every limited path answered 503 (Redis gone, RATELIMIT_ON_ERROR=closed) while /health
+    said ok: a load balancer kept sending traffic to a gateway that refused all of it."""
+    pytest.importorskip("redis")
+    port, nothing = free_port(), free_port()  # nothing listens on the storage's port
+    recipe = Recipe(RECIPES[name](port), port, dict(
+        env, GATEWAY_LISTEN=f"127.0.0.1:{port}", RATELIMIT_ON_ERROR="closed",
+        RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{nothing}/0"))
+    try:
+        client = session()
+        assert client.get(recipe.url + "/api/auth/x", timeout=20).status_code == 503
+        health = client.get(recipe.url + "/health", timeout=20)
+    finally:
+        output = recipe.stop()
+    assert health.status_code == 503, output
+    assert health.json()["status"] == "error"
+    assert health.json()["ratelimit"]["ratelimit"] == "failing (on_error=closed)"

@@ -23,9 +23,6 @@ def served(gateway_process):
     def start(**env):
         env.setdefault("LOG_LEVEL", "WARNING")
         env.setdefault("LOG_FORMAT", "text")
-        # Fifty downloads of one upstream at once: the bulkhead (tests/test_upstream_faults.py)
-        # would refuse most of them before they could be slow readers.
-        env.setdefault("UPSTREAM_MAX_IN_FLIGHT", "off")
         return gateway_process(**env)
 
     return start

@@ -36,16 +36,18 @@ def require_server(name: str) -> None:
 
 
 class Served:
-    """``python -m meetinity_gateway serve --server NAME`` in a child process."""
+    """``python -m meetinity_gateway serve --server NAME`` in a child process (``threads``:
+    ``--threads``; ``None``: the shipped ``[server:main]`` threads)."""
 
-    def __init__(self, name: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, env: dict[str, str], threads: int | None = 4) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         child_env.update({"JWT_SECRET": TEST_JWT_SECRET, "LOG_LEVEL": "WARNING"}, **env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meetinity_gateway", "serve", "--config", str(SHIPPED_INI),
-             "--server", name, "--listen", f"127.0.0.1:{self.port}", "--threads", "4"],
+             "--server", name, "--listen", f"127.0.0.1:{self.port}"]
+            + ([] if threads is None else ["--threads", str(threads)]),
             env=child_env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port("127.0.0.1", self.port, timeout=30, process=self.process)

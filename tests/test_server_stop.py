@@ -3,6 +3,7 @@ kept-alive connections are told ``Connection: close``, then the process exits.""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sys
@@ -86,8 +87,34 @@ def test_drain_deadline_cuts_what_is_left_and_exits(served):
         assert time.monotonic() - started < 12
     finally:
         slow.close()
-    assert gateway.process.returncode == 0
-    assert "still in flight after 1 s, cut: GET /api/auth/slow from 127.0.0.1" in gateway.stderr()
+    # A request was lost: the exit status says so.
+    assert gateway.process.returncode == 1
+    assert re.search(r"still in flight after 1\.\d s, cut by the drain deadline of 1 s: "
+                     r"GET /api/auth/slow from 127\.0\.0\.1", gateway.stderr())
+
+
+def test_a_second_stop_signal_cuts_at_once_and_says_so_truthfully(served):
+    """The second signal cut a request after half a second: the log said "after 20 s", the
+    access line said 200 for a client that got nothing, and the exit status was 0."""
+    gateway = served(GATEWAY_DRAIN_SECONDS="20")
+    slow = connect(gateway.url)
+    try:
+        slow.sendall(b"GET /api/auth/slow?seconds=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.3)  # the request is in flight
+        gateway.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        gateway.process.send_signal(signal.SIGTERM)
+        gateway.process.wait(15)
+        assert slow.recv(65536) == b""  # the client got nothing
+    finally:
+        slow.close()
+    stderr = gateway.stderr()
+    assert gateway.process.returncode == 1, stderr
+    match = re.search(r"still in flight after (\d+\.\d) s, cut by a second stop signal: "
+                      r"GET /api/auth/slow", stderr)
+    assert match and float(match.group(1)) < 20, stderr
+    [line] = [r for r in access_lines(stderr) if r["path"] == "/api/auth/slow"]
+    assert line["status"] == 0 and line["error"].startswith("cut at stop"), line
 
 
 def test_idle_server_stops_at_once(served):

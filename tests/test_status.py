@@ -245,3 +245,35 @@ def test_status_page_in_headless_chromium(tmp_path, monkeypatch, upstream):
         data = shot.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
         print(f"status page screenshot: {shot}")
+
+
+def test_page_says_the_overall_state_first_traffic_per_route_and_unmounted_routes(
+        tmp_path, monkeypatch, upstream):
+    monkeypatch.setenv("USER_SERVICE_URL", upstream.url)
+    monkeypatch.setenv("RATE_LIMIT_AUTH", "100000/minute")
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("EVENT_SERVICE_URL", dead)
+    pipeline = load_pipeline(SHIPPED_INI)
+    app = TestApp(LintMiddleware(pipeline.app), extra_environ=LOOPBACK)
+    page = app.get("/status").text
+    text, _ = visible_text(page)
+    # The state comes before anything else on the page.
+    assert text.startswith("Meetinity gateway status ok ")
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    # The routes of the unmounted services, as such.
+    assert "conversations * /api/conversations/* messaging_service /conversations — — " \
+        "not mounted: messaging_service has no URL" in text
+    for _ in range(3):
+        app.get("/api/auth/ok")
+    app.get("/api/auth/status?code=503", status=503)
+    token = make_token()
+    for _ in range(3):  # the event service is down: its one target is ejected (max_fails)
+        app.get("/api/events/1", headers={"Authorization": f"Bearer {token}"}, status=502)
+    page = app.get("/status").text
+    text, _ = visible_text(page)
+    assert text.startswith("Meetinity gateway status failing upstream event_service: every "
+                           "target ejected (panic routing)")
+    match = re.search(r"auth (\d+) (\d+) \((\d+\.\d) %\) (\d+\.\d) ms ≤ (\S+) ms", text)
+    assert match, text
+    assert match.group(1) == "4" and match.group(2) == "1" and match.group(3) == "25.0"
+    assert re.search(r"events 3 3 \(100\.0 %\)", text)

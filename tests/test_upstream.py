@@ -110,6 +110,14 @@ def write_ini(tmp_path, app_lines: str):
      "max_in_flight"),
     ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\neject_recheck = soon\n",
      "eject_recheck"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nqueue_size = -1\n",
+     "queue_size = '-1'"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nqueue_size = many\n",
+     "queue_size = 'many'"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nqueue_timeout = -0.5\n",
+     "queue_timeout = '-0.5'"),
+    ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nqueue_timeout = soon\n",
+     "queue_timeout = 'soon'"),
     ("upstream.a = http://127.0.0.1:1\nroute.a = /a/* -> a\nserver_threads = 0\n",
      "server_threads"),
 ])
@@ -446,6 +454,110 @@ def test_concurrency_cap_refuses_at_once_and_counts():
     assert pool.in_flight == 0 and [row["outstanding"] for row in pool.snapshot()] == [0, 0]
 
 
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.005)
+
+
+def test_over_the_cap_a_request_waits_and_gets_the_next_slot():
+    pool, _ = clocked_pool("http://127.0.0.1:1", max_in_flight=1, queue_size=2,
+                           queue_timeout=30)
+    first = pool.acquire()
+    results: list = []
+
+    def take():
+        results.append(pool.acquire())
+
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    wait_for(lambda: pool.waiting == 1)
+    assert results == [] and pool.in_flight == 1
+    pool.done(first)  # handed over: the waiter has it, counted once
+    waiter.join(10)
+    assert results == [first] and pool.in_flight == 1 and pool.waiting == 0
+    pool.done(results[0])
+    assert pool.in_flight == 0 and pool.rejected == 0
+
+
+def test_slots_are_handed_over_first_come_first_served_and_never_lost():
+    pool, _ = clocked_pool("http://127.0.0.1:1", max_in_flight=2, queue_size=3,
+                           queue_timeout=30)
+    holders = [pool.acquire(), pool.acquire()]
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def take(number):
+        target = pool.acquire()
+        with lock:
+            order.append(number)
+        holders.append(target)
+
+    threads = []
+    for number in range(3):
+        threads.append(threading.Thread(target=take, args=(number,), daemon=True))
+        threads[-1].start()
+        wait_for(lambda: pool.waiting == number + 1)
+    # A newcomer while three wait: the queue is full, refused at once.
+    with pytest.raises(UpstreamBusy) as info:
+        pool.acquire()
+    assert info.value.reason == "queue_full" and pool.rejected_by["queue_full"] == 1
+    for step in range(3):
+        pool.done(holders[step])
+        wait_for(lambda: len(order) == step + 1)
+        assert pool.in_flight == 2  # one out, one in: the cap is never exceeded
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2]
+    for target in holders[3:]:
+        pool.done(target)
+    assert pool.in_flight == 0 and pool.waiting == 0
+
+
+def test_a_wait_that_times_out_stalls_the_upstream_until_one_finishes():
+    pool, _ = clocked_pool("http://127.0.0.1:1", max_in_flight=1, queue_size=4,
+                           queue_timeout=0.05)
+    hung = pool.acquire()
+    with pytest.raises(UpstreamBusy) as info:
+        pool.acquire()  # waits 0.05 s, nothing finishes
+    assert info.value.reason == "queue_timeout" and "0.05 s" in info.value.message
+    assert ("Retry-After", "1") in info.value.headers and info.value.code == 503
+    # Stalled: no more waiting (each waiter would hold a server thread for nothing).
+    for _ in range(3):
+        with pytest.raises(UpstreamBusy) as info:
+            pool.acquire()
+        assert info.value.reason == "stalled"
+    assert pool.rejected_by == {"queue_full": 0, "queue_timeout": 1, "stalled": 3}
+    assert pool.rejected == 4 and pool.waiting == 0 and pool.in_flight == 1
+    pool.done(hung)  # progress: the stall is over
+    again = pool.acquire()
+    pool.done(again)
+    assert pool.in_flight == 0
+
+
+def test_a_retry_never_waits_and_no_queue_means_refused_at_once():
+    pool, _ = clocked_pool("http://127.0.0.1:1, http://127.0.0.2:1", max_in_flight=1,
+                           queue_size=2, queue_timeout=30)
+    first = pool.acquire()
+    with pytest.raises(UpstreamBusy) as info:
+        pool.acquire([first], wait=False)
+    assert info.value.reason == "queue_full"
+    pool.done(first)
+    bare, _ = clocked_pool("http://127.0.0.1:1", max_in_flight=1)  # queue_size 0
+    held = bare.acquire()
+    with pytest.raises(UpstreamBusy) as info:
+        bare.acquire()
+    assert info.value.reason == "queue_full" and bare.queue_timeout == 0
+    bare.done(held)
+
+
+@pytest.mark.parametrize("kwargs", [{"queue_size": -1}, {"queue_timeout": -1}])
+def test_bad_queue_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="queue_size and queue_timeout"):
+        UpstreamPool(parse_targets("http://127.0.0.1:1"), max_in_flight=1, **kwargs)
+
+
 def test_a_refused_start_response_gives_the_slot_back(upstream):
     app = ProxyApp(upstream.url, max_in_flight=1)
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/echo", "SERVER_NAME": "gw",
@@ -461,6 +573,21 @@ def test_a_refused_start_response_gives_the_slot_back(upstream):
             assert app.pool.in_flight == 0
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("env, size, timeout", [
+    ({"UPSTREAM_QUEUE_SIZE": "0"}, 0, 0), ({"UPSTREAM_QUEUE_TIMEOUT": "0"}, 0, 0),
+    ({"UPSTREAM_QUEUE_SIZE": "5", "UPSTREAM_QUEUE_TIMEOUT": "2"}, 5, 2),
+])
+def test_shipped_ini_queue_knobs(monkeypatch, env, size, timeout):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pipeline = load_pipeline(SHIPPED_INI)
+    pool = pipeline.router.endpoints["user_service"].pool
+    try:
+        assert (pool.queue_size, pool.queue_timeout) == (size, timeout)
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("threads, cap", [
@@ -479,8 +606,12 @@ def test_shipped_ini_derives_the_cap_from_the_threads(monkeypatch, env, cap):
         monkeypatch.setenv(key, value)
     pipeline = load_pipeline(SHIPPED_INI)
     pool = pipeline.router.endpoints["user_service"].pool
+    threads = int(env.get("GATEWAY_THREADS", 8))
     try:
         assert pool.max_in_flight == cap
+        # The queue takes the threads the cap leaves, for half a second at most.
+        assert pool.queue_size == (threads - cap if cap else 0)
+        assert pool.queue_timeout == (0.5 if cap else 0)
         assert pool.failure_statuses == frozenset() and pool.max_eject_percent == 50
         assert pool.eject_recheck == 1
     finally:

@@ -6,6 +6,8 @@ that misbehave on command (:mod:`tests.faults`: answer 503, hang, reset, refuse)
 """
 from __future__ import annotations
 
+import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,7 +107,8 @@ def test_configured_failure_statuses_eject_and_panic_routing_keeps_serving(gatew
 
 def test_a_burst_of_eight_timeouts_ejects_once(gateways, faulty, caplog):
     service = faulty("hang")
-    gateway = gateways({"svc": service.url}, threads=12, max_in_flight=16, read_timeout=1,
+    # 12 threads (the derived cap: 9): the eight all reach the service, none waits.
+    gateway = gateways({"svc": service.url}, threads=12, read_timeout=1,
                        eject_time=20, health_timeout=0.5, eject_recheck=0.2)
     caplog.set_level("WARNING", logger="meetinity_gateway.upstream")
     with ThreadPoolExecutor(8) as executor:
@@ -196,28 +199,45 @@ def test_an_ejected_target_is_rechecked_and_readmitted_without_traffic(gateways,
 
 # -- point 2: the bulkhead -------------------------------------------------------------------
 
-def test_a_hanging_service_cannot_starve_live_or_other_upstreams(gateways, faulty):
-    """16 requests to a service that never answers, 8 threads: 6 (the derived cap) wait,
-    10 get an immediate JSON 503, and /health/live and another upstream still answer."""
+def test_a_hanging_service_cannot_starve_live_or_other_upstreams(gateways, faulty, caplog):
+    """16 requests to a service that never answers (read timeout 10 s), 8 threads, the
+    shipped queue: 6 (the derived cap) hang, 2 wait for a slot and time out, the 8 others
+    are refused at once (stalled) -- and /health/live and another upstream answer
+    throughout, also while the two wait."""
     slow, fast = faulty("hang"), faulty()
-    gateway = gateways({"slow": slow.url, "fast": fast.url}, threads=8, read_timeout=30)
+    gateway = gateways({"slow": slow.url, "fast": fast.url}, threads=8, read_timeout=10)
     pool = gateway.pool("slow")
-    assert pool.max_in_flight == 6
+    assert (pool.max_in_flight, pool.queue_size, pool.queue_timeout) == (6, 2, 0.5)
+    caplog.set_level("INFO", logger="meetinity_gateway.access")
     executor = ThreadPoolExecutor(16)
+    probes: list = []
+    stop = threading.Event()
+
+    def probe():
+        # Keeps asking while the 16 arrive, wait and are refused.
+        while not stop.is_set():
+            probes.append(get(gateway.url + "/health/live", timeout=5).status_code)
+            probes.append(get(gateway.url + "/fast/echo", timeout=5).status_code)
+
+    prober = threading.Thread(target=probe)
     try:
         futures = [executor.submit(get, gateway.url + f"/slow/x{i}",
                                    "POST" if i % 2 else "GET", data=b"x" if i % 2 else None)
                    for i in range(16)]
+        prober.start()
         wait_until(lambda: slow.hung == 6 and sum(f.done() for f in futures) == 10,
                    timeout=15)
+        stop.set()
+        prober.join(10)
         # Threads remain for everything else, answered while the 6 still hang.
         live = get(gateway.url + "/health/live", timeout=5)
         assert live.status_code == 200 and live.json()["status"] == "ok"
         for _ in range(3):
             other = get(gateway.url + "/fast/echo", timeout=5)
             assert other.status_code == 200 and other.json()["upstream"] == fast.url
+        assert probes and set(probes) == {200}
         rejected = [f.result() for f in futures if f.done()]
-        assert len(rejected) == 10 and pool.in_flight == 6
+        assert len(rejected) == 10 and pool.in_flight == 6 and pool.waiting == 0
         for response in rejected:
             assert response.status_code == 503
             assert response.headers["Content-Type"] == "application/json"
@@ -230,42 +250,86 @@ def test_a_hanging_service_cannot_starve_live_or_other_upstreams(gateways, fault
         finished = [f.result(timeout=30) for f in futures]
         assert sorted(r.status_code for r in finished) == [502] * 6 + [503] * 10
     finally:
+        stop.set()
         slow.release()
         executor.shutdown(wait=True)
     wait_until(lambda: pool.in_flight == 0, timeout=5)
+    assert pool.rejected_by == {"queue_full": 0, "queue_timeout": 2, "stalled": 8}
     metrics = get(gateway.url + "/metrics").text
-    assert 'gateway_upstream_rejections_total{reason="max_in_flight",upstream="slow"} 10.0' \
-        in metrics
+    for reason, count in (("queue_timeout", 2), ("stalled", 8)):
+        assert (f'gateway_upstream_rejections_total{{reason="{reason}",upstream="slow"}} '
+                f'{count}.0') in metrics
     assert 'gateway_upstream_max_in_flight{upstream="slow"} 6.0' in metrics
     assert 'gateway_upstream_max_in_flight{upstream="fast"} 6.0' in metrics
     assert not [line for line in metrics.splitlines()
                 if line.startswith("gateway_upstream_rejections_total{")
                 and 'upstream="fast"' in line]
     assert pool.rejected == 10
+    # The access log says why each was refused.
+    access = [json.loads(r.msg.to_json()) for r in caplog.records
+              if r.name == "meetinity_gateway.access"]
+    reasons = sorted(a["upstream_rejected"] for a in access if a.get("upstream_rejected"))
+    assert reasons == ["queue_timeout"] * 2 + ["stalled"] * 8
+    assert all(a["status"] == 503 for a in access if a.get("upstream_rejected"))
 
 
-def test_the_cap_counts_until_the_response_body_is_sent(gateways, faulty):
+def test_a_burst_on_a_healthy_service_waits_for_slots_instead_of_503(gateways, faulty):
+    """64 requests at once, 8 threads, the shipped cap (6) and queue: every one is served;
+    the cap still holds (the service never sees more than 6 at a time)."""
+    service = faulty()
+    gateway = gateways({"svc": service.url}, threads=8)
+    pool = gateway.pool("svc")
+    with ThreadPoolExecutor(64) as executor:
+        codes = list(executor.map(
+            lambda i: get(gateway.url + f"/svc/{i}/slow?seconds=0.02").status_code, range(64)))
+    assert codes == [200] * 64
+    assert pool.rejected == 0 and len(service.requests) == 64
+    assert 1 <= service.most_at_once <= 6
+
+
+def test_the_cap_counts_until_the_response_head_not_while_the_body_streams(
+        gateways, faulty):
+    """A body in progress (a slow reader, a long stream) holds no slot: with a cap of 1
+    and no queue, the service still answers others; the cap counts only what waits on it."""
     service = faulty("stall")
-    gateway = gateways({"svc": service.url}, max_in_flight=1)
+    gateway = gateways({"svc": service.url}, max_in_flight=1, queue_size=0)
+    pool = gateway.pool("svc")
     with session() as client:
         streaming = client.get(gateway.url + "/svc/stream", stream=True, timeout=30)
         try:
             assert streaming.status_code == 200
             assert next(streaming.iter_content(1024)) == b"a" * 1024
-            # The first answer is still being sent: the upstream is at its cap.
-            assert gateway.pool("svc").in_flight == 1
+            # The first answer is still being sent, its slot is free; the target still
+            # counts it as outstanding (for least_outstanding and the status page).
+            assert pool.in_flight == 0
+            assert [row["outstanding"] for row in pool.snapshot()] == [1]
+            service.mode = "ok"
             for method in ("GET", "POST", "HEAD"):
-                busy = get(gateway.url + "/svc/echo", method)
-                assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
-            assert len(service.requests) == 1
+                assert get(gateway.url + "/svc/echo", method).status_code == 200
+            assert pool.rejected == 0
             service.release()
             rest = b"".join(streaming.iter_content(65536))
             assert len(rest) == 128 * 1024 - 1024 and rest.endswith(b"b" * 65536)
         finally:
             streaming.close()
+    wait_until(lambda: [row["outstanding"] for row in pool.snapshot()] == [0], timeout=5)
+    assert pool.in_flight == 0
+
+
+def test_over_the_cap_without_a_queue_the_503_is_immediate(gateways, faulty):
+    service = faulty("hang")
+    gateway = gateways({"svc": service.url}, max_in_flight=1, queue_size=0, read_timeout=30)
+    with ThreadPoolExecutor(1) as executor:
+        hung = executor.submit(get, gateway.url + "/svc/hang")
+        wait_until(lambda: service.hung == 1)
+        for method in ("GET", "POST", "HEAD"):
+            busy = get(gateway.url + "/svc/echo", method)
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        assert gateway.pool("svc").rejected_by["queue_full"] == 3
+        assert len(service.requests) == 1
+        service.release()
+        assert hung.result(30).status_code == 502
     wait_until(lambda: gateway.pool("svc").in_flight == 0, timeout=5)
-    service.mode = "ok"
-    assert get(gateway.url + "/svc/echo").status_code == 200
 
 
 def test_shipped_gateway_serves_a_service_that_answered_503_three_times(gateway_factory,

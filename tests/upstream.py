@@ -7,7 +7,8 @@ Behaviour is chosen by the last path segment, so it works behind any route rewri
 ``…/cookies``       two ``Set-Cookie`` headers
 ``…/hop``           ``Connection: close, X-Internal`` with ``X-Internal: secret``, ``Keep-Alive``,
                     ``Access-Control-Allow-Origin: *`` (none of which may reach the client)
-``…/slow``          sleeps ``?seconds=`` (default 5) before answering
+``…/slow``          sleeps ``?seconds=`` (default 5) before answering; ``most_at_once``
+                    keeps the largest number of them sleeping at the same time
 ``…/download``      streams ``?size=`` bytes of :func:`pattern` with ``Content-Length``
 ``…/chunked``       streams ``?size=`` bytes of :func:`pattern` chunked
 ``…/upload``        reads the body in chunks; answers its length and SHA-256
@@ -195,7 +196,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_slow_(self, query):
         self.body_summary()
-        time.sleep(float(query.get("seconds", ["5"])[0]))
+        owner = self.server.owner
+        owner.sleeping(+1)
+        try:
+            time.sleep(float(query.get("seconds", ["5"])[0]))
+        finally:
+            owner.sleeping(-1)
         self.send_json({"slow": True})
 
     def do_download_(self, query):
@@ -265,6 +271,7 @@ class Upstream:
         self.dies = True
         self.idle_close = idle_close
         self.connections = 0
+        self.at_once = self.most_at_once = 0  # ``…/slow`` requests sleeping together
         self.requests: list[tuple[str, str, list[tuple[str, str]]]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -272,6 +279,11 @@ class Upstream:
     def record(self, method, target, headers) -> None:
         with self._lock:
             self.requests.append((method, target, headers))
+
+    def sleeping(self, delta: int) -> None:
+        with self._lock:
+            self.at_once += delta
+            self.most_at_once = max(self.most_at_once, self.at_once)
 
     def count_connection(self) -> None:
         with self._lock:

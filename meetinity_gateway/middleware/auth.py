@@ -65,8 +65,11 @@ Use alone around any WSGI app::
 :param allow_weak_secret: start with a weak secret anyway (a warning is logged), for a test
     setup that must match a service's weak secret (default ``False``).
 :param algorithms: the accepted ``alg`` values (default ``["HS256"]``).
-:param jwks_url: the ``http(s)`` URL of the JSON Web Key Set; required when an asymmetric
-    algorithm is allowed.
+:param jwks_url: the ``https`` URL of the JSON Web Key Set; required when an asymmetric
+    algorithm is allowed. Plain ``http`` only to a loopback host, or with
+    ``jwks_allow_http`` (anyone on the path could hand the gateway their own keys).
+:param jwks_allow_http: accept a plain ``http://`` key set URL to another host (default
+    ``False``).
 :param jwks_ttl: seconds a fetched key set is trusted before it is refetched (default 300).
 :param jwks_cooldown: minimum seconds between two fetches caused by unknown ``kid``\\ s or by
     a failed fetch (default 30).
@@ -375,6 +378,18 @@ class _VerifiedTokens:
         self._entries[token] = (dict(claims), until, alg, kid, key)
 
 
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (traffic that never leaves the host)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AuthMiddleware:
     """Bearer JWT verification on protected prefixes (see the module docstring)."""
 
@@ -398,6 +413,7 @@ class AuthMiddleware:
         realm: str = "meetinity",
         allow_preflights: bool = False,
         allow_weak_secret: bool = False,
+        jwks_allow_http: bool = False,
     ) -> None:
         self.app = app
         try:
@@ -441,6 +457,12 @@ class AuthMiddleware:
             parts = urlsplit(jwks_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError("expected an http(s) URL", key="jwks_url", value=jwks_url)
+            if (parts.scheme == "http" and not jwks_allow_http
+                    and not _is_loopback(parts.hostname)):
+                raise ConfigError(
+                    "a key set over plain http can be swapped by anyone on the path: use "
+                    "https, or set jwks_allow_http (JWT_JWKS_ALLOW_HTTP=true) if you mean it",
+                    key="jwks_url", value=jwks_url)
             if not asymmetric_allowed:
                 raise ConfigError(
                     "a jwks_url is set but only HMAC algorithms are allowed: add RS256, "
@@ -714,6 +736,7 @@ _PARAMS = {
     "realm": as_str,
     "allow_preflights": as_bool,
     "allow_weak_secret": as_bool,
+    "jwks_allow_http": as_bool,
 }
 
 

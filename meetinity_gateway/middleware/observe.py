@@ -20,12 +20,15 @@ every request it
    ``log_query``), ``status``, ``duration_ms`` (until the body was sent and closed),
    ``bytes_out`` (body bytes), ``client`` (the address the rate limiter counts), ``route``,
    ``upstream``, ``target``, ``upstream_ms`` (of the last attempt), ``user`` (the JWT ``sub``)
-   and ``trace_id``; ``attempts`` is added when the proxy retried, ``authz_denied`` (the
+   and ``trace_id``; ``attempts`` is added when the proxy retried, ``auth_error`` (the
+   reason, e.g. ``token expired``) when authentication refused, ``authz_denied`` (the
    refusing rule's name) when the authorization layer refused, ``error`` when the
-   response was cut off by an exception, ``upstream_error`` (``timeout``, ``unavailable``,
-   ``invalid``) when the last upstream attempt failed, also after its headers were relayed.
-   Headers are never
-   logged: no token, cookie or ``Authorization`` value can reach a log line;
+   response was cut off by an exception or by the server at stop (``cut at stop (…)``;
+   ``status`` is then 0 when no status line had reached the client), ``upstream_error``
+   (``timeout``, ``unavailable``, ``invalid``) when the last upstream attempt failed, also
+   after its headers were relayed, ``upstream_rejected`` (``queue_full``, ``queue_timeout``,
+   ``stalled``) when the proxy refused the request at the upstream's concurrency cap.
+   Headers are never logged: no token, cookie or ``Authorization`` value can reach a log line;
 4. answers ``GET metrics_path`` itself with the Prometheus exposition (OpenMetrics when the
    scraper asks for it), before the rate limiter and authentication, but only to clients in
    ``metrics_allow``; anyone else gets the standard JSON 404, as for a path that does not
@@ -39,9 +42,13 @@ Metrics (``namespace`` ``gateway``)::
     gateway_upstream_request_duration_seconds{upstream,target}      histogram
     gateway_upstream_failures_total{upstream,target,reason}         counter (see below)
     gateway_upstream_max_in_flight{upstream}                        gauge (the proxy's cap)
-    gateway_upstream_rejections_total{upstream,reason}              counter (max_in_flight)
+    gateway_upstream_rejections_total{upstream,reason}              counter (queue_full,
+                                                                    queue_timeout, stalled)
     gateway_ratelimit_rejections_total{rule}                        counter
     gateway_auth_failures_total{reason}                             counter
+
+plus, once a loader has built the pipeline, the process' and configuration's metrics (build
+info, per-target state, reloads, ``process_*``: :mod:`meetinity_gateway.runtime_metrics`).
 
 ``reason`` is ``timeout``, ``unavailable`` or ``invalid`` (a response the proxy refused).
 ``status`` is the class (``2xx``…``5xx``), ``route`` the route name (``none`` for a request
@@ -74,6 +81,9 @@ Use alone around any WSGI app::
 :param namespace: prefix of every metric name (default ``gateway``).
 :param buckets: duration histogram buckets in seconds (default prometheus-client's).
 :param registry: a ``CollectorRegistry`` to register the metrics in (default: a new one).
+:param otel: export spans over OpenTelemetry (default ``False``; needs the ``[otel]`` extra;
+    endpoint, sampling and batching by the standard ``OTEL_*`` variables): a server span
+    per request, a client span per upstream attempt (see :mod:`meetinity_gateway.tracing`).
 
 In gateway.ini::
 
@@ -110,8 +120,10 @@ from meetinity_gateway.config import (
 from meetinity_gateway.keys import (
     AUTH_ERROR_KEY,
     AUTHZ_DENIED_KEY,
+    CUT_KEY,
     TARGET_KEY,
     TRACE_ID_KEY,
+    TRACE_KEY,
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
@@ -234,7 +246,8 @@ class _Metrics:
             ("upstream",), multiprocess_mode="max", **common)
         self.upstream_rejections = Counter(
             "upstream_rejections", "Requests refused without calling the upstream, by "
-            "reason (max_in_flight: its concurrency cap).", ("upstream", "reason"), **common)
+            "reason (queue_full, queue_timeout, stalled: at its concurrency cap).",
+            ("upstream", "reason"), **common)
         self.upstream_limits: dict[str, int] = {}
         self.ratelimit_rejections = Counter(
             "ratelimit_rejections", "Requests refused with 429, by rate-limit rule.",
@@ -248,6 +261,9 @@ class _Metrics:
         self.auth_failures = Counter(
             "auth_failures", "Requests refused by authentication, by reason.",
             ("reason",), **common)
+        #: The process' and configuration's metrics (meetinity_gateway.runtime_metrics),
+        #: registered here by the loader.
+        self.runtime = None
 
     def expose(self, accept: str | None) -> tuple[bytes, str]:
         from prometheus_client import CollectorRegistry
@@ -268,9 +284,10 @@ class _Metrics:
 class _Exchange:
     """What is known about one request while it is answered."""
 
-    __slots__ = ("start", "wall", "status", "bytes_out", "error", "done", "trace_id")
+    __slots__ = ("start", "wall", "status", "bytes_out", "error", "done", "trace_id", "spans")
 
-    def __init__(self, trace_id: str | None) -> None:
+    def __init__(self, trace_id: str | None, spans=None) -> None:
+        self.spans = spans  # the request's OpenTelemetry spans (tracing on)
         self.start = time.perf_counter()
         self.wall = time.time()
         self.status = 0
@@ -330,8 +347,18 @@ class ObserveMiddleware:
         namespace: str = "gateway",
         buckets: t.Sequence[float] | None = None,
         registry=None,
+        otel: bool = False,
     ) -> None:
         self.app = app
+        #: OpenTelemetry export (meetinity_gateway.tracing), imported only when asked for.
+        self.tracing = None
+        if otel:
+            try:
+                from meetinity_gateway.tracing import tracing
+            except ImportError as exc:
+                raise ConfigError(f"OpenTelemetry is not installed ({exc.name}): pip install "
+                                  "meetinity_gateway[otel]", key="otel", value="true") from None
+            self.tracing = tracing()
         log_format = (log_format or "json").strip().lower()
         if log_format not in LOG_FORMATS:
             raise ConfigError(f"expected one of {', '.join(LOG_FORMATS)}", key="log_format",
@@ -355,6 +382,7 @@ class ObserveMiddleware:
         self.trusted_proxies = trusted_proxies
         self.trace = trace
         self.trace_sampled = trace_sampled
+        self.namespace = namespace
         if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", namespace or ""):
             raise ConfigError("expected a metric name prefix like gateway", key="namespace",
                               value=namespace)
@@ -383,10 +411,11 @@ class ObserveMiddleware:
             return self._serve_metrics(environ, start_response)
 
         trace_id = None
-        if self.trace:
+        spans = None
+        if self.trace or self.tracing is not None:
             trace_id = parse_traceparent(environ.get("HTTP_TRACEPARENT"))
             if trace_id is None:
-                environ["HTTP_TRACEPARENT"], trace_id = new_traceparent(self.trace_sampled)
+                environ.pop("HTTP_TRACEPARENT", None)
                 # A tracestate belongs to the traceparent it came with.
                 environ.pop("HTTP_TRACESTATE", None)
             else:
@@ -394,8 +423,16 @@ class ObserveMiddleware:
                 if state is not None and (len(state) > _TRACESTATE_MAX
                                           or _CONTROL.search(state)):
                     del environ["HTTP_TRACESTATE"]
+            if self.tracing is not None:
+                # The server span, child of the caller's trace if any: its context is what
+                # goes on (upstream, in the log).
+                spans = self.tracing.start(environ, environ.get("REQUEST_METHOD", ""))
+                environ["HTTP_TRACEPARENT"], trace_id = spans.traceparent, spans.trace_id
+                environ[TRACE_KEY] = spans
+            elif trace_id is None:
+                environ["HTTP_TRACEPARENT"], trace_id = new_traceparent(self.trace_sampled)
             environ[TRACE_ID_KEY] = trace_id
-        return self._observe(environ, start_response, _Exchange(trace_id))
+        return self._observe(environ, start_response, _Exchange(trace_id, spans))
 
     def _observe(self, environ, start_response, exchange: _Exchange):
         def start_and_note(status, headers, exc_info=None):
@@ -423,12 +460,44 @@ class ObserveMiddleware:
         exchange.done = True
         duration = time.perf_counter() - exchange.start
         status = exchange.status or 500
+        cut = environ.get(CUT_KEY)
+        if cut:  # the server cut the connection at stop: say so, and what the client got
+            exchange.error = cut.get("reason") or "cut at stop"
+            if not cut.get("answered"):
+                status = exchange.status = 0  # no status line reached the client
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight.dec()
             self._record(metrics, environ, status, duration)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(self._access_record(environ, exchange, status, duration))
+        if exchange.spans is not None:
+            self._end_span(environ, exchange, status)
+
+    def _end_span(self, environ, exchange: _Exchange, status: int) -> None:
+        """The server span's attributes (never a header, a token or a claim but ``sub``)."""
+        claims = environ.get(_CLAIMS_KEY)
+        user = claims.get("sub") if isinstance(claims, dict) else None
+        decision = environ.get(_RATELIMIT_KEY)
+        attributes: dict[str, t.Any] = {
+            "http.request.method": environ.get("REQUEST_METHOD"),
+            "url.path": environ.get("PATH_INFO") or "/",
+            "url.scheme": environ.get("wsgi.url_scheme"),
+            "http.route": environ.get(_ROUTE_KEY),
+            "client.address": client_address(environ, self.trusted_proxies),
+            "gateway.request_id": environ.get(REQUEST_ID_KEY),
+            "gateway.auth.error": environ.get(AUTH_ERROR_KEY),
+            "gateway.authz.denied": environ.get(AUTHZ_DENIED_KEY),
+            "enduser.id": None if user is None else str(user),
+            "gateway.error": exchange.error,
+        }
+        if isinstance(decision, dict) and decision.get("rule") is not None:
+            attributes["gateway.ratelimit.rule"] = str(decision.get("rule"))
+            attributes["gateway.ratelimit.allowed"] = decision.get("allowed") is not False
+        try:
+            exchange.spans.finish(status, attributes)
+        except Exception:  # tracing never fails a request
+            log.debug("ending the server span failed", exc_info=True)
 
     def _record(self, metrics: _Metrics, environ, status: int, duration: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
@@ -506,6 +575,9 @@ class ObserveMiddleware:
         attempts = environ.get(UPSTREAM_ATTEMPTS_KEY)
         if attempts and len(attempts) > 1:
             fields["attempts"] = len(attempts)
+        auth_error = environ.get(AUTH_ERROR_KEY)
+        if auth_error:
+            fields["auth_error"] = auth_error  # why authentication refused (401/503)
         denied_by = environ.get(AUTHZ_DENIED_KEY)
         if denied_by:
             fields["authz_denied"] = denied_by  # the authorization rule that refused
@@ -514,6 +586,9 @@ class ObserveMiddleware:
         upstream_error = environ.get(UPSTREAM_ERROR_KEY)
         if upstream_error:
             fields["upstream_error"] = upstream_error
+        rejected = environ.get(UPSTREAM_REJECTED_KEY)
+        if rejected:
+            fields["upstream_rejected"] = rejected  # why the bulkhead refused it
         return AccessRecord(fields, self._as_json)
 
     # -- the metrics endpoint ------------------------------------------------------------------
@@ -609,6 +684,7 @@ _PARAMS = {
     "trace_sampled": as_bool,
     "namespace": as_str,
     "buckets": _floats,
+    "otel": as_bool,
 }
 
 

@@ -326,6 +326,11 @@ def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
         except ImportError:
             return options  # limits reports the missing package itself
         options["retry"] = retry.Retry(backoff.NoBackoff(), 0)
+        if variant == "sentinel":
+            # The sentinels are asked for the master at every new connection (that is how a
+            # failover is followed): a sentinel that hangs must not hang the request either.
+            options["sentinel_kwargs"] = {"socket_timeout": timeout,
+                                          "socket_connect_timeout": timeout}
         return options
     if family == "memcached":
         return {"connect_timeout": timeout, "timeout": timeout}
@@ -627,6 +632,12 @@ class RateLimitMiddleware:
                 reset_in = max(1, reset_in)
             counts.append(_Count(item, policy, remaining, reset_in))
         return allowed, counts
+
+    @property
+    def storage_failing(self) -> bool:
+        """The storage failed and has not answered since: requests apply ``on_error`` (read
+        by ``/health``, which then says degraded, or failing when ``on_error`` is closed)."""
+        return self._failing
 
     def _storage_turn(self) -> tuple[bool, bool]:
         """(may this request use the storage, is it the probe holding ``_probe``)."""

@@ -19,8 +19,10 @@ client :mod:`meetinity_gateway.proxy.client`):
   At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
   request body over ``max_body_size`` a JSON 413, a request over the upstream's
-  ``max_in_flight`` cap an immediate JSON 503 with ``Retry-After`` — responses, never
-  exceptions (every target ejected is no error: the pool then routes to all of them);
+  ``max_in_flight`` cap (counted until the response head arrives) that cannot wait for a
+  slot (``queue_size``, ``queue_timeout``: see :mod:`~meetinity_gateway.proxy.upstream`)
+  a JSON 503 with ``Retry-After`` (a retry never waits) — responses, never exceptions
+  (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
 
@@ -58,7 +60,8 @@ Use alone::
 :param replay_size: largest body of an idempotent request buffered so it can be retried.
 :param pool_options: passed to :class:`~meetinity_gateway.proxy.upstream.UpstreamPool`
     (``balance``, ``max_fails``, ``eject_time``, ``failure_statuses``, ``max_eject_percent``,
-    ``eject_recheck``, ``max_in_flight``, ``health_interval``, ``health_timeout``,
+    ``eject_recheck``, ``max_in_flight``, ``queue_size``, ``queue_timeout``,
+    ``health_interval``, ``health_timeout``,
     ``dns_interval``, ``resolver``, ``idle_timeout``).
 
 Security note: a retried request reaches a second target; that is why only idempotent
@@ -74,6 +77,7 @@ from urllib.parse import quote
 
 from meetinity_gateway.keys import (
     TARGET_KEY,
+    TRACE_KEY,
     UPSTREAM_ATTEMPTS_KEY,
     UPSTREAM_ERROR_KEY,
     UPSTREAM_KEY,
@@ -257,7 +261,7 @@ class _UpstreamBody:
         if response is None:
             return
         release(response)  # back to its pool only when read to its exact end, else closed
-        self._pool.done(self._target)
+        self._pool.done(self._target, holding=False)  # its slot was freed at the head
 
 
 class ProxyApp:
@@ -379,11 +383,15 @@ class ProxyApp:
         environ[UPSTREAM_LIMIT_KEY] = pool.max_in_flight
         try:
             target = pool.acquire()
-        except UpstreamBusy:
-            environ[UPSTREAM_REJECTED_KEY] = "max_in_flight"
+        except UpstreamBusy as exc:
+            environ[UPSTREAM_REJECTED_KEY] = exc.reason
             raise
+        spans = environ.get(TRACE_KEY)  # OpenTelemetry on: a client span per attempt
+        span = None
         while True:
             headers["Host"] = target.host_header
+            if spans is not None:
+                span = spans.attempt(headers, method, self.name, target.host_header, len(tried))
             sent = time.perf_counter()
             began = pool.clock()  # outcomes count toward the target state they started in
             try:
@@ -392,27 +400,32 @@ class ProxyApp:
                     chunked=size is None and body is not None,
                     connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
                 )
-            except GatewayError:
+            except GatewayError as exc:
                 # The client's body failed us (too large, cut short): not the target's fault.
+                if span is not None:
+                    spans.end_attempt(span, error=exc.message)
                 pool.done(target)
                 raise
             except (ConnectFailed, ConnectTimeout) as exc:
                 # No connection, so nothing was sent: safe to retry for any method.
-                _attempted(environ, target, sent, exc)
+                _attempted(environ, target, sent, exc, span=span)
                 pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started)
             except Exception as exc:
-                _attempted(environ, target, sent, exc)
+                _attempted(environ, target, sent, exc, span=span)
                 pool.record(target, False, since=began)
                 pool.done(target)
                 tried.append(target)
                 error = _failure(self.name, exc)
                 target = self._next(tried, started) if idempotent and replayable else None
             else:
-                _attempted(environ, target, sent)
+                _attempted(environ, target, sent, span=span, status=response.status)
+                # The upstream answered: its slot of the bulkhead is free (the body streams
+                # at the client's pace, which is the server's send timeout to bound).
+                pool.responded()
                 # Whether an answer counts against the target is the pool's policy.
                 pool.answered(target, response.status, since=began)
                 if response.status not in _FAILURE_STATUSES:
@@ -425,7 +438,7 @@ class ProxyApp:
                 if following is None:
                     return target, response, began
                 release(response)
-                pool.done(target)
+                pool.done(target, holding=False)
                 tried.append(target)
                 target = following
                 continue
@@ -437,7 +450,8 @@ class ProxyApp:
         if len(tried) > self.retries or time.monotonic() - started >= self.retry_budget:
             return None
         try:
-            return self.pool.acquire(tried)
+            # A retry never waits: it would hold a thread a second time for one request.
+            return self.pool.acquire(tried, wait=False)
         except UpstreamBusy:
             return None
 
@@ -480,14 +494,17 @@ def _short(exc: BaseException) -> str:
 
 
 def _attempted(environ: WSGIEnvironment, target: Target, sent: float,
-               exc: Exception | None = None) -> None:
-    """Note one attempt for the access log and metrics (:mod:`meetinity_gateway.keys`)."""
+               exc: Exception | None = None, *, span=None, status: int | None = None) -> None:
+    """Note one attempt for the access log and metrics (:mod:`meetinity_gateway.keys`), and
+    end its span (OpenTelemetry on)."""
     ms = (time.perf_counter() - sent) * 1000.0
     error = None if exc is None else _reason(exc)
     environ[TARGET_KEY] = target.host_header
     environ[UPSTREAM_MS_KEY] = ms
     environ[UPSTREAM_ERROR_KEY] = error
     environ.setdefault(UPSTREAM_ATTEMPTS_KEY, []).append((target.host_header, ms, error))
+    if span is not None:
+        environ[TRACE_KEY].end_attempt(span, status, error)
 
 
 def _note_failure(environ: WSGIEnvironment, exc: Exception) -> str:

@@ -44,13 +44,31 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
     With ``eject_recheck = 0`` it is re-admitted when its ejection time ends. A success of
     a real request (panic routing) re-admits at once.
 
-* **Concurrency cap (bulkhead).** With ``max_in_flight = N``, at most N requests are in
-  flight to the upstream (from :meth:`UpstreamPool.acquire` to :meth:`UpstreamPool.done`,
-  i.e. until the response body was sent); beyond that :meth:`~UpstreamPool.acquire` raises
-  :class:`UpstreamBusy` at once — a JSON 503 with ``Retry-After``, no queueing. Set it
-  below the server's thread count (see :func:`default_max_in_flight`), so that a service
-  that never answers cannot hold every thread: the others and ``/health/live`` keep
-  theirs. ``rejected`` counts the refusals.
+* **Concurrency cap (bulkhead) with a short queue.** With ``max_in_flight = N``, at most N
+  requests are *waiting on the upstream* (from :meth:`UpstreamPool.acquire` until its
+  response head arrived, :meth:`UpstreamPool.responded`, or the attempt failed). A response
+  body then streams outside the cap, at the client's pace: slow readers or long streams
+  (server-sent events) of a healthy service never take its slots (the server's send timeout
+  bounds slow readers; a body that stalls mid-way, its ``read_timeout``). A request over the cap
+  *waits* for a slot, first come first served, like Envoy's pending requests or nginx'
+  ``upstream queue``: at most ``queue_size`` wait, each at most ``queue_timeout`` seconds.
+  A burst against a service that answers is therefore queued for the milliseconds a slot
+  takes to free, and served. :class:`UpstreamBusy` (a JSON 503 with ``Retry-After``) is
+  raised, with its ``reason``, only when
+
+  - ``queue_full``: ``queue_size`` requests are waiting already;
+  - ``queue_timeout``: the request waited ``queue_timeout`` and no slot freed;
+  - ``stalled``: a request timed out waiting and no request to the upstream has finished
+    since. The upstream is not making progress (it hangs), so further requests are refused
+    at once instead of each waiting ``queue_timeout``: a hung service holds ``max_in_flight``
+    threads plus, once per stall, ``queue_size`` threads for ``queue_timeout``. The next
+    request that finishes (an answer, or a read timeout) ends the stall.
+
+  Waiters hold server threads too: set ``max_in_flight + queue_size`` to at most the
+  server's threads (see :func:`default_max_in_flight` and :func:`default_queue_size`), so
+  that a service that never answers holds at most ``max_in_flight`` threads for long, and
+  the others and ``/health/live`` keep theirs. ``rejected`` counts the refusals, and
+  ``rejected_by`` by reason.
 * **Active health.** With ``health_interval > 0`` the background thread sends
   ``GET <target><health_path>`` to every target at that interval; the results feed the same
   state (a 2xx re-admits an ejected target whose ejection time is over, anything else counts
@@ -72,8 +90,9 @@ Use alone::
     pool = UpstreamPool(parse_targets("http://a:5001 weight=2, http://b:5001"), name="users")
     target = pool.acquire()          # may raise UpstreamBusy
     began = pool.clock()
-    ...  # target.pool.request(...), then pool.answered(target, status, since=began)
-         # or pool.record(target, False, since=began); finally pool.done(target)
+    ...  # target.pool.request(...), then pool.responded() and
+         # pool.answered(target, status, since=began), at the end pool.done(target,
+         # holding=False); or pool.record(target, False, since=began), pool.done(target)
 
 :param specs: the targets (see :func:`parse_targets`).
 :param name: the upstream's name, for logs and errors.
@@ -88,6 +107,9 @@ Use alone::
 :param eject_recheck: seconds between active checks of a target whose ejection time is
     over, until it answers (0: re-admit without asking when the time is over).
 :param max_in_flight: requests in flight to this upstream at most (``None``: no cap).
+:param queue_size: requests that may wait for a slot when ``max_in_flight`` are in flight
+    (0: none, refused at once).
+:param queue_timeout: seconds a request waits for a slot before it is refused (0: no wait).
 :param health_interval: seconds between active ``GET /health`` rounds (0: off).
 :param health_path: the path probed on each target.
 :param health_timeout: seconds allowed to one probe.
@@ -133,6 +155,7 @@ __all__ = [
     "UpstreamBusy",
     "UpstreamPool",
     "default_max_in_flight",
+    "default_queue_size",
     "parse_failure_statuses",
     "parse_targets",
     "system_resolver",
@@ -149,15 +172,30 @@ _MIN_WAIT, _MAX_WAIT = 0.02, 30.0
 Resolver = t.Callable[[str, int], t.List[str]]
 
 
-class UpstreamBusy(ServiceUnavailable):
-    """The upstream already has ``max_in_flight`` requests in flight: 503 with
-    ``Retry-After``, answered at once (a bulkhead never queues)."""
+#: Why :meth:`UpstreamPool.acquire` refused: too many waiting, waited too long, or the
+#: upstream has finished nothing since a request timed out waiting (see the docstring).
+BUSY_REASONS = ("queue_full", "queue_timeout", "stalled")
 
-    def __init__(self, upstream: str, limit: int, retry_after: int = 1) -> None:
+
+class UpstreamBusy(ServiceUnavailable):
+    """The upstream is at its ``max_in_flight`` cap and the request could not wait for a
+    slot (``reason``, one of :data:`BUSY_REASONS`): 503 with ``Retry-After``."""
+
+    _WHY = {
+        "queue_full": "and {queue} requests waiting",
+        "queue_timeout": "and no slot freed within {timeout:g} s",
+        "stalled": "and none finished lately",
+    }
+
+    def __init__(self, upstream: str, limit: int, reason: str = "queue_full",
+                 retry_after: int = 1, *, queue: int = 0, timeout: float = 0.0) -> None:
+        why = self._WHY[reason].format(queue=queue, timeout=timeout)
         super().__init__(
-            f"upstream {upstream} is busy ({limit} requests in flight), try again later",
+            f"upstream {upstream} is busy ({limit} requests in flight {why}), "
+            "try again later",
             headers=[("Retry-After", str(retry_after))],
         )
+        self.reason = reason
         self.retry_after = retry_after
 
 
@@ -171,6 +209,15 @@ def default_max_in_flight(threads: int) -> int:
     if threads < 1:
         raise ValueError("threads must be at least 1")
     return max(1, threads - max(2, threads // 4))
+
+
+def default_queue_size(threads: int, max_in_flight: int | None) -> int:
+    """The default number of requests that may wait for a slot of one upstream: the threads
+    the cap leaves, ``threads - max_in_flight`` (at least 1), so that a burst against one
+    healthy upstream can use every thread (8 threads, cap 6 -> 2). 0 without a cap."""
+    if max_in_flight is None:
+        return 0
+    return max(1, threads - max_in_flight)
 
 
 def parse_failure_statuses(value: str | t.Iterable[int | str]) -> frozenset[int]:
@@ -333,6 +380,17 @@ class Target:
         return "ejected" if self.ejected else "healthy"
 
 
+class _Waiter:
+    """A request waiting for a slot: ``granted`` once a finishing request handed its slot
+    over, ``ready`` (on the pool's lock) signalled then."""
+
+    __slots__ = ("ready", "granted")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.ready = threading.Condition(lock)
+        self.granted = False
+
+
 # -- the pool --------------------------------------------------------------------------------
 
 class UpstreamPool:
@@ -350,6 +408,8 @@ class UpstreamPool:
         max_eject_percent: int = 50,
         eject_recheck: float = 1.0,
         max_in_flight: int | None = None,
+        queue_size: int = 0,
+        queue_timeout: float = 0.0,
         health_interval: float = 0.0,
         health_path: str = "/health",
         health_timeout: float = 2.0,
@@ -372,6 +432,8 @@ class UpstreamPool:
                 raise ValueError(f"{label} must be at least 1")
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1 (None: no cap)")
+        if queue_size < 0 or queue_timeout < 0:
+            raise ValueError("queue_size and queue_timeout must be 0 (no queue) or positive")
         if not 0 <= max_eject_percent <= 100:
             raise ValueError("max_eject_percent must be between 0 and 100")
         for label, value in (("eject_time", eject_time), ("idle_timeout", idle_timeout),
@@ -391,14 +453,17 @@ class UpstreamPool:
         self.max_eject_percent = max_eject_percent
         self.eject_recheck = eject_recheck
         self.max_in_flight = max_in_flight
+        self.queue_size = queue_size if queue_timeout > 0 else 0
+        self.queue_timeout = queue_timeout if queue_size > 0 else 0.0
         self.health_interval = health_interval
         self.health_path = health_path
         self.health_timeout = health_timeout
         self.dns_interval = dns_interval
         self.resolver = resolver or system_resolver
         self.clock = clock
-        #: Requests refused by the concurrency cap since the pool was made.
+        #: Requests refused by the concurrency cap since the pool was made, and by reason.
         self.rejected = 0
+        self.rejected_by: dict[str, int] = dict.fromkeys(BUSY_REASONS, 0)
         self._pool_kwargs = {
             "maxsize": pool_size,
             "idle_timeout": idle_timeout,
@@ -409,6 +474,9 @@ class UpstreamPool:
         self._lock = threading.Lock()
         self._rotation = 0
         self._in_flight = 0
+        #: Requests waiting for a slot, longest first.
+        self._queue: collections.deque[_Waiter] = collections.deque()
+        self._stalled = False  # a waiter timed out and nothing finished since
         self._panic = False
         self._stop = threading.Event()
         self._targets: tuple[Target, ...] = ()
@@ -430,8 +498,13 @@ class UpstreamPool:
 
     @property
     def in_flight(self) -> int:
-        """Requests acquired and not yet done."""
+        """Requests holding a slot: acquired, and neither answered nor done."""
         return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._queue)
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -472,17 +545,20 @@ class UpstreamPool:
 
     # -- choosing ------------------------------------------------------------------------------
 
-    def acquire(self, exclude: t.Container[Target] = ()) -> Target | None:
+    def acquire(self, exclude: t.Container[Target] = (), wait: bool = True) -> Target | None:
         """A target for one request attempt (counted in flight until :meth:`done`).
 
-        ``None`` when only ``exclude``\\ d targets are left. Raises :class:`UpstreamBusy`
-        when ``max_in_flight`` requests are in flight already; never because of ejections:
-        when every target is ejected, all of them are candidates (panic routing).
+        ``None`` when only ``exclude``\\ d targets are left. When ``max_in_flight`` requests
+        are in flight already, waits for a slot (unless ``wait`` is false) as the module
+        docstring says, or raises :class:`UpstreamBusy`; never refuses because of
+        ejections: when every target is ejected, all of them are candidates (panic routing).
         """
         with self._lock:
-            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
-                self.rejected += 1
-                raise UpstreamBusy(self.name, self.max_in_flight)
+            counted = False
+            if self.max_in_flight is not None and (
+                    self._in_flight >= self.max_in_flight or self._queue):
+                self._wait_for_slot(wait)
+                counted = True
             now = self.clock()
             targets = self._targets
             count = len(targets)
@@ -517,11 +593,14 @@ class UpstreamPool:
                 ):
                     best = target
             if best is None:
+                if counted:
+                    self._release()
                 return None
             if round_robin:
                 best.current -= total
             best.outstanding += 1
-            self._in_flight += 1
+            if not counted:
+                self._in_flight += 1
             return best
 
     def _out(self, target: Target, now: float) -> bool:
@@ -534,11 +613,49 @@ class UpstreamPool:
             return False
         return True
 
-    def done(self, target: Target) -> None:
-        """The request on ``target`` is over (its response body closed)."""
+    def _wait_for_slot(self, wait: bool) -> None:
+        """Wait (under the lock) until a finishing request hands its slot over, or raise
+        :class:`UpstreamBusy`. The slot comes already counted in flight."""
+        if not wait or self._stalled or len(self._queue) >= self.queue_size:
+            self._refuse("stalled" if self._stalled and wait else "queue_full")
+        waiter = _Waiter(self._lock)
+        self._queue.append(waiter)
+        if not waiter.ready.wait_for(lambda: waiter.granted, self.queue_timeout):
+            self._queue.remove(waiter)
+            self._stalled = True
+            self._refuse("queue_timeout")
+
+    def _refuse(self, reason: str) -> t.NoReturn:
+        self.rejected += 1
+        self.rejected_by[reason] += 1
+        raise UpstreamBusy(self.name, t.cast(int, self.max_in_flight), reason,
+                           queue=len(self._queue), timeout=self.queue_timeout)
+
+    def _release(self) -> None:
+        """A slot is free (under the lock): handed to the longest waiter, if any. Handing
+        it over (rather than freeing it) keeps a newcomer from taking it first, so a waiter
+        is never starved by the threads that keep finishing and coming back."""
+        self._stalled = False  # the upstream finished one: it is making progress
+        if self._queue:
+            waiter = self._queue.popleft()
+            waiter.granted = True
+            waiter.ready.notify()
+        else:
+            self._in_flight -= 1
+
+    def responded(self) -> None:
+        """An attempt got its response head: its slot is free (the caller passes
+        ``holding=False`` to :meth:`done` later)."""
+        with self._lock:
+            self._release()
+
+    def done(self, target: Target, holding: bool = True) -> None:
+        """The request on ``target`` is over (its response body closed, or it failed);
+        ``holding``: it still holds its slot (no :meth:`responded`)."""
         with self._lock:
             target.outstanding -= 1
-            self._in_flight -= 1
+            if holding:
+                self._release()
 
     # -- outcomes ------------------------------------------------------------------------------
 
@@ -735,6 +852,11 @@ class UpstreamPool:
                     row["ejections"] = target.ejections
                 rows.append(row)
             return rows
+
+    @property
+    def panic(self) -> bool:
+        """Every target is ejected and all of them get traffic anyway (panic routing)."""
+        return self._panic
 
     def close(self) -> None:
         """Stop the background thread and close every connection."""

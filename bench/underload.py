@@ -1,14 +1,14 @@
 """Profile the serving process UNDER LOAD: where a request's time goes while wrk drives it.
 
-``python bench/profile.py [--duration 6] [--threads 8] [--rounds 3] [--strace]
+``python bench/underload.py [--duration 6] [--threads 8] [--rounds 3] [--strace]
 [--variant NAME=SOURCE_TREE[,KEY=VALUE...]] [--throughput-only]``
 
 The in-process per-layer table (``bench/layers.py``) times one request at a time on one
 thread; under load the gateway costs several times more than it explains. This tool measures
 the real thing. It starts the upstream (nginx when installed, else ``bench/fastupstream.py``),
 the minimal stdlib pass-through on the hardened waitress (``bench/passthrough.py``) and the
-gateway on waitress with the shipped ``gateway.ini`` (rate budgets lifted, the bulkhead at
-the thread count as in ``bench/run.py``), then:
+gateway on waitress with the shipped ``gateway.ini`` (only the rate budgets lifted, as in
+``bench/run.py``; a run with non-2xx answers says so), then:
 
 1. **throughput**, interleaved: ``--rounds`` rounds of ``wrk -t1 -c16``, each round every
    server in turn (the order reversed every other round); the ratio gateway / pass-through is
