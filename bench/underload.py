@@ -418,9 +418,10 @@ def report(targets: list[Target], args, upstream_kind: str, load: str) -> str:
         perf = target.profile.get("perf")
         if not perf:
             continue
-        cpu = target.profile["cpu_us"]
+        # shares of the unsampled rounds' CPU (perf stat's tracepoints inflate its own run)
+        cpu = statistics.median(target.cpu) if target.cpu else target.profile["cpu_us"]
         lines.extend(["", f"perf record, {target.name}: CPU µs per request by object "
-                      "(share × CPU µs/request):", ""])
+                      "(share × CPU µs/request of the unsampled rounds):", ""])
         lines.append(", ".join(f"{name} {share * cpu / 100:.0f}" for name, share in perf["dso"]))
         lines.extend(["", "top symbols (µs/request):", ""])
         for name, share in perf["sym"][:18]:
