@@ -35,7 +35,7 @@ gateway on waitress with the shipped ``gateway.ini`` (only the rate budgets lift
 ``--variant`` adds gateways started from another source tree (prepended to ``PYTHONPATH``)
 and/or with other environment values, measured in the same interleaved rounds: the way to
 compare candidate fixes (``--throughput-only`` skips the samplers). Writes the report to
-``bench/results/profile-<time>.md`` and prints it. About 2 minutes on 2 cores.
+``bench/results/profile-<time>.md`` and prints it. About 3 minutes on 2 cores.
 """
 from __future__ import annotations
 
