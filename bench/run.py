@@ -84,8 +84,9 @@ class Services:
     def start(self, args, port, env=None, timeout: float = 20, **kw) -> subprocess.Popen:
         full_env = dict(os.environ)
         full_env.update(env or {})
-        process = subprocess.Popen(args, env=full_env, cwd=str(ROOT),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        kw.setdefault("cwd", str(ROOT))
+        process = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, **kw)
         self.processes.append(process)
         wait_port(port, process, timeout)
         return process
@@ -315,6 +316,20 @@ def start_rows(services: Services, server: str, upstream: str, threads: int,
     return urls
 
 
+def gateway_environment(secret: str, threads: int) -> dict[str, str]:
+    """The gateway's environment for the bench: ``gateway.ini`` as shipped, only the rate
+    budgets lifted (see :data:`SHIPPED_NOTE`), ``threads`` server threads."""
+    return {
+        "JWT_SECRET": secret, "CORS_ORIGINS": ORIGIN,
+        # Every rate limit applies, none triggers: one token, one address, many requests.
+        "RATE_LIMIT_DEFAULT": "100000000/minute", "RATE_LIMIT_AUTH": "100000000/minute",
+        "RATE_LIMIT_USERS": "100000000/minute",
+        "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+        "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(threads),
+        "GATEWAY_WORKERS": "1", "RELOAD": "false",
+    }
+
+
 def layer_costs(upstream: str, token: str, env: dict[str, str]) -> dict:
     full_env = dict(os.environ, **env)
     done = subprocess.run(
@@ -358,15 +373,7 @@ def main() -> int:
     token = jwt.encode({"sub": 42, "email": "ada@example.com", "iat": now,
                         "exp": now + 3600}, secret, algorithm="HS256")
     gateway_headers = {"Authorization": f"Bearer {token}", "Origin": ORIGIN}
-    gateway_env = {
-        "JWT_SECRET": secret, "CORS_ORIGINS": ORIGIN,
-        # Every rate limit applies, none triggers: one token, one address, many requests.
-        "RATE_LIMIT_DEFAULT": "100000000/minute", "RATE_LIMIT_AUTH": "100000000/minute",
-        "RATE_LIMIT_USERS": "100000000/minute",
-        "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
-        "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(args.threads),
-        "GATEWAY_WORKERS": "1", "RELOAD": "false",
-    }
+    gateway_env = gateway_environment(secret, args.threads)
     # Everything else is gateway.ini as shipped: bulkhead, queue, timeouts, ejection, retries.
     print(SHIPPED_NOTE, flush=True)
     rows: list[tuple[str, str, str, dict]] = []  # (server, kind, label, wrk result)
