@@ -294,7 +294,7 @@ def start_rows(services: Services, server: str, upstream: str, threads: int,
     """Start the three contenders on ``server``; their base URLs by kind."""
     py = sys.executable
     urls = {}
-    for client in ("urllib3", "stdlib"):
+    for client in ("urllib3", "stdlib") + (("werkzeug",) if server == "waitress" else ()):
         port = free_port()
         if server == "gunicorn":
             services.start(
@@ -416,6 +416,9 @@ def main() -> int:
             measure(server, "stdlib", f"minimal pass-through on {server}, stdlib http.client "
                     "(one kept-alive connection per thread)",
                     urls[server]["stdlib"] + "/users/42")
+            if "werkzeug" in urls[server]:
+                measure(server, "werkzeug", f"werkzeug ProxyMiddleware bare on {server} (a new "
+                        "upstream connection per request)", urls[server]["werkzeug"] + "/users/42")
             measure(server, "gateway", f"**gateway, full pipeline, {server}**",
                     urls[server]["gateway"] + SMALL_PATH, gateway_headers)
 
@@ -486,6 +489,11 @@ def main() -> int:
                      f"{ratios[server]:.2f} ({gateway:,.0f} / {stdlib:,.0f}; "
                      f"urllib3 pass-through: {gateway / pooled:.2f}) | "
                      f"{verdict(ratios[server] >= wanted) if wanted else ''} |")
+    werkzeug, gateway = rps("waitress", "werkzeug"), rps("waitress", "gateway")
+    if "waitress" in servers and werkzeug and gateway:
+        lines.append(f"| waitress: full pipeline ahead of werkzeug's bare ProxyMiddleware | "
+                     f"{gateway / werkzeug:.2f}× ({gateway:,.0f} / {werkzeug:,.0f}) | "
+                     f"{verdict(gateway > werkzeug)} |")
     added_p50 = gateway_fixed["p50"] - direct_fixed["p50"]
     added_p99 = gateway_fixed["p99"] - direct_fixed["p99"]
     lines.append(f"| added latency at {args.rate} req/s (waitress; quieter of 2 runs of 6 s "
