@@ -124,7 +124,8 @@ def make_werkzeug_app(upstream: str, pool_size: int):
     from werkzeug.exceptions import NotFound
     from werkzeug.middleware.http_proxy import ProxyMiddleware
 
-    return ProxyMiddleware(NotFound(), {"/": {"target": upstream, "remove_prefix": False}})
+    # Its prefixes are normalised to "/x/" ("/" would become "//"): the bench's one path.
+    return ProxyMiddleware(NotFound(), {"/users/": {"target": upstream}})
 
 
 MAKERS = {"urllib3": make_urllib3_app, "stdlib": make_stdlib_app,
