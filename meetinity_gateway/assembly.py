@@ -75,7 +75,7 @@ class Pipeline:
     layers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     #: 12 hex digits naming the ini file, .env and environment values it was built from.
     fingerprint: str | None = None
-    #: Its start-up line was logged (:func:`meetinity_gateway.server.announce`).
+    #: Its start-up line was logged (:func:`meetinity_gateway.serving.lifecycle.announce`).
     announced: bool = False
 
     @property

@@ -31,6 +31,8 @@ __all__ = [
     "ConfigError",
     "as_bool",
     "as_list",
+    "as_listen",
+    "as_non_negative_float",
     "as_non_negative_int",
     "as_positive_float",
     "as_positive_int",
@@ -42,6 +44,7 @@ __all__ = [
     "env_file",
     "expand",
     "load_env",
+    "parse_listen",
     "prepare",
     "refresh_env",
 ]
@@ -303,6 +306,12 @@ def as_positive_float(value: str) -> float:
     return number
 
 
+def as_non_negative_float(value: str) -> float:
+    if value.strip() in ("0", "0.0"):
+        return 0.0
+    return as_positive_float(value)
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
@@ -314,6 +323,34 @@ def as_size(value: str) -> int:
         raise ValueError("expected a size in bytes, e.g. 10485760, 512k, 10M or 1G")
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _UNITS[unit]
+
+
+def parse_listen(value: str) -> list[tuple[str, int]]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6), several separated by spaces; port 1-65535.
+
+    Raises ``ValueError`` with a one-line reason (waitress itself would take port 99999 as
+    "any free port" or print a traceback).
+    """
+    out = []
+    for item in value.split():
+        if item.startswith("["):
+            host, sep, port = item[1:].partition("]:")
+        else:
+            host, sep, port = item.rpartition(":")
+        if not sep or not host or ":" in host and not item.startswith("["):
+            raise ValueError(f"expected HOST:PORT (or [IPv6]:PORT), got {item!r}")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"port must be a number from 1 to 65535, got {port!r}")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("expected HOST:PORT")
+    return out
+
+
+def as_listen(value: str) -> str:
+    """One or more ``HOST:PORT`` (see :func:`parse_listen`), spaces normalised."""
+    parse_listen(value)
+    return " ".join(value.split())
 
 
 # -- tables -----------------------------------------------------------------------------
