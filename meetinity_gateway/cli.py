@@ -23,11 +23,9 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.assembly import upstream_list
 from meetinity_gateway.reload import install_sighup, serving_app
+from meetinity_gateway.settings import DEFAULT_LISTEN, DEFAULT_THREADS
 
 log = logging.getLogger("meetinity_gateway")
-
-DEFAULT_LISTEN = "127.0.0.1:8080"
-DEFAULT_THREADS = 8
 
 
 def _setup_logging() -> None:

@@ -34,6 +34,8 @@ __all__ = [
     "as_listen",
     "as_non_negative_float",
     "as_non_negative_int",
+    "as_optional_list",
+    "as_optional_str",
     "as_positive_float",
     "as_positive_int",
     "as_size",
@@ -47,6 +49,7 @@ __all__ = [
     "parse_listen",
     "prepare",
     "refresh_env",
+    "split_named",
 ]
 
 Caster = t.Callable[[str], t.Any]
@@ -270,9 +273,19 @@ def as_bool(value: str) -> bool:
     raise ValueError("expected a boolean (true/false, yes/no, on/off, 1/0)")
 
 
+def as_optional_str(value: str) -> str | None:
+    """Empty means "not set": ``None``."""
+    return value.strip() or None
+
+
 def as_list(value: str) -> list[str]:
     """Comma- or newline-separated items, blanks dropped."""
     return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+
+
+def as_optional_list(value: str) -> list[str] | None:
+    """:func:`as_list`, where empty means "not set": ``None``."""
+    return as_list(value) or None
 
 
 def _as_int(value: str) -> int:
@@ -296,20 +309,28 @@ def as_non_negative_int(value: str) -> int:
     return number
 
 
-def as_positive_float(value: str) -> float:
+def _as_float(value: str) -> float:
     try:
         number = float(value.strip())
     except ValueError:
         raise ValueError("expected a number") from None
+    return number
+
+
+def as_positive_float(value: str) -> float:
+    """A number above 0 (seconds, most often)."""
+    number = _as_float(value)
     if not (number > 0 and math.isfinite(number)):
         raise ValueError("expected a positive number")
     return number
 
 
 def as_non_negative_float(value: str) -> float:
-    if value.strip() in ("0", "0.0"):
-        return 0.0
-    return as_positive_float(value)
+    """A number of at least 0 (seconds where 0 means "none" or "at once")."""
+    number = _as_float(value)
+    if not (number >= 0 and math.isfinite(number)):
+        raise ValueError("expected a number of at least 0")
+    return number
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -398,3 +419,23 @@ def cast_settings(
                 str(exc) or "bad value", file=file, section=section, key=key, value=value
             ) from None
     return kwargs
+
+
+def split_named(
+    values: t.Mapping[str, str], *kinds: str
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Keys named ``KIND.NAME`` (``route.api``, ``rule.admin``) apart from the settings.
+
+    Returns ``({kind: {NAME: value}}, rest)`` for each of ``kinds``, in the file's order;
+    ``rest`` keeps every other key (``rule.`` without a name too) for the settings table,
+    where a stray one is an unknown key.
+    """
+    named: dict[str, dict[str, str]] = {kind: {} for kind in kinds}
+    rest: dict[str, str] = {}
+    for key, value in values.items():
+        kind, _, name = key.partition(".")
+        if name and kind in named:
+            named[kind][name] = value
+        else:
+            rest[key] = value
+    return named, rest

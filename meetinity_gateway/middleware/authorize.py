@@ -77,7 +77,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
-from meetinity_gateway.config import ConfigError, as_list, as_str, prepare
+from meetinity_gateway.config import ConfigError, as_list, as_str, prepare, split_named
 from meetinity_gateway.keys import AUTHZ_DENIED_KEY, CLAIMS_KEY
 from meetinity_gateway.pathrules import PathTemplate, build_map, parse_path
 from meetinity_gateway.preflight import METHOD_OVERRIDE_KEYS
@@ -368,14 +368,11 @@ def filter_factory(global_conf, **local_conf):
     file, the key and the value.
     """
     file = global_conf.get("__file__")
-    values = prepare(local_conf, global_conf)
-    rules: dict[str, str] = {}
+    named, values = split_named(prepare(local_conf, global_conf), "rule")
+    rules = named["rule"]
     kwargs: dict[str, t.Any] = {}
     for key, value in values.items():
-        kind, _, name = key.partition(".")
-        if kind == "rule" and name:
-            rules[name] = value
-        elif key in _PARAMS:
+        if key in _PARAMS:
             kwargs[key] = _PARAMS[key](value)
         else:
             known = ", ".join(sorted(_PARAMS) + ["rule.NAME"])
