@@ -11,7 +11,11 @@ One idea per module below this façade:
 * :mod:`meetinity_gateway.serving.launchers` — granian and gunicorn worker processes and what
   several workers share.
 
-A new server is a launcher there and one branch in :func:`serve`.
+A new server is a launcher there and one branch in :func:`serve`. Embedding::
+
+    from meetinity_gateway.server import create_server, run
+    server = create_server(app, listen="127.0.0.1:8080", threads=8)
+    run(server, drain_seconds=20)
 """
 from __future__ import annotations
 
@@ -20,17 +24,35 @@ import os
 import typing as t
 from pathlib import Path
 
-from meetinity_gateway.config import ConfigError
-from meetinity_gateway.serving.hardened import build
+from meetinity_gateway.config import ConfigError, parse_listen
+from meetinity_gateway.serving.hardened import build, create_server
 from meetinity_gateway.serving.launchers import (
     bind_strings,
     check_bind,
     check_shared_state,
+    gunicorn_options,
+    mark_worker_dead,
+    prepare_metrics_directory,
     serve_granian,
     serve_gunicorn,
 )
-from meetinity_gateway.serving.lifecycle import announce, listening_on, run
-from meetinity_gateway.settings import max_body_size_of, refuse_waitress_workers, server_settings
+from meetinity_gateway.serving.lifecycle import announce, listening_on, run, stop
+from meetinity_gateway.settings import (
+    DEFAULTS,
+    SETTINGS,
+    max_body_size_of,
+    read_settings,
+    refuse_waitress_workers,
+    server_settings,
+)
+
+# serve and serve_paste, and the names this module had before it was split, for embedders and
+# operators' own gunicorn.conf.py files (the gateway itself imports them from where they live).
+__all__ = [
+    "DEFAULTS", "SETTINGS", "announce", "create_server", "gunicorn_options", "mark_worker_dead",
+    "parse_listen", "prepare_metrics_directory", "read_settings", "run", "serve", "serve_paste",
+    "server_settings", "stop",
+]
 
 
 def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -> int:

@@ -134,6 +134,7 @@ def read_settings(config, **overrides) -> dict[str, t.Any]:
 
 
 def refuse_waitress_workers(settings: t.Mapping[str, t.Any], file: str | None) -> None:
+    """waitress is one process: several workers under it are a ConfigError naming them."""
     if settings.get("server", "waitress") == "waitress" and settings["workers"] > 1:
         raise ConfigError("waitress serves from one process (threads = its concurrency): "
                           "use --server gunicorn or granian for several worker processes",

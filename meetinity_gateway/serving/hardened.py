@@ -39,8 +39,9 @@ server's ``channel_class`` — so nothing of waitress is forked:
 * **Streaming**: each piece the application yields is sent at once (waitress 3's
   ``send_bytes`` is 1), so server-sent events reach the client as they are written
   (``tests/test_server_smoke.py`` checks it under every server).
-Stopping (signals, drain) is :mod:`meetinity_gateway.serving.lifecycle`'s; the settings
-are :mod:`meetinity_gateway.settings`'.
+
+Stopping (signals, drain) is :mod:`meetinity_gateway.serving.lifecycle`'s; the settings and
+their defaults are :mod:`meetinity_gateway.settings`'.
 
 Embedding::
 
