@@ -391,7 +391,7 @@ def test_gateway_default_any_origin_and_preflight_never_reaches_upstream(gateway
         assert "x-client-platform" in answer.headers["Access-Control-Allow-Headers"]
         assert upstream.requests == []
         # The actual request: the request id is exposed, the upstream's CORS header dropped.
-        answer = http.get(gateway.url + "/api/users/hop",
+        answer = http.get(gateway.url + "/api/users/42/hop",
                           headers={"Origin": "https://any.example", **auth_headers()})
         assert answer.status_code == 200
         assert answer.headers["Access-Control-Allow-Origin"] == "*"
@@ -407,7 +407,7 @@ def test_gateway_errors_carry_cors_headers_for_an_allowed_origin(gateway_factory
     down = gateway_factory(CORS_ORIGINS=APP, USER_SERVICE_URL=dead)
     auth_in_pipeline = "auth" in _pipeline_names()
     cases = [
-        (gateway.url + "/api/nothing-here", {}, 404),
+        (gateway.url + "/api/nothing-here", auth_headers(), 404),  # deny by default
         (gateway.url + "/api/users/slow?seconds=2", auth_headers(), 504),
         (down.url + "/api/auth/login", {}, 502),
     ]

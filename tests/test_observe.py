@@ -42,6 +42,7 @@ from tests.test_errors import late_boom_app
 from tests.servers import (
     GatewayProcess,
     WaitressServer,
+    auth_headers,
     free_port,
     make_token,
     session,
@@ -629,13 +630,13 @@ use = call:tests.test_observe:boom_factory
     client.headers["Cookie"] = cookie
     bearer = {"Authorization": f"Bearer {token}"}
     calls = [
-        (gateway.url + f"/api/users/7?access_token={query_secret}", bearer, 200),
-        (gateway.url + "/api/users/7", {"Authorization": f"Bearer {bad_token}"}, 401),
-        (gateway.url + "/nope", {}, 404),
+        (gateway.url + f"/api/users/42?access_token={query_secret}", bearer, 200),
+        (gateway.url + "/api/users/42", {"Authorization": f"Bearer {bad_token}"}, 401),
+        (gateway.url + "/nope", bearer, 404),
         (gateway.url + "/api/auth/status?code=500", {}, 500),
         (gateway.url + "/api/auth/slow?seconds=2", {}, 504),
         (gateway.url + "/api/auth/login", bearer, 429),
-        (down.url + f"/api/profile/me?access_token={query_secret}", bearer, 502),
+        (down.url + f"/api/users/42/me?access_token={query_secret}", bearer, 502),
     ]
     request_ids = []
     with WaitressServer(load_app(edge_ini)) as edge:
@@ -657,7 +658,7 @@ use = call:tests.test_observe:boom_factory
     ok, unauthorized, missing, failed, timeout, limited, down_, edge_ = records
     assert (ok["route"], ok["upstream"], ok["target"], ok["user"]) == (
         "users", "user_service", f"127.0.0.1:{upstream.port}", "42")
-    assert ok["upstream_ms"] > 0 and ok["path"] == "/api/users/7"
+    assert ok["upstream_ms"] > 0 and ok["path"] == "/api/users/42"
     assert unauthorized["user"] is None and unauthorized["upstream"] is None
     # A 401 says why (a fixed text, never the token); the others have no such field.
     assert unauthorized["auth_error"] == "malformed token", unauthorized
@@ -695,12 +696,12 @@ def test_metrics_after_known_traffic(gateway_factory, upstream, log_lines):
     client = session()
     bearer = {"Authorization": f"Bearer {make_token()}"}
     for _ in range(3):
-        assert client.get(gateway.url + "/api/users/1", headers=bearer).status_code == 200
+        assert client.get(gateway.url + "/api/users/42", headers=bearer).status_code == 200
     for _ in range(2):
         assert client.get(gateway.url + "/api/users/1").status_code == 401
     assert client.get(gateway.url + "/api/users/1",
                       headers={"Authorization": "Bearer a.b.c"}).status_code == 401
-    assert client.delete(gateway.url + "/nope").status_code == 404
+    assert client.delete(gateway.url + "/nope", headers=bearer).status_code == 404
     assert client.get(gateway.url + "/api/auth/x").status_code == 200
     assert client.get(gateway.url + "/api/auth/x").status_code == 429
 
@@ -746,7 +747,8 @@ def test_upstream_failures_counted_by_reason(gateway_factory, upstream, log_line
 def test_metrics_not_rate_limited_and_refused_outside_the_allow_list(gateway_factory):
     gateway = gateway_factory(RATE_LIMIT_DEFAULT="1/hour", RATELIMIT_STRATEGY="moving-window")
     client = session()
-    assert client.get(gateway.url + "/nope").status_code == 404
+    # Counted before auth: the unknown path's 401 (deny by default) uses the budget.
+    assert client.get(gateway.url + "/nope").status_code == 401
     assert client.get(gateway.url + "/nope").status_code == 429
     for _ in range(3):
         scrape(gateway.url)
@@ -779,7 +781,7 @@ def test_trace_context_started_and_propagated(gateway, upstream, log_lines):
 def test_text_log_format_from_the_environment(gateway_factory, caplog):
     caplog.set_level(logging.INFO, logger="meetinity_gateway.access")
     gateway = gateway_factory(LOG_FORMAT="text")
-    session().get(gateway.url + "/nope")
+    session().get(gateway.url + "/nope", headers=auth_headers())
 
     def messages():
         return [r.getMessage() for r in caplog.records if r.name == "meetinity_gateway.access"]

@@ -436,7 +436,7 @@ def test_connection_cannot_strip_what_the_gateway_adds(gateway, upstream, connec
                ("Traceparent", trace), ("Tracestate", "vendor=1"), ("X-Client-Hop", "bye"),
                ("X-User-ID", "999")]
     headers += [("Connection", value) for value in connection]
-    _raw_to_upstream(gateway, "/api/users/7", headers)
+    _raw_to_upstream(gateway, "/api/users/42", headers)
     [(_, _, seen)] = upstream.requests
     got = {}
     for name, value in seen:
