@@ -33,12 +33,14 @@ from pathlib import Path
 from meetinity_gateway.config import (
     ConfigError,
     as_list,
+    as_non_negative_float,
     as_non_negative_int,
     as_positive_float,
     as_positive_int,
     as_size,
     config_fingerprint,
     prepare,
+    split_named,
 )
 from meetinity_gateway.health import HealthApp, LiveApp
 from meetinity_gateway.logs import redact_uri
@@ -52,6 +54,7 @@ from meetinity_gateway.proxy.upstream import (
     parse_failure_statuses,
 )
 from meetinity_gateway.routing import Route, Router, parse_route
+from meetinity_gateway.settings import DEFAULT_THREADS
 from meetinity_gateway.shared import shared
 from meetinity_gateway.status import StatusApp
 from meetinity_gateway.transform import apply_transforms
@@ -75,7 +78,7 @@ class Pipeline:
     layers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     #: 12 hex digits naming the ini file, .env and environment values it was built from.
     fingerprint: str | None = None
-    #: Its start-up line was logged (:func:`meetinity_gateway.server.announce`).
+    #: Its start-up line was logged (:func:`meetinity_gateway.serving.lifecycle.announce`).
     announced: bool = False
 
     @property
@@ -98,10 +101,10 @@ def _as_balance(value: str) -> str:
 
 
 def _as_seconds_or_off(value: str) -> float:
-    """``0`` (off) or a positive number of seconds."""
-    if value.strip() in ("0", "0.0", "off", ""):
+    """``0`` or ``off`` (off), or a number of seconds."""
+    if value.strip().lower() in ("off", ""):
         return 0.0
-    return as_positive_float(value)
+    return as_non_negative_float(value)
 
 
 def _as_percent(value: str) -> int:
@@ -130,9 +133,6 @@ def _as_queue_size(value: str) -> int | str:
 
 #: Seconds a request over an upstream's cap waits for a slot when the ini does not say.
 DEFAULT_QUEUE_TIMEOUT = 0.5
-
-#: The server's worker threads when the ini does not say (``meetinity-gateway serve``'s).
-_DEFAULT_THREADS = 8
 
 _APP_PARAMS = {
     "connect_timeout": as_positive_float,
@@ -257,22 +257,14 @@ def app_factory(global_conf, **local_conf):
     def error(message, key):
         return ConfigError(message, file=file, key=key, value=values.get(key))
 
-    upstream_urls: dict[str, str] = {}
-    route_specs: dict[str, str] = {}
-    policy_specs: dict[str, str] = {}
-    transform_specs: dict[str, str] = {}  # transform.NAME: header rules (transform.py)
+    named, rest = split_named(values, "upstream", "route", "policy", "transform")
+    upstream_urls = {name: url.strip() for name, url in named["upstream"].items()}
+    route_specs = named["route"]
+    policy_specs = named["policy"]
+    transform_specs = named["transform"]  # header rules (transform.py)
     settings: dict[str, t.Any] = {}
-    for key, value in values.items():
-        kind, _, name = key.partition(".")
-        if kind == "upstream" and name:
-            upstream_urls[name] = value.strip()
-        elif kind == "route" and name:
-            route_specs[name] = value
-        elif kind == "policy" and name:
-            policy_specs[name] = value
-        elif kind == "transform" and name:
-            transform_specs[name] = value
-        elif key in _APP_PARAMS:
+    for key, value in rest.items():
+        if key in _APP_PARAMS:
             try:
                 settings[key] = _APP_PARAMS[key](value)
             except ValueError as exc:
@@ -286,7 +278,7 @@ def app_factory(global_conf, **local_conf):
     # The bulkhead: by default each upstream may hold all threads but a few (see
     # default_max_in_flight), so one slow service cannot starve the others or /health/live;
     # a burst over it waits briefly in a queue as long as the few threads left.
-    threads = settings.pop("server_threads", _DEFAULT_THREADS)
+    threads = settings.pop("server_threads", DEFAULT_THREADS)  # the server's
     if settings.get("max_in_flight", "auto") == "auto":
         settings["max_in_flight"] = default_max_in_flight(threads)
     if settings.get("queue_size", "auto") == "auto":

@@ -23,11 +23,9 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.assembly import upstream_list
 from meetinity_gateway.reload import install_sighup, serving_app
+from meetinity_gateway.settings import DEFAULT_LISTEN, DEFAULT_THREADS
 
 log = logging.getLogger("meetinity_gateway")
-
-DEFAULT_LISTEN = "127.0.0.1:8080"
-DEFAULT_THREADS = 8
 
 
 def _setup_logging() -> None:
@@ -95,8 +93,8 @@ def cmd_routes(args) -> int:
 
 
 def create_server(app, **kw):
-    """Moved to :func:`meetinity_gateway.server.create_server`; kept here for callers."""
-    from meetinity_gateway.server import create_server as create
+    """Moved to :func:`meetinity_gateway.serving.hardened.create_server`; kept for callers."""
+    from meetinity_gateway.serving.hardened import create_server as create
 
     return create(app, **kw)
 
@@ -182,15 +180,17 @@ def cmd_init(args) -> int:
 
 def cmd_serve(args) -> int:
     from meetinity_gateway import server as serving
+    from meetinity_gateway.serving.launchers import prepare_metrics_directory
+    from meetinity_gateway.settings import read_settings
 
-    settings = serving.read_settings(args.config, listen=args.listen, threads=args.threads,
-                                     server=args.server, workers=args.workers)
+    settings = read_settings(args.config, listen=args.listen, threads=args.threads,
+                             server=args.server, workers=args.workers)
     # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
     # Several workers: one /metrics for all (before the pipeline imports prometheus-client).
-    cleanup = serving.prepare_metrics_directory(settings)
+    cleanup = prepare_metrics_directory(settings)
     try:
         return _serve(args, serving, settings)
     finally:

@@ -397,6 +397,14 @@ def test_filter_factory_rejects_bad_settings_at_start(conf, key):
     assert "gateway.ini" in str(info.value)
 
 
+def test_a_rule_needing_an_unset_variable_names_its_key_and_file(monkeypatch):
+    monkeypatch.delenv("RATE_LIMIT_NOT_SET", raising=False)
+    with pytest.raises(ConfigError) as info:
+        filter_factory({"__file__": "gateway.ini"}, **{"rule.auth": "${RATE_LIMIT_NOT_SET}"})
+    assert info.value.key == "rule.auth"
+    assert "gateway.ini" in str(info.value) and "RATE_LIMIT_NOT_SET" in str(info.value)
+
+
 def test_filter_factory_builds_a_working_middleware():
     make = filter_factory({}, **{"rule.auth": "POST /api/auth 1/minute; 5/hour",
                                  "default": "off", "strategy": "moving-window",

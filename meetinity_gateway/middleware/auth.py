@@ -123,7 +123,17 @@ import jwt
 from werkzeug.exceptions import HTTPException
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
-from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
+from meetinity_gateway.config import (
+    ConfigError,
+    as_bool,
+    as_list,
+    as_non_negative_float,
+    as_optional_list,
+    as_optional_str,
+    as_positive_float,
+    as_str,
+    cast_settings,
+)
 from meetinity_gateway.http11 import is_token
 from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
 from meetinity_gateway.pathrules import build_map, parse_path
@@ -714,31 +724,6 @@ _REASONS = (
 
 # -- ini ------------------------------------------------------------------------------------
 
-def _optional_str(value: str) -> str | None:
-    return value.strip() or None
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not (number >= 0 and math.isfinite(number)):
-        raise ValueError("expected a number of seconds of at least 0")
-    return number
-
-
-def _positive_seconds(value: str) -> float:
-    number = _seconds(value)
-    if number <= 0:
-        raise ValueError("expected a positive number of seconds")
-    return number
-
-
-def _optional_list(value: str) -> list[str] | None:
-    return as_list(value) or None
-
-
 def _claim_headers(value: str) -> dict[str, str]:
     """``sub=X-User-ID, email=X-User-Email`` → ``{"sub": "X-User-ID", …}``."""
     mapping = {}
@@ -756,13 +741,13 @@ _PARAMS = {
     "public": as_list,
     "secret": as_str,
     "algorithms": as_list,
-    "jwks_url": _optional_str,
-    "jwks_ttl": _positive_seconds,
-    "jwks_cooldown": _seconds,
-    "jwks_timeout": _positive_seconds,
-    "issuer": _optional_str,
-    "audience": _optional_list,
-    "leeway": _seconds,
+    "jwks_url": as_optional_str,
+    "jwks_ttl": as_positive_float,
+    "jwks_cooldown": as_non_negative_float,
+    "jwks_timeout": as_positive_float,
+    "issuer": as_optional_str,
+    "audience": as_optional_list,
+    "leeway": as_non_negative_float,
     # Not "require": PasteDeploy reads that key as a distribution to install.
     "required_claims": as_list,
     "identity_headers": _claim_headers,

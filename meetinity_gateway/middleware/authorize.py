@@ -97,7 +97,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
-from meetinity_gateway.config import ConfigError, as_list, as_size, as_str, prepare
+from meetinity_gateway.config import ConfigError, as_list, as_size, as_str, prepare, split_named
 from meetinity_gateway.jsonbody import (
     BodyError,
     UnsupportedMediaType,
@@ -747,17 +747,12 @@ def filter_factory(global_conf, **local_conf):
     file, the key and the value.
     """
     file = global_conf.get("__file__")
-    values = prepare(local_conf, global_conf)
-    rules: dict[str, str] = {}
-    fields: dict[str, str] = {}
+    named, values = split_named(prepare(local_conf, global_conf), "rule", "fields")
+    rules = named["rule"]
+    fields = named["fields"]
     kwargs: dict[str, t.Any] = {"fields": fields}
     for key, value in values.items():
-        kind, _, name = key.partition(".")
-        if kind == "rule" and name:
-            rules[name] = value
-        elif kind == "fields" and name:
-            fields[name] = value
-        elif key in _PARAMS:
+        if key in _PARAMS:
             try:
                 kwargs[key] = _PARAMS[key](value)
             except ValueError as exc:

@@ -93,6 +93,7 @@ from meetinity_gateway.config import (
     as_bool,
     as_list,
     as_non_negative_int,
+    as_optional_list,
     cast_settings,
 )
 from meetinity_gateway.http11 import is_token
@@ -433,17 +434,11 @@ class CorsMiddleware:
         return self.app(environ, start_with_cors)
 
 
-def _as_optional_list(value: str) -> list[str] | None:
-    """Empty → ``None`` (echo the requested headers); else a list."""
-    items = as_list(value)
-    return items or None
-
-
 _PARAMS = {
     "origins": as_list,
     "allow_credentials": as_bool,
     "allow_methods": as_list,
-    "allow_headers": _as_optional_list,
+    "allow_headers": as_optional_list,  # empty: echo the requested headers
     "expose_headers": as_list,
     "max_age": as_non_negative_int,
 }

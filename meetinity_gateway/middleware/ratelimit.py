@@ -144,11 +144,13 @@ from meetinity_gateway.config import (
     ConfigError,
     as_bool,
     as_non_negative_int,
+    as_optional_str,
     as_positive_float,
     as_positive_int,
     as_str,
     cast_settings,
-    prepare,
+    expand,
+    split_named,
 )
 from meetinity_gateway.logs import redact_uri as redact
 from meetinity_gateway.net import client_address
@@ -769,7 +771,7 @@ _PARAMS = {
     "warn_interval": as_positive_float,
     "trusted_proxies": as_non_negative_int,
     "key": as_str,
-    "key_header": lambda value: value.strip() or None,
+    "key_header": as_optional_str,
     "namespace": as_str,
     "processes": as_positive_int,
     "legacy_headers": as_bool,
@@ -782,16 +784,20 @@ def filter_factory(global_conf, **local_conf):
     Keys: ``rule.NAME = [METHODS] PREFIX LIMITS`` and the settings in ``_PARAMS``.
     """
     file = global_conf.get("__file__")
-    rule_conf = {k: v for k, v in local_conf.items() if k.startswith("rule.")}
-    settings = {k: v for k, v in local_conf.items() if k not in rule_conf}
+    named, settings = split_named(local_conf, "rule")
     table = dict(_PARAMS)
     table["rule.NAME"] = as_str  # only so the "known keys" list mentions it
     kwargs = cast_settings(settings, table, global_conf)
     kwargs.pop("rule.NAME", None)
     rules: list[Rule] = []
-    for key, spec in prepare(rule_conf, global_conf).items():
+    for name, spec in named["rule"].items():
+        key = f"rule.{name}"
         try:
-            rules.append(parse_rule(key[len("rule."):], spec))
+            spec = expand(spec, key=key)
+        except ConfigError as exc:
+            raise exc.locate(file=file) from None
+        try:
+            rules.append(parse_rule(name, spec))
         except ValueError as exc:
             raise ConfigError(str(exc), file=file, key=key, value=spec) from None
     kwargs["rules"] = rules
