@@ -58,7 +58,6 @@ class KeysUnavailable(GatewayError):
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(headers=[("Retry-After", str(retry_after))])
-        self.retry_after = retry_after
 
 
 class JwksKey(t.NamedTuple):

@@ -510,7 +510,7 @@ class AuthMiddleware:
         # The token names its algorithm; only the configured list decides what is accepted.
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise self._unauthorized("algorithm not allowed")
-        key = self._key_for(alg, header.get("kid"), header)
+        key = self._key_for(alg, header.get("kid"))
 
         try:
             claims = jwt.decode(
@@ -532,15 +532,12 @@ class AuthMiddleware:
         self._verified.put(token, claims, alg, header.get("kid"), key)
         return claims
 
-    def _key_for(self, alg: str, kid: t.Any, header: dict[str, t.Any] | None = None) -> t.Any:
+    def _key_for(self, alg: str, kid: t.Any) -> t.Any:
         if alg in HMAC_ALGORITHMS:
             return self._secret
-        return self._public_key(alg, header if header is not None else {"kid": kid})
-
-    def _public_key(self, alg: str, header: dict[str, t.Any]) -> t.Any:
         assert self.jwks is not None  # __init__ guarantees it for asymmetric algorithms
         try:
-            return self.jwks.signing_key(alg, header.get("kid"))
+            return self.jwks.signing_key(alg, kid)
         except KeyRefused as refused:
             raise self._unauthorized(str(refused)) from None
 
