@@ -301,9 +301,9 @@ def test_counters_keep_their_storage_names(strategy):
 def test_memory_storage_calls_no_exception_wrappers_yet_counts():
     """The memory storage's methods run unwrapped (limits re-wraps them per subclass), and the
     budget still holds under concurrent requests."""
-    from meetinity_gateway.ratestore import SweptMemoryStorage
+    from meetinity_gateway.ratestore import SweptMemoryStorage as _SweptMemoryStorage
 
-    storage = SweptMemoryStorage("memory://")
+    storage = _SweptMemoryStorage("memory://")
     for name in ("get", "incr", "acquire_sliding_window_entry", "get_sliding_window",
                  "acquire_entry", "get_moving_window"):
         assert not hasattr(getattr(type(storage), name), "__wrapped__"), name
@@ -591,19 +591,19 @@ def test_redis_keys_are_namespaced_and_expire(redis_server, gateway_factory):
 
 
 def test_memory_storage_sweeps_once_a_second_with_limits_private_hook():
-    # SweptMemoryStorage replaces limits' private expiry scheduler: if limits renames it,
+    # _SweptMemoryStorage replaces limits' private expiry scheduler: if limits renames it,
     # this fails instead of the gateway silently starting a thread every 10 ms again.
     from limits.storage import MemoryStorage
 
-    from meetinity_gateway.ratestore import SweptMemoryStorage
+    from meetinity_gateway.ratestore import SweptMemoryStorage as _SweptMemoryStorage
 
     assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
     assert hasattr(MemoryStorage, "_MemoryStorage__expire_events")
-    storage = SweptMemoryStorage("memory://")
+    storage = _SweptMemoryStorage("memory://")
     storage.timer.join(1)  # limits' own first sweep, started by its constructor
     storage.incr("k", expiry=0.05)
     assert storage.timer.daemon and storage.timer.interval == 1.0
     time.sleep(0.1)
     assert storage.get("k") == 0  # expired on read, before any sweep
     middleware = RateLimitMiddleware(lambda e, s: [], rules=[])
-    assert isinstance(middleware.limiter.storage, SweptMemoryStorage)
+    assert isinstance(middleware.limiter.storage, _SweptMemoryStorage)
