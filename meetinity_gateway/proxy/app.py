@@ -298,8 +298,7 @@ class ProxyApp:
             )
             self.pool = UpstreamPool(
                 specs, name=name or specs[0].host_header, pool_size=pool_size,
-                connect_timeout=connect_timeout, read_timeout=read_timeout,
-                chunk_size=chunk_size, **pool_options,
+                connect_timeout=connect_timeout, read_timeout=read_timeout, **pool_options,
             )
         self.name = name or self.pool.name
         self.timeout = (connect_timeout, read_timeout)
