@@ -44,7 +44,6 @@ from meetinity_gateway.health import HealthApp, LiveApp
 from meetinity_gateway.logs import redact_uri
 from meetinity_gateway.net import DEFAULT_ALLOW, parse_networks
 from meetinity_gateway.proxy.app import ProxyApp
-from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.upstream import (
     BALANCERS,
     default_max_in_flight,
@@ -345,10 +344,9 @@ def app_factory(global_conf, **local_conf):
     route_apps, notes, route_policies = _route_policies(
         routes, unmounted, policy_specs, endpoints, mounted, settings, health_timeout, error)
     try:
+        # Ties among the unmounted routes fail now too, not on the day their URL is set.
         router = Router(routes, endpoints, route_apps=route_apps, notes=notes,
                         unmounted=unmounted)
-        # Ties among the unmounted routes fail now, not on the day their URL is set.
-        Router(routes + unmounted, {route.target: LiveApp() for route in routes + unmounted})
     except ValueError as exc:
         raise ConfigError(str(exc), file=file) from None
     router.upstreams = dict(mounted)
@@ -633,9 +631,8 @@ def _check_rules_against_routes(layer, router: Router, file: str, section: str) 
     checks = getattr(layer, "route_checks", None)
     if checks is None:
         return
-    every = router.routes + router.unmounted
-    table = Router(every, {route.target: LiveApp() for route in every})
-    samples = [(route, route.template.sample()) for route in every]
+    table = router.every_route
+    samples = [(route, route.template.sample()) for route in table.entries]
     for key, value, sample, prefix, methods in checks():
         below = "/" if sample == "/" else sample + "/"
         for method in methods or [None]:
@@ -645,15 +642,13 @@ def _check_rules_against_routes(layer, router: Router, file: str, section: str) 
                 for route, path in samples
             ):
                 continue  # a route lives below the rule's prefix
-            try:
-                table.match(sample, method or "GET")
-            except NotFound:
+            found = table.lookup(sample, method or "GET")
+            if found.entry is None and not found.allowed:
                 raise ConfigError(f"no route serves {sample}", file=file, section=section,
-                                  key=key, value=value) from None
-            except MethodNotAllowed:
-                if method is not None:
-                    raise ConfigError(f"no route serves {method} {sample}", file=file,
-                                      section=section, key=key, value=value) from None
+                                  key=key, value=value)
+            if found.entry is None and method is not None:
+                raise ConfigError(f"no route serves {method} {sample}", file=file,
+                                  section=section, key=key, value=value)
 
 
 def load_app(config_path: str | Path = "gateway.ini", name: str = "main") -> WSGIApplication:

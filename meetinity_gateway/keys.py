@@ -12,6 +12,7 @@ __all__ = [
     "AUTHZ_DENIED_KEY",
     "CLAIMS_KEY",
     "CUT_KEY",
+    "PATH_MATCHES_KEY",
     "TRACE_ID_KEY",
     "TRACE_KEY",
     "UPSTREAM_ATTEMPTS_KEY",
@@ -62,3 +63,7 @@ CUT_KEY = "meetinity_gateway.cut"
 #: by the observability layer only when OpenTelemetry tracing is on; the proxy starts a
 #: client span per upstream attempt through it (``attempt`` / ``end_attempt``).
 TRACE_KEY = "meetinity_gateway.trace"
+#: What path tables (:class:`meetinity_gateway.pathrules.PathTable`) answered for this
+#: request: ``{(table, path, method): PathMatch}``, added to by each table asked with the
+#: environ, so a later layer holding the same table reads the answer instead of matching again.
+PATH_MATCHES_KEY = "meetinity_gateway.path_matches"

@@ -120,13 +120,12 @@ import typing as t
 from urllib.parse import urlsplit
 
 import jwt
-from werkzeug.exceptions import HTTPException
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
 from meetinity_gateway.http11 import is_token
 from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
-from meetinity_gateway.pathrules import build_map, parse_path
+from meetinity_gateway.pathrules import PathTable, parse_path
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import GatewayError
@@ -433,9 +432,8 @@ class AuthMiddleware:
             templates = [parse_path(item) for item in self.public_text]
         except ValueError as exc:
             raise ConfigError(str(exc), key="public") from None
-        self._public = build_map(
-            rule for template in templates for rule in template.rules(template.text, None)
-        ).bind("gateway", "/") if templates else None
+        # Two public templates for the same paths lead to the same answer: no tie to refuse.
+        self._public = PathTable(templates, refuse_ties=False)
 
         self.algorithms = self._check_algorithms(list(algorithms))
         hmac_allowed = sorted(self.algorithms & HMAC_ALGORITHMS)
@@ -608,13 +606,8 @@ class AuthMiddleware:
 
     def public_rule(self, path: str) -> str | None:
         """The ``public`` template that lets ``path`` through without a token, if any."""
-        if self._public is None:
-            return None
-        try:
-            endpoint, _ = self._public.match(path, "GET")
-        except HTTPException:
-            return None
-        return endpoint
+        found = self._public.find(path, "GET")
+        return found[0].text if found is not None else None
 
     def policy_for(self, path: str, method: str = "GET") -> str:
         """This layer's part of a route's policy, for ``check`` and ``/status``."""
