@@ -1,4 +1,4 @@
-"""The router: a path table (:class:`~meetinity_gateway.pathrules.PathTable`) from paths to endpoint apps.
+"""The router: a path table (:class:`~meetinity_gateway.pathrules.PathTable`) to endpoint apps.
 
 A route is written in one ini value (keys cannot hold ``:``, values can)::
 
