@@ -38,6 +38,7 @@ import dataclasses
 import re
 import typing as t
 
+from meetinity_gateway.keys import PATH_PARAMS_KEY, ROUTE_KEY, UPSTREAM_PATH_KEY
 from meetinity_gateway.pathrules import (
     REST,
     PathTable,
@@ -48,16 +49,12 @@ from meetinity_gateway.pathrules import (
     substitute,
 )
 from meetinity_gateway.problems import MethodNotAllowed, NotFound
-from meetinity_gateway.proxy.app import UPSTREAM_PATH_KEY
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["PATH_PARAMS_KEY", "ROUTE_KEY", "Route", "Router", "parse_route"]
 
-ROUTE_KEY = "meetinity_gateway.route"
-#: The matched route's path parameters (``{"id": 7}``), set by the router.
-PATH_PARAMS_KEY = "meetinity_gateway.path_params"
 
 _SPEC = re.compile(
     r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?"

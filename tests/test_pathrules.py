@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from webtest import TestApp
 from werkzeug.middleware.lint import LintMiddleware
 
-from meetinity_gateway.keys import PATH_MATCHES_KEY
+from meetinity_gateway.keys import PATH_MATCHES_KEY, ROUTE_KEY
 from meetinity_gateway.pathrules import PathTable, PathTemplate, PathTie, parse_path
-from meetinity_gateway.routing import ROUTE_KEY, Router, parse_route
+from meetinity_gateway.routing import Router, parse_route
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,7 +124,7 @@ from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
 from meetinity_gateway.http11 import is_token
-from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
+from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY, CLAIMS_KEY
 from meetinity_gateway.pathrules import PathTable, parse_path
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
@@ -137,8 +137,6 @@ __all__ = ["AuthMiddleware", "CLAIMS_KEY", "JwksKeys", "KeysUnavailable", "filte
 
 log = logging.getLogger("meetinity_gateway.auth")
 
-#: environ key holding the verified claims of the request's token.
-CLAIMS_KEY = "meetinity_gateway.claims"
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Asymmetric algorithm → the JWK key type (kty) its keys must have.

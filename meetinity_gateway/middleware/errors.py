@@ -51,8 +51,8 @@ import typing as t
 from urllib.parse import unquote
 
 from meetinity_gateway.config import as_bool, as_str, cast_settings
+from meetinity_gateway.keys import REQUEST_ID_KEY
 from meetinity_gateway.problems import (
-    REQUEST_ID_KEY,
     ResponseAborted,
     assign_request_id,
     error_response,
