@@ -125,6 +125,7 @@ from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
 from meetinity_gateway.http11 import is_token
 from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY, CLAIMS_KEY
+from meetinity_gateway.logs import redact_uri
 from meetinity_gateway.pathrules import PathTable, parse_path
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
@@ -397,6 +398,9 @@ def _is_loopback(host: str) -> bool:
 class AuthMiddleware:
     """Bearer JWT verification on protected prefixes (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "auth"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -546,6 +550,29 @@ class AuthMiddleware:
         return frozenset(names)
 
     # -- the request ------------------------------------------------------------------------
+
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``); never the secret."""
+        keys = []
+        if self._secret is not None:
+            keys.append("a shared HMAC secret")
+        if self.jwks is not None:
+            keys.append(f"the key set at {redact_uri(self.jwks.url)}")
+        identity = ", ".join(f"{claim}={header}" for claim, header
+                             in self.identity_headers.items()) or "none"
+        return [
+            f"token needed below: {', '.join(self._matcher.prefixes) or 'nothing'}",
+            f"public: {', '.join(self.public_text) or 'none'}",
+            f"algorithms: {', '.join(sorted(self.algorithms))}; keys: {' and '.join(keys)}",
+            f"issuer: {self.issuer or 'any'}; audience: "
+            + (", ".join(self.audience) if self.audience else "none (a token with aud is "
+               "refused)"),
+            f"required claims: {', '.join(self.required_claims) or 'none'}; leeway "
+            f"{self.leeway:g}s",
+            f"identity headers: {identity}",
+            "preflights: " + ("pass without a token" if self.allow_preflights
+                              else "need a token like any request"),
+        ]
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         # Forged identities go first, on every request, whatever happens next.

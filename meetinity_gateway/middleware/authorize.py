@@ -243,6 +243,9 @@ def _as_text(value: t.Any) -> str | None:
 class AuthorizeMiddleware:
     """Rules over verified claims, per route and method (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "authorize"
+
     def __init__(
         self,
         app: WSGIApplication,

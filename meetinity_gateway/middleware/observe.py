@@ -331,6 +331,9 @@ class _ObservedBody:
 class ObserveMiddleware:
     """Access log, metrics and trace context (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "observe"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -404,6 +407,22 @@ class ObserveMiddleware:
         return self.metrics.registry if self.metrics is not None else None
 
     # -- the request --------------------------------------------------------------------------
+
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``)."""
+        networks = ", ".join(map(str, self.metrics_allow)) or "nobody"
+        return [
+            f"access log: {'json' if self._as_json else 'text'}, query strings "
+            + ("logged" if self.log_query else "left out"),
+            (f"metrics: {self.metrics_path} for {networks}" if self.metrics_path
+             else "metrics: not served"),
+            "trace context: " + ("W3C traceparent" if self.trace else "off")
+            + (", OpenTelemetry export" if self.tracing is not None else ""),
+        ]
+
+    def policy_for(self, path: str, method: str = "GET") -> None:
+        """No say per path: every request is logged, counted and traced."""
+        return None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         if self.metrics_path and environ.get("PATH_INFO") == self.metrics_path:

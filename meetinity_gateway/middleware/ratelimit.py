@@ -370,6 +370,9 @@ del _name, _method
 class RateLimitMiddleware:
     """Per-prefix rate limits on ``limits`` (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "ratelimit"
+
     def __init__(
         self,
         app: WSGIApplication,
