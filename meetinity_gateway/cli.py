@@ -69,15 +69,14 @@ def _print_pipeline(pipeline) -> None:
             for name, text in view.layers:
                 print(f"    {name}: {text}")
             print(f"    upstream: {view.upstream}")
-    print("layers (outermost first, what each one is set to):")
-    for layer in layers:
+    for layer in layers:  # outermost first: what each one is set to
         lines = layer.describe()
-        heading = f"{layer.name} ({layer.kind}"
+        heading = f"layer {layer.name} ({layer.kind}"
         if layer.kind == "authorize":
             heading += ", most specific rule wins"
-        print(f"  {heading}):" if lines else f"  {heading}): —")
+        print(f"{heading}):" if lines else f"{heading}): —")
         for line in lines:
-            print(f"    {line}")
+            print(f"  {line}")
 
 
 def _load(config: Path):

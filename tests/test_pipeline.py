@@ -76,7 +76,8 @@ def test_a_filter_of_your_own_is_shown_as_foreign(tmp_path, capsys):
     assert views and all(dict(view.layers) == {} for view in views)
     assert cli_main(["check", "--config", str(config)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "  mine (foreign): —" in out and "  errors (errors):" in out
+    assert "layer mine (foreign): —" in out and "layer errors (errors):" in out
+    assert "  request id header: X-Request-ID" in out
     app = TestApp(LintMiddleware(pipeline.app), extra_environ=LOOPBACK)
     page = app.get("/status").text
     assert "<code>mine</code></td><td>foreign</td><td>—</td>" in page
