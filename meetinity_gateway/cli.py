@@ -21,7 +21,7 @@ from meetinity_gateway.config import (
     load_env,
     refresh_env,
 )
-from meetinity_gateway.assembly import upstream_list
+from meetinity_gateway.pipeline import described, upstream_list
 from meetinity_gateway.reload import install_sighup, serving_app
 from meetinity_gateway.settings import DEFAULT_LISTEN, DEFAULT_THREADS
 
@@ -56,20 +56,25 @@ def _print_pipeline(pipeline) -> None:
         print("upstream policy per route (effective values):")
         for name, note in router.notes.items():
             print(f"  {name}: {note}")
+    layers = described(pipeline)
     if pipeline.router is not None:
         from meetinity_gateway.routeview import route_policies
 
         print("effective policy per route (what each layer decides for a path it serves):")
-        for view in route_policies(pipeline.router, getattr(pipeline, "layers", {}).items()):
+        for view in route_policies(pipeline.router,
+                                   [(layer.name, layer.app) for layer in layers]):
             print(f"  {view.route}: {view.methods} {view.sample}")
             for name, text in view.layers:
                 print(f"    {name}: {text}")
             print(f"    upstream: {view.upstream}")
-    for name, layer in getattr(pipeline, "layers", {}).items():
-        if hasattr(layer, "route_checks"):  # an authorization layer: its policy table
-            print(f"authorization ({name}, most specific rule wins):")
-            for line in layer.describe():
-                print(f"  {line}")
+    for layer in layers:  # outermost first: what each one is set to
+        lines = layer.describe()
+        heading = f"layer {layer.name} ({layer.kind}"
+        if layer.kind == "authorize":
+            heading += ", most specific rule wins"
+        print(f"{heading}):" if lines else f"{heading}): —")
+        for line in lines:
+            print(f"  {line}")
 
 
 def _load(config: Path):

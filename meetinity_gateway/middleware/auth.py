@@ -118,7 +118,6 @@ import typing as t
 from urllib.parse import urlsplit
 
 import jwt
-from werkzeug.exceptions import HTTPException
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import (
@@ -134,8 +133,9 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.http11 import is_token
 from meetinity_gateway.jwks import JwksKeys, KeyRefused, KeysUnavailable
-from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
-from meetinity_gateway.pathrules import build_map, parse_path
+from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY, CLAIMS_KEY
+from meetinity_gateway.logs import redact_uri
+from meetinity_gateway.pathrules import PathTable, parse_path
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import GatewayError
@@ -147,8 +147,6 @@ __all__ = ["AuthMiddleware", "CLAIMS_KEY", "JwksKeys", "KeysUnavailable", "filte
 
 log = logging.getLogger("meetinity_gateway.auth")
 
-#: environ key holding the verified claims of the request's token.
-CLAIMS_KEY = "meetinity_gateway.claims"
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Longer than any sane JWT; refusing early keeps a 64 KiB header from being base64-decoded.
@@ -279,6 +277,9 @@ def _is_loopback(host: str) -> bool:
 class AuthMiddleware:
     """Bearer JWT verification on protected prefixes (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "auth"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -312,9 +313,8 @@ class AuthMiddleware:
             templates = [parse_path(item) for item in self.public_text]
         except ValueError as exc:
             raise ConfigError(str(exc), key="public") from None
-        self._public = build_map(
-            rule for template in templates for rule in template.rules(template.text, None)
-        ).bind("gateway", "/") if templates else None
+        # Two public templates for the same paths lead to the same answer: no tie to refuse.
+        self._public = PathTable(templates, refuse_ties=False)
 
         self.algorithms = self._check_algorithms(list(algorithms))
         hmac_allowed = sorted(self.algorithms & HMAC_ALGORITHMS)
@@ -430,6 +430,29 @@ class AuthMiddleware:
 
     # -- the request ------------------------------------------------------------------------
 
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``); never the secret."""
+        keys = []
+        if self._secret is not None:
+            keys.append("a shared HMAC secret")
+        if self.jwks is not None:
+            keys.append(f"the key set at {redact_uri(self.jwks.url)}")
+        identity = ", ".join(f"{claim}={header}" for claim, header
+                             in self.identity_headers.items()) or "none"
+        return [
+            f"token needed below: {', '.join(self._matcher.prefixes) or 'nothing'}",
+            f"public: {', '.join(self.public_text) or 'none'}",
+            f"algorithms: {', '.join(sorted(self.algorithms))}; keys: {' and '.join(keys)}",
+            f"issuer: {self.issuer or 'any'}; audience: "
+            + (", ".join(self.audience) if self.audience else "none (a token with aud is "
+               "refused)"),
+            f"required claims: {', '.join(self.required_claims) or 'none'}; leeway "
+            f"{self.leeway:g}s",
+            f"identity headers: {identity}",
+            "preflights: " + ("pass without a token" if self.allow_preflights
+                              else "need a token like any request"),
+        ]
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         # Forged identities go first, on every request, whatever happens next.
         for _, environ_key in self._identity_keys:
@@ -487,13 +510,8 @@ class AuthMiddleware:
 
     def public_rule(self, path: str) -> str | None:
         """The ``public`` template that lets ``path`` through without a token, if any."""
-        if self._public is None:
-            return None
-        try:
-            endpoint, _ = self._public.match(path, "GET")
-        except HTTPException:
-            return None
-        return endpoint
+        found = self._public.find(path, "GET")
+        return found[0].text if found is not None else None
 
     def policy_for(self, path: str, method: str = "GET") -> str:
         """This layer's part of a route's policy, for ``check`` and ``/status``."""

@@ -266,6 +266,9 @@ def _emitted(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 class CorsMiddleware:
     """Allow-listed CORS with preflights answered in place (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "cors"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -279,6 +282,7 @@ class CorsMiddleware:
     ) -> None:
         self.app = app
         origin_list = _as_items(origins)
+        self.origin_list = tuple(o.strip() for o in origin_list if o.strip())
         try:
             self.origins = OriginMatcher(origin_list)
         except ValueError as exc:
@@ -390,6 +394,20 @@ class CorsMiddleware:
         headers.append(("Vary", ", ".join(_PREFLIGHT_VARY)))
         start_response("204 No Content", headers)
         return []
+
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``)."""
+        headers = ("as the preflight asks" if self.allow_headers is None
+                   else ", ".join(self.allow_headers) or "none")
+        return [f"origins: {', '.join(self.origin_list) or 'none'}",
+                f"credentials: {'allowed' if self.allow_credentials else 'no'}",
+                f"methods: {', '.join(self.allow_methods)}", f"request headers: {headers}",
+                f"exposed headers: {', '.join(self.expose_headers)}",
+                f"preflight cached: {self.max_age}s"]
+
+    def policy_for(self, path: str, method: str = "GET") -> None:
+        """No say per path: the same CORS answer on every path."""
+        return None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         origin = environ.get("HTTP_ORIGIN")

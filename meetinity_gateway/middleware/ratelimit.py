@@ -149,6 +149,7 @@ from meetinity_gateway.config import (
     expand,
     split_named,
 )
+from meetinity_gateway.keys import CLAIMS_KEY, RATELIMIT_KEY
 from meetinity_gateway.logs import redact_uri as redact
 from meetinity_gateway.net import client_address
 from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
@@ -164,8 +165,6 @@ __all__ = ["RATELIMIT_KEY", "RateLimitMiddleware", "Rule", "filter_factory", "pa
 
 log = logging.getLogger("meetinity_gateway.ratelimit")
 
-#: environ key where the middleware leaves its decision for inner layers and logs.
-RATELIMIT_KEY = "meetinity_gateway.ratelimit"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RULE = re.compile(
@@ -181,9 +180,6 @@ _OWN_HEADERS = frozenset(
     {"ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining",
      "x-ratelimit-reset"}
 )
-# Set by the auth layer after verifying the token (named here: middlewares do not import
-# each other).
-_CLAIMS_KEY = "meetinity_gateway.claims"
 # Identifiers are joined with "/" by limits; the namespace keeps our keys apart from other
 # users of a shared Redis.
 _NAMESPACE = "meetinity_gateway"
@@ -306,6 +302,9 @@ class _Count:
 
 class RateLimitMiddleware:
     """Per-prefix rate limits on ``limits`` (see the module docstring)."""
+
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "ratelimit"
 
     def __init__(
         self,
@@ -504,7 +503,7 @@ class RateLimitMiddleware:
         if self.claim is not None:
             # Only the auth layer writes this environ key, after verifying the token; request
             # headers can only ever become HTTP_* keys, so a client cannot forge it.
-            claims = environ.get(_CLAIMS_KEY)
+            claims = environ.get(CLAIMS_KEY)
             value = claims.get(self.claim) if isinstance(claims, dict) else None
             if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
                 digest = hashlib.sha256(str(value).encode("utf-8", "surrogatepass"))

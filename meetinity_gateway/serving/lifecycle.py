@@ -24,6 +24,7 @@ import typing as t
 from waitress.channel import HTTPChannel
 
 from meetinity_gateway.keys import CUT_KEY
+from meetinity_gateway.pipeline import startup_line
 from meetinity_gateway.serving.hardened import (
     GatewayChannel,
     ServingState,
@@ -163,8 +164,6 @@ def announce(pipeline, *, where: str = "", server: str = "") -> None:
     ``LOG_LEVEL`` but ERROR: an operator always sees that (and what) the gateway serves."""
     if pipeline is None or pipeline.announced:
         return
-    from meetinity_gateway.assembly import startup_line
-
     pipeline.announced = True
     text = startup_line(pipeline)
     if server:
