@@ -1,7 +1,7 @@
 """The proxy against misbehaving upstreams and hostile clients, through raw sockets.
 
-The shipped gateway.ini under a real waitress in front of :class:`tests.rawupstream.RawUpstream`,
-which answers with exactly the bytes a test scripts (interim responses, control characters,
+The shipped gateway.ini under a real waitress in front of a
+:class:`tests.rawkit.ScriptedUpstream`, which answers with exactly the bytes a test scripts (interim responses, control characters,
 bad framing, resets), and records every request and the connection it came on. Clients are raw
 sockets too, so nothing tidies a response before the assertions see it.
 
@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meetinity_gateway.proxy.wire import MAX_INTERIM
-from tests.rawupstream import RawUpstream, exchange, get, response
+from tests.rawkit import ScriptedUpstream, get, response
 from tests.servers import free_port, make_token, session
 
 # -- scripts: what the upstream answers, by the last segment of the request path ---------------
@@ -176,7 +176,7 @@ def dispatch(request, conn):
 
 @pytest.fixture
 def raw():
-    with RawUpstream(dispatch) as server:
+    with ScriptedUpstream(dispatch) as server:
         yield server
     assert not server.errors
 
@@ -366,8 +366,7 @@ def test_tab_and_obs_text_in_values_pass_untouched(front, raw):
 # -- issue 11.4: the client's Connection header names only the client's headers ------------
 
 def _raw_to_upstream(gateway, target, headers):
-    lines = [f"GET {target} HTTP/1.1", "Host: gateway.test"] + [f"{k}: {v}" for k, v in headers]
-    [answer] = exchange(gateway.url, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    answer = get(gateway.url, target, headers)
     assert answer.status == 200, answer
     return answer
 
