@@ -239,8 +239,8 @@ class RawResponse:
 
 
 def _address(where: str | int, host: str) -> tuple[str, int]:
-    if isinstance(where, int):
-        return host, where
+    if isinstance(where, int) or where.isdigit():  # a port (waitress may give a string)
+        return host, int(where)
     netloc = where.split("//", 1)[-1].split("/", 1)[0]
     name, _, port = netloc.rpartition(":")
     return name.strip("[]"), int(port)

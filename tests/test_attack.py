@@ -1,7 +1,7 @@
 """The hostile-input suite: Hypothesis drives raw sockets against the real gateway.
 
 The shipped ``gateway.ini`` runs under a real waitress (as ``serve`` builds it) in front of
-a :class:`~tests.hostile.ScriptedUpstream` that records every byte it receives. Hypothesis
+a :class:`~tests.rawkit.ScriptedUpstream` that records every byte it receives. Hypothesis
 generates whole requests (request line, header set, framing, body, smuggled bytes) and
 whole upstream answers (interim responses, status line, header bytes, framing), and these
 invariants must hold for every one of them:
@@ -28,7 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.hostile import Answer, Recorded, ScriptedUpstream, raw_exchange
+from tests.rawkit import (RawClient, RawConnection, RawRequest, ScriptedUpstream, exchange,
+                          json_response)
 from tests.servers import make_token, module_gateway
 
 SETTINGS = settings(
@@ -51,7 +52,7 @@ _probes = itertools.count(1)
 @pytest.fixture(scope="module")
 def rig():
     """The shipped gateway under waitress, in front of one scripted upstream."""
-    with ScriptedUpstream() as upstream:
+    with ScriptedUpstream(_default_answer) as upstream:
         env = {
             "UPSTREAM_READ_TIMEOUT": "2",
             # Ejection is tested elsewhere; here every answer must come from the target.
@@ -66,9 +67,8 @@ def rig():
 
 
 def assert_alive(port: int) -> None:
-    response, reader = raw_exchange(
+    response = exchange(
         port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    reader.sock.close()
     assert response is not None and response.status == 200, "/health/live stopped answering"
 
 
@@ -206,7 +206,7 @@ def hostile_requests(draw):
             "valid_token": sent_valid_token}
 
 
-def _check_upstream_saw(records: list[Recorded], request: dict) -> None:
+def _check_upstream_saw(records: list[RawRequest], request: dict) -> None:
     probes = [r for r in records if request["tag"] in r.header("X-Probe")]
     assert len(probes) <= 1, f"the upstream got {len(probes)} copies of one request"
     for record in records:
@@ -230,20 +230,17 @@ def _check_upstream_saw(records: list[Recorded], request: dict) -> None:
 def test_client_garbage_is_refused_cleanly(rig, request):
     server, upstream = rig
     seen = len(upstream.since(0))
-    response, reader = raw_exchange(server.port, request["data"], method=request["method"])
-    try:
-        if response is not None and not response.closes and not reader.eof:
+    with RawClient(server.port) as client:
+        client.send(request["data"])
+        response = client.read_response(request["method"])
+        if response is not None and not response.closes and not client.eof:
             # Whatever the gateway made of the bytes after the first request is processed
             # before it answers the next one: ask for /health/live on the same connection.
-            reader.sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
             try:
-                from tests.hostile import read_response
-
-                read_response(reader)
+                client.sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
+                client.read_response()
             except (OSError, ValueError):
                 pass
-    finally:
-        reader.sock.close()
     if response is not None:
         assert not response.violations(), response.violations()
         assert response.status < 500, f"client garbage got {response.status}: {response.body!r}"
@@ -364,20 +361,20 @@ def test_upstream_garbage_never_crosses_to_another_client(rig, answer):
     raw, closes, clean, status = answer
     tag, follow = f"garbage-{next(_probes)}", f"follow-{next(_probes)}"
 
-    def script(request: Recorded) -> Answer:
-        if tag in request.header("X-Probe"):
-            return Answer(raw, close=closes)
-        return Answer(_default_answer(request), close=False)
+    def script(request: RawRequest, conn: RawConnection) -> None:
+        if tag not in request.header("X-Probe"):
+            return _default_answer(request, conn)
+        conn.send(raw)
+        if closes:
+            conn.close()
 
     upstream.script = script
     seen = len(upstream.since(0))
     try:
-        first, reader = raw_exchange(server.port, _get(tag))
-        reader.sock.close()
+        first = exchange(server.port, _get(tag))
         # A second client, on a new connection: the gateway may give it the same pooled
         # upstream connection, which is only allowed if the first answer was read to its end.
-        second, reader = raw_exchange(server.port, _get(follow))
-        reader.sock.close()
+        second = exchange(server.port, _get(follow))
     finally:
         records = upstream.since(seen)
         upstream.reset()
@@ -393,8 +390,8 @@ def test_upstream_garbage_never_crosses_to_another_client(rig, answer):
     assert second is not None and second.status == 200, second
     assert json.loads(second.body)["probe"] == follow, "a client received another's answer"
 
-    first_conn = [r.connection for r in records if tag in r.header("X-Probe")]
-    follow_conn = [r.connection for r in records if follow in r.header("X-Probe")]
+    first_conn = [r.conn for r in records if tag in r.header("X-Probe")]
+    follow_conn = [r.conn for r in records if follow in r.header("X-Probe")]
     assert len(first_conn) == 1 and len(follow_conn) == 1, "a request was sent twice"
     if not clean or closes:
         assert follow_conn[0] != first_conn[0], (
@@ -402,27 +399,26 @@ def test_upstream_garbage_never_crosses_to_another_client(rig, answer):
     assert_alive(server.port)
 
 
-def _default_answer(request: Recorded) -> bytes:
+def _default_answer(request: RawRequest, conn: RawConnection) -> None:
     tag = (request.header("X-Probe") or [""])[0]
-    body = json.dumps({"connection": request.connection, "probe": tag}).encode()
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % len(body)) + body
+    conn.send(json_response({"connection": request.conn, "probe": tag}))
 
 
 def test_hostile_tools_detect_what_they_must():
     """The suite's own yardsticks: a cut body is truncated, control bytes are violations."""
     with ScriptedUpstream() as upstream:
-        upstream.script = lambda request: Answer(
-            b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 10\r\n\r\nabc", close=True)
-        response, reader = raw_exchange(upstream.port, _get("x"))
-        reader.sock.close()
+        def script(request: RawRequest, conn: RawConnection) -> None:
+            conn.send(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 10\r\n\r\nabc")
+            conn.close()
+
+        upstream.script = script
+        response = exchange(upstream.port, _get("x"))
     assert response.truncated and response.body == b"abc"
     assert response.violations() == ["control character in b'X-A': b'a\\x01b'"]
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         port = listener.getsockname()[1]
-        response, reader = raw_exchange(port, b"GET / HTTP/1.1\r\n\r\n", timeout=0.5)
-        reader.sock.close()
+        response = exchange(port, b"GET / HTTP/1.1\r\n\r\n", timeout=0.5)
     finally:
         listener.close()
     assert response is None
