@@ -1,9 +1,10 @@
 """The proxy against misbehaving upstreams and hostile clients, through raw sockets.
 
 The shipped gateway.ini under a real waitress in front of a
-:class:`tests.rawkit.ScriptedUpstream`, which answers with exactly the bytes a test scripts (interim responses, control characters,
-bad framing, resets), and records every request and the connection it came on. Clients are raw
-sockets too, so nothing tidies a response before the assertions see it.
+:class:`tests.rawkit.ScriptedUpstream`, which answers with exactly the bytes a test scripts
+(interim responses, control characters, bad framing, resets), and records every request and
+the connection it came on. Clients are raw sockets too, so nothing tidies a response before
+the assertions see it.
 
 The invariants checked for every script: the client gets either a well-framed answer or the
 JSON 502; the next client on the pooled connection gets *its own* answer; the upstream
