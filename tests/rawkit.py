@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "RawClient", "RawConnection", "RawRequest", "RawResponse", "ScriptedUpstream",
-    "exchange", "get", "json_response", "request_bytes", "response",
+    "exchange", "get", "json_error", "json_response", "request_bytes", "response",
 ]
 
 TIMEOUT = 10.0
@@ -236,6 +236,15 @@ class RawResponse:
         if lengths and self.header("Transfer-Encoding"):
             problems.append("both Content-Length and Transfer-Encoding")
         return problems
+
+
+def json_error(body: bytes) -> dict:
+    """The gateway's error shape, checked: ``{"error": {"code", "message", "request_id"}}``;
+    the inner object."""
+    payload = json.loads(body)
+    assert set(payload) == {"error"}
+    assert set(payload["error"]) == {"code", "message", "request_id"}
+    return payload["error"]
 
 
 def _address(where: str | int, host: str) -> tuple[str, int]:
