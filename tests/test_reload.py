@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from meetinity_gateway import config as config_module
 from meetinity_gateway.config import ConfigError
 from meetinity_gateway.reload import ReloadingApp, reload_settings
 from meetinity_gateway.shared import SharedState, shared
@@ -61,15 +60,8 @@ route.limited = /api/limited/* -> svc /
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """Reloads read .env files straight into os.environ: put the process back as it was."""
-    saved, ours = dict(os.environ), dict(config_module._from_env_file)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    config_module._from_env_file.clear()
-    config_module._from_env_file.update(ours)
+#: Reloads read .env files straight into os.environ: put the process back as it was.
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 def write(path: Path, text: str) -> None:
