@@ -368,8 +368,12 @@ class RawClient:
         """Half-close: the server reads the end of the stream, this side can still read."""
         self.sock.shutdown(socket.SHUT_WR)
 
-    def close(self) -> None:
-        self.sock.close()
+    def close(self, reset: bool = False) -> None:
+        """Close (FIN), or with ``reset`` abort the connection (RST)."""
+        if reset:
+            _abort(self.sock)
+        else:
+            self.sock.close()
 
     def __enter__(self) -> RawClient:
         return self
@@ -458,18 +462,7 @@ class RawConnection:
     def reset(self) -> None:
         """Abort the connection: the peer gets an RST (SO_LINGER with a zero timeout)."""
         self.closed = True
-        # struct linger: two ints on POSIX, two unsigned shorts on Windows.
-        for layout in ("ii", "HH"):
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                     struct.pack(layout, 1, 0))
-                break
-            except OSError:
-                continue
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        _abort(self.sock)
 
     def read_request(self) -> RawRequest | None:
         """The next request on this connection; None when the gateway closed it."""
@@ -592,6 +585,21 @@ class ScriptedUpstream:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    # struct linger: two ints on POSIX, two unsigned shorts on Windows.
+    for layout in ("ii", "HH"):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack(layout, 1, 0))
+            break
+        except OSError:
+            continue
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _close(sock: socket.socket) -> None:
