@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "RawClient", "RawConnection", "RawRequest", "RawResponse", "ScriptedUpstream",
-    "exchange", "get", "json_error", "json_response", "request_bytes", "response",
+    "exchange", "get", "json_error", "json_response", "request_bytes", "reset_on_close",
+    "response",
 ]
 
 TIMEOUT = 10.0
@@ -587,15 +588,19 @@ class ScriptedUpstream:
         self.stop()
 
 
-def _abort(sock: socket.socket) -> None:
-    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+def reset_on_close(sock: socket.socket) -> None:
+    """Make closing ``sock`` send an RST instead of a FIN (SO_LINGER with a zero timeout)."""
     # struct linger: two ints on POSIX, two unsigned shorts on Windows.
     for layout in ("ii", "HH"):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack(layout, 1, 0))
-            break
+            return
         except OSError:
             continue
+
+
+def _abort(sock: socket.socket) -> None:
+    reset_on_close(sock)
     try:
         sock.close()
     except OSError:

@@ -51,13 +51,13 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import socket
-import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from tests.rawkit import reset_on_close
 
 CHUNK = 64 * 1024
 _BLOCK = bytes(range(256)) * (CHUNK // 256)
@@ -148,10 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if mode == "reset":
             self.close_connection = True
-            # Linger 0: closing the socket sends RST instead of FIN (struct linger is two
-            # u_short on Windows, two int elsewhere).
-            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            reset_on_close(self.connection)
             return None
         code = int(mode)
         return self.send_json({"service_error": code}, status=code)
