@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meetinity_gateway.proxy.wire import MAX_INTERIM
+from tests.conftest import wait_until
 from tests.rawkit import ScriptedUpstream, get, response
 from tests.servers import free_port, make_token, session
 
@@ -497,10 +498,7 @@ def test_reset_mid_body_is_one_warning_an_upstream_failure_and_a_truncated_answe
     assert not answer.complete and answer.closed
     request_id = answer.header("X-Request-ID")[0]
 
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not [
-            r for r in caplog.records if r.name == "meetinity_gateway.access"]:
-        time.sleep(0.05)
+    wait_until(lambda: [r for r in caplog.records if r.name == "meetinity_gateway.access"], 5)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(loud) == 1, [r.getMessage() for r in loud]
     [warning] = loud
@@ -548,9 +546,7 @@ def test_reset_mid_body_tells_the_targets_health(raw):
         with WaitressServer(app) as server:
             answer = get(server.url, "/reset_mid_body")
             assert not answer.complete
-            deadline = time.monotonic() + 5
-            while len(verdicts) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: len(verdicts) >= 2, 5)
     finally:
         app.close()
     assert verdicts == [True, False]  # headers came (ok), then the body failed

@@ -22,6 +22,7 @@ import pytest
 from meetinity_gateway.config import ConfigError
 from meetinity_gateway.reload import ReloadingApp, reload_settings
 from meetinity_gateway.shared import SharedState, shared
+from tests.conftest import wait_until
 from tests.servers import (
     SHIPPED_INI,
     TEST_JWT_SECRET,
@@ -243,9 +244,7 @@ def test_in_flight_request_finishes_on_the_pipeline_it_started_with(workdir, ser
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(session().get, server.url + "/api/svc/slow?seconds=1.5",
                                timeout=20)
-            deadline = time.monotonic() + 10
-            while not old_target.requests and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: old_target.requests, 10)
             write(workdir / ".env", f"SVC_URL={new_target.url}\n")
             assert app.check() is True
             fresh = session().get(server.url + "/api/svc/echo", timeout=20)
@@ -261,9 +260,7 @@ def test_polling_thread_notices_a_change(workdir, served, upstream):
     write(config, INI.format(extra=""))
     app, server = served(config, watch=True, interval=0.05)
     write(config, INI.format(extra="route.more = /api/more/* -> svc /"))
-    deadline = time.monotonic() + 10
-    while app.reloads == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: app.reloads, 10)
     assert app.reloads == 1
     assert session().get(server.url + "/api/more/echo").status_code == 200
 

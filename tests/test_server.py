@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.rawkit import RawClient, json_error
 from tests.servers import WaitressServer
 
@@ -244,9 +245,7 @@ def test_over_limit_body_written_before_reading_gets_the_json_413(
     assert response.status == 413
     assert json_error(body)["code"] == 413
     assert upstream.requests == []
-    deadline = time.monotonic() + 5
-    while not any(line["status"] == 413 for line in access()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: any(line["status"] == 413 for line in access()), 5)
     assert [line["status"] for line in access()] == [413]
 
 
