@@ -322,6 +322,12 @@ class RawClient:
             answer.closed = self.peer_closed()
         return answer
 
+    def read_head(self) -> bytes | None:
+        """The raw bytes of the next message head (up to its empty line), nothing of its
+        body; None when the connection ended first."""
+        head = self._wire.head()
+        return head[2] if head else None
+
     def read_responses(self, count: int, method: str = "GET") -> list[RawResponse]:
         """Up to ``count`` responses, fewer when the connection ends or a body is cut."""
         answers: list[RawResponse] = []

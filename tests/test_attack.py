@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import socket
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -478,24 +477,17 @@ def test_garbage_then_disconnect_logs_no_exception(rig, exceptions, data, tail, 
     server, _ = rig
     data += tail  # more garbage: a space too large for Hypothesis to exhaust before 400 tries
     exceptions.tries += 1
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    client = RawClient(server.port, timeout=5)
     try:
-        if reset:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.sendall(data)
+        client.sock.sendall(data)
         if close == "some":
-            sock.recv(16)
+            client.sock.recv(16)
         elif close == "answer":
-            received = b""
-            while b"\r\n\r\n" not in received:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                received += chunk
+            client.read_head()
     except OSError:
         pass  # refused and closed first: the server's side of the story is what counts
     finally:
-        sock.close()
+        client.close(reset=reset)  # with a reset: an RST instead of a FIN
     assert_alive(server.port)  # also lets the server finish with the closed connection
     formatted = [logging.Formatter().format(record) for record in exceptions.records]
     assert not formatted, formatted[0]
@@ -543,7 +535,7 @@ def _case(name: str, flips: list[bool]) -> str:
     return "".join(c.swapcase() if flip else c for c, flip in zip(name, flips + [False] * 99))
 
 
-def _send_spellings(rig, names: list[str]) -> Recorded:
+def _send_spellings(rig, names: list[str]) -> RawRequest:
     server, upstream = rig
     probe = f"spelling-{next(_probes)}"
     seen = len(upstream.since(0))
@@ -552,15 +544,14 @@ def _send_spellings(rig, names: list[str]) -> Recorded:
                     else f"{name}: /api/users/7/export\r\n" for name in names)
     data = (f"GET /api/auth/{probe} HTTP/1.1\r\nHost: gw\r\n{lines}"
             f"Connection: close\r\n\r\n").encode("latin-1")
-    response, reader = raw_exchange(server.port, data)
-    reader.sock.close()
+    response = exchange(server.port, data)
     assert response is not None and response.status == 200, response
     recorded = [r for r in upstream.since(seen) if probe in r.target]
     assert len(recorded) == 1
     return recorded[0]
 
 
-def _leaks(recorded: Recorded) -> list[tuple[str, str]]:
+def _leaks(recorded: RawRequest) -> list[tuple[str, str]]:
     return [(name, value) for name, value in recorded.headers
             if FORGED_IP in value or "/api/users/7" in value]
 
