@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import wait_until, require_tool
 from tests.servers import ROOT, TEST_JWT_SECRET, free_port, session, wait_for_port
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and gunicorn")
@@ -201,10 +200,8 @@ def test_a_request_finished_during_the_stop_is_logged(name, env, upstream):
         assert session().get(recipe.url + "/api/auth/first", timeout=20).status_code == 200
         caller = threading.Thread(target=slow)
         caller.start()
-        deadline = time.monotonic() + 10
-        while not any(r[1].startswith("/auth/slow") for r in upstream.requests):
-            assert time.monotonic() < deadline, "the slow request never reached the upstream"
-            time.sleep(0.05)
+        wait_until(lambda: any(r[1].startswith("/auth/slow") for r in upstream.requests), 10,
+                   "the slow request reaching the upstream")
         recipe.process.send_signal(signal.SIGTERM)  # while the slow request is in flight
         caller.join(20)
     finally:
