@@ -257,3 +257,43 @@ def test_the_documented_commands_run(tmp_path):
     for name in shipped_ini()["app:gateway"]:
         if name.startswith("route."):
             assert re.search(rf"^\s*{name[6:]}: ", routes.stdout, re.M), (name, routes.stdout)
+
+
+# -- the middlewares' snippets ----------------------------------------------------------------
+
+def snippets() -> list[str]:
+    text = (ROOT / "docs" / "middlewares.md").read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+def test_there_is_a_snippet_per_layer():
+    text = "\n".join(snippets())
+    for name in ("ErrorMiddleware", "ObserveMiddleware", "CorsMiddleware",
+                 "RateLimitMiddleware", "AuthMiddleware", "AuthorizeMiddleware", "ProxyApp"):
+        assert f"import {name}" in text, name
+
+
+@pytest.mark.parametrize("code", snippets(), ids=lambda code: code.split("import ")[1].split()[0])
+def test_every_middleware_snippet_runs_and_answers_as_written(code, monkeypatch):
+    from werkzeug.middleware.lint import LintMiddleware
+    from werkzeug.test import Client
+
+    monkeypatch.chdir(ROOT)  # the pipeline's snippet reads gateway.ini from here
+    scope: dict = {"hello": hello}
+    exec(compile(code, "docs/middlewares.md", "exec"), scope)  # noqa: S102 - our own docs
+    app = scope["app"]
+    assert callable(app)
+    for method, path, headers, status in re.findall(
+            r"^# ([A-Z]+) (/\S*)((?: [\w-]+=\S+)*) -> (\d{3})$", code, re.M):
+        fields = dict(item.split("=", 1) for item in headers.split())
+        # From loopback, as a local client would call (werkzeug sets no REMOTE_ADDR).
+        response = Client(LintMiddleware(app)).open(
+            path, method=method, headers=fields, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        body = response.get_data(as_text=True)
+        response.close()
+        assert response.status_code == int(status), (path, body)
