@@ -297,3 +297,16 @@ def test_every_middleware_snippet_runs_and_answers_as_written(code, monkeypatch)
         body = response.get_data(as_text=True)
         response.close()
         assert response.status_code == int(status), (path, body)
+
+
+def test_the_architecture_names_every_module():
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    package = ROOT / "meetinity_gateway"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if path.name == "__init__.py" and not path.read_text(encoding="utf-8").strip():
+            continue  # an empty package marker
+        if f"`{relative}`" not in text and f"`{path.name}`" not in text:
+            missing.append(relative)
+    assert missing == [], f"modules missing from docs/architecture.md: {missing}"
