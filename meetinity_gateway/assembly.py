@@ -214,6 +214,32 @@ def _policy_note(policy: t.Mapping[str, t.Any]) -> str:
             f"idle {_seconds_text(policy['idle_timeout'])}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutePolicy:
+    """A proxied route's effective upstream policy: the globals, then its ``policy.ROUTE``.
+
+    The one value the route's proxy app is built from and that ``check`` and ``/status``
+    show (``describe``): what is shown is what serves.
+    """
+
+    route: str
+    upstream: str
+    connect_timeout: float
+    read_timeout: float
+    max_body_size: int
+    retries: int
+    retry_budget: float
+    replay_size: int
+    idle_timeout: float
+    own: bool = False  # set by a policy.ROUTE key
+
+    def values(self) -> dict[str, t.Any]:
+        return {key: getattr(self, key) for key in _ROUTE_POLICY}
+
+    def describe(self) -> str:
+        return _policy_note(self.values())
+
+
 def app_factory(global_conf, **local_conf):
     """``paste.app_factory`` for ``egg:meetinity_gateway#main``: the router and its endpoints.
 
@@ -316,7 +342,7 @@ def app_factory(global_conf, **local_conf):
     if not routes and not unmounted:
         raise ConfigError("no routes: add route.NAME = PATH -> TARGET keys", file=file)
 
-    route_apps, notes = _route_policies(
+    route_apps, notes, route_policies = _route_policies(
         routes, unmounted, policy_specs, endpoints, mounted, settings, health_timeout, error)
     try:
         router = Router(routes, endpoints, route_apps=route_apps, notes=notes,
@@ -326,6 +352,7 @@ def app_factory(global_conf, **local_conf):
     except ValueError as exc:
         raise ConfigError(str(exc), file=file) from None
     router.upstreams = dict(mounted)
+    router.policies = route_policies
     router.unmounted_upstreams = list(unmounted_names)
     try:
         apply_transforms(_AllRoutes(router), transform_specs)
@@ -430,6 +457,7 @@ def _route_policies(routes, unmounted, policy_specs, endpoints, mounted, setting
     policy as a note for ``check``."""
     route_apps: dict[str, WSGIApplication] = {}
     notes: dict[str, str] = {}
+    route_policies: dict[str, RoutePolicy] = {}
     by_name = {route.name: route for route in routes + unmounted}
     globals_ = {key: settings.get(key, default) for key, default in _DEFAULTS.items()}
     policies: dict[str, dict[str, t.Any]] = {}
@@ -444,37 +472,47 @@ def _route_policies(routes, unmounted, policy_specs, endpoints, mounted, setting
             policies[name] = _parse_policy(spec)
         except ValueError as exc:
             raise error(str(exc), key) from None
-    # Routes with the same idle timeout on the same upstream share one connection pool.
-    pools: dict[tuple[str, float], t.Any] = {}
+    # Routes with the same idle timeout on the same upstream share one connection pool; it
+    # and the route's proxy app live in the state a reload keeps (shared.py), like the
+    # upstream's own pool: a reload resets no route's health, connections or retry budget.
     for route in routes:
         if route.target in _BUILTIN_ENDPOINTS:
             continue
-        effective = {**globals_, **policies.get(route.name, {})}
-        notes[route.name] = _policy_note(effective)
-        if route.name not in policies:
+        policy = RoutePolicy(route=route.name, upstream=route.target,
+                             own=route.name in policies,
+                             **{**globals_, **policies.get(route.name, {})})
+        route_policies[route.name] = policy
+        notes[route.name] = policy.describe()
+        if not policy.own:
             continue
-        shared = endpoints[route.target]
-        proxy_settings = {k: v for k, v in effective.items() if k != "idle_timeout"}
+        shared_app = endpoints[route.target]
+        proxy_settings = {k: v for k, v in policy.values().items() if k != "idle_timeout"}
         proxy_settings["trusted_proxies"] = settings.get("trusted_proxies", 0)
         try:
-            if effective["idle_timeout"] == globals_["idle_timeout"]:
-                pool = shared.pool
+            if policy.idle_timeout == globals_["idle_timeout"]:
+                pool = shared_app.pool
             else:
-                pool_key = (route.target, effective["idle_timeout"])
-                if pool_key not in pools:
-                    pool_settings = {k: v for k, v in settings.items()
-                                     if k not in _ROUTE_POLICY and k != "trusted_proxies"}
-                    pools[pool_key] = ProxyApp(
-                        mounted[route.target], name=route.target,
-                        health_timeout=health_timeout, idle_timeout=effective["idle_timeout"],
-                        connect_timeout=effective["connect_timeout"],
-                        read_timeout=effective["read_timeout"], **pool_settings,
-                    ).pool
-                pool = pools[pool_key]
-            route_apps[route.name] = ProxyApp(pool, name=route.target, **proxy_settings)
+                pool_settings = {k: v for k, v in settings.items()
+                                 if k not in _ROUTE_POLICY and k != "trusted_proxies"}
+                url = mounted[route.target]
+                pool = shared(
+                    "route-pool",
+                    (route.target, url, policy.idle_timeout, policy.connect_timeout,
+                     policy.read_timeout, health_timeout, tuple(sorted(pool_settings.items()))),
+                    lambda url=url, route=route, pool_settings=pool_settings, policy=policy:
+                        ProxyApp(url, name=route.target, health_timeout=health_timeout,
+                                 idle_timeout=policy.idle_timeout,
+                                 connect_timeout=policy.connect_timeout,
+                                 read_timeout=policy.read_timeout, **pool_settings).pool,
+                )
+            route_apps[route.name] = shared(
+                "route-proxy", (route.name, id(pool), tuple(sorted(proxy_settings.items()))),
+                lambda pool=pool, route=route, proxy_settings=proxy_settings:
+                    ProxyApp(pool, name=route.target, **proxy_settings),
+            )
         except ValueError as exc:
             raise error(str(exc), f"policy.{route.name}") from None
-    return route_apps, notes
+    return route_apps, notes, route_policies
 
 
 # -- the loader -----------------------------------------------------------------------------

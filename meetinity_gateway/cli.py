@@ -58,6 +58,15 @@ def _print_pipeline(pipeline) -> None:
         print("upstream policy per route (effective values):")
         for name, note in router.notes.items():
             print(f"  {name}: {note}")
+    if pipeline.router is not None:
+        from meetinity_gateway.routeview import route_policies
+
+        print("effective policy per route (what each layer decides for a path it serves):")
+        for view in route_policies(pipeline.router, getattr(pipeline, "layers", {}).items()):
+            print(f"  {view.route}: {view.methods} {view.sample}")
+            for name, text in view.layers:
+                print(f"    {name}: {text}")
+            print(f"    upstream: {view.upstream}")
     for name, layer in getattr(pipeline, "layers", {}).items():
         if hasattr(layer, "route_checks"):  # an authorization layer: its policy table
             print(f"authorization ({name}, most specific rule wins):")

@@ -178,6 +178,9 @@ class Router:
         #: empty URL); set by the assembly, printed by ``check``.
         self.upstreams: dict[str, str] = {}
         self.unmounted_upstreams: list[str] = []
+        #: Route name → its effective upstream policy (assembly.RoutePolicy), set by the
+        #: assembly; shown by ``check`` and ``/status`` (routeview.py).
+        self.policies: dict[str, t.Any] = {}
         seen: list[Route] = []
         rules = []
         for route in self.routes:

@@ -319,6 +319,10 @@ class GatewayParser(HTTPRequestParser):
 
     refusal: tuple[int, str] | None = None
     body_refused = False
+    #: waitress names ``request.path`` when the client leaves while a request is answered;
+    #: one refused at its request line never got a path, and the log line would become an
+    #: AttributeError traceback (any client could write them at will).
+    path = "(unparsed request)"
 
     def __init__(self, adj) -> None:
         super().__init__(adj)

@@ -144,9 +144,6 @@ class StatusApp:
         return [layer for layer in self._layers()
                 if hasattr(layer, "rule_for") and hasattr(layer, "limiter")]
 
-    def _auth_layers(self) -> list[t.Any]:
-        return [layer for layer in self._layers() if hasattr(layer, "protects")]
-
     def _observers(self) -> list[t.Any]:
         return [layer for layer in self._layers()
                 if getattr(layer, "registry", None) is not None and hasattr(layer, "metrics")]
@@ -248,45 +245,34 @@ class StatusApp:
     def _routes(self) -> str:
         if self.router is None:
             return "<p class=meta>no router</p>"
-        auth_layers = self._auth_layers()
-        limiters = self._ratelimiters()
+        from meetinity_gateway.routeview import route_policies
+
+        layers = (self.pipeline.layers.items() if self.pipeline is not None
+                  and getattr(self.pipeline, "layers", None) else
+                  [(type(layer).__name__, layer) for layer in self._layers()])
+        by_name = {route.name: route for route in self.router.routes}
         rows = []
-        for route in self.router.routes:
-            path = route.path + ("/*" if route.prefix and route.path != "/" else "")
-            methods = sorted(route.methods) if route.methods else ["*"]
-            probe_methods = sorted(route.methods) if route.methods else ["GET", "POST"]
-            token = "required" if any(layer.protects(route.path) for layer in auth_layers) \
-                else "—"
-            limits = []
-            for limiter in limiters:
-                for method in probe_methods:
-                    rule = limiter.rule_for(method, route.path)
-                    if rule is not None and rule.describe() not in limits:
-                        limits.append(rule.describe())
-            endpoint = self.router.endpoints.get(route.target)
-            policy = "built in" if route.target.startswith("@") else "—"
-            if endpoint is not None and hasattr(endpoint, "pool"):
-                policy = (f"connect {endpoint.timeout[0]:g} s, read {endpoint.timeout[1]:g} s, "
-                          f"body ≤ {endpoint.max_body_size:,} B, "
-                          f"retries {getattr(endpoint, 'retries', '?')}")
+        for view in route_policies(self.router, layers):
+            route = by_name[view.route]
             rows.append((
-                f"<code>{_e(route.name)}</code>", _e(", ".join(methods)),
-                f"<code>{_e(path)}</code>", f"<code>{_e(route.target)}</code>",
-                f"<code>{_e(route.rewrite or '')}</code>", _e(token),
-                "<br>".join(f"<code>{_e(limit)}</code>" for limit in limits) or "—",
-                _e(policy),
+                f"<code>{_e(view.route)}</code>", _e(view.methods),
+                f"<code>{_e(view.path)}</code>", f"<code>{_e(view.sample)}</code>",
+                f"<code>{_e(route.target)}</code>", f"<code>{_e(route.rewrite or '')}</code>",
+                "<br>".join(f"{_e(name)}: <code>{_e(text)}</code>"
+                            for name, text in view.layers) or "—",
+                _e(view.upstream),
             ))
         for route in self.router.unmounted:  # listed, never matched: their paths get a 404
             path = route.path + ("/*" if route.prefix and route.path != "/" else "")
             methods = sorted(route.methods) if route.methods else ["*"]
             rows.append((
                 f"<code>{_e(route.name)}</code>", _e(", ".join(methods)),
-                f"<code>{_e(path)}</code>", f"<code>{_e(route.target)}</code>",
-                f"<code>{_e(route.rewrite or '')}</code>", "—", "—",
+                f"<code>{_e(path)}</code>", "—", f"<code>{_e(route.target)}</code>",
+                f"<code>{_e(route.rewrite or '')}</code>", "—",
                 f'<span class="failing">not mounted: {_e(route.target)} has no URL</span>',
             ))
-        return _table(("route", "methods", "path", "target", "rewrite", "token",
-                       "rate limit", "upstream policy"), rows)
+        return _table(("route", "methods", "path", "asked for", "target", "rewrite",
+                       "policy (each layer's decision)", "upstream policy"), rows)
 
     def _error_rate(self, target, now: float) -> str:
         recent = [ok for at, ok in list(getattr(target, "recent", ())) if now - at <= self.window]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import socket
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -426,3 +428,161 @@ def test_hostile_tools_detect_what_they_must():
     finally:
         listener.close()
     assert response is None
+
+
+# -- garbage, then the client leaves ---------------------------------------------------------
+
+#: A request whose body framing leaves bytes behind (the issue's exact bytes first): the
+#: server answers the request, then refuses the leftover at its request line, by which time
+#: the client may be gone.
+LEFTOVERS = st.sampled_from([
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n1\r\nZ\r\n0\r\n\r\n",
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nZZ\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/9.9\r\n\r\n",
+    b"GET /api/users/42 HTTP/1.1\r\nHost: x\r\n\r\n \r\nHost: y\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"1\r\nZ\r\n0\r\n\r\nZ\r\n\r\n",
+])
+#: When the client closes: before reading anything, after a few bytes of the answer, after
+#: the first answer; with a FIN or a reset (SO_LINGER 0).
+CLOSE_AFTER = st.sampled_from(["sent", "some", "answer"])
+
+
+class _Exceptions(logging.Handler):
+    """Every log record that carries a traceback (any logger of this process)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.tries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def exceptions():
+    handler = _Exceptions()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+    # The issue saw the traceback in 4-6 % of tries: 400 make a miss practically impossible.
+    assert handler.tries == 0 or handler.tries >= 400, handler.tries
+
+
+@settings(SETTINGS, max_examples=400)
+@given(data=LEFTOVERS, tail=st.binary(max_size=6), close=CLOSE_AFTER, reset=st.booleans())
+def test_garbage_then_disconnect_logs_no_exception(rig, exceptions, data, tail, close, reset):
+    server, _ = rig
+    data += tail  # more garbage: a space too large for Hypothesis to exhaust before 400 tries
+    exceptions.tries += 1
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(data)
+        if close == "some":
+            sock.recv(16)
+        elif close == "answer":
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+    except OSError:
+        pass  # refused and closed first: the server's side of the story is what counts
+    finally:
+        sock.close()
+    assert_alive(server.port)  # also lets the server finish with the closed connection
+    formatted = [logging.Formatter().format(record) for record in exceptions.records]
+    assert not formatted, formatted[0]
+
+
+# -- client-chosen address and path headers --------------------------------------------------
+
+#: Header names that proxies, CDNs and application servers read as the client's address,
+#: written down here independently of the gateway's own list (net.ADDRESS_HEADERS), so a
+#: spelling the gateway forgets fails this test.
+ADDRESS_SPELLINGS = """
+X-Real-IP X-Real-Client-IP Real-IP X-RealIP True-Client-IP X-True-Client-IP X-True-IP
+CF-Connecting-IP CF-Connecting-IPv6 Fastly-Client-IP Akamai-Client-IP X-Akamai-Client-IP
+X-Client-IP Client-IP X-ClientIP ClientIP X-Client-Addr X-Client-Address X-Cluster-Client-IP
+Cluster-Client-IP X-Originating-IP Originating-IP X-Remote-IP X-Remote-Addr Remote-Addr
+Remote-IP X-RemoteAddr RemoteAddr X-Remote-Address Proxy-Client-IP WL-Proxy-Client-IP
+X-Proxy-Client-IP X-ProxyUser-IP X-Azure-ClientIP X-Azure-SocketIP X-AppEngine-User-IP
+X-AppEngine-Remote-Addr X-User-IP User-IP X-UserIP X-End-User-IP X-EndUser-IP X-Source-IP
+Source-IP X-Src-IP X-SourceIP X-Host-IP X-IP X-IP-Address X-Custom-IP-Authorization
+X-Original-Remote-Addr X-Original-Client-IP X-Orig-Client-IP X-Connecting-IP Connecting-IP
+X-Envoy-External-Address X-Envoy-Peer-IP X-Amzn-Source-IP X-AWS-Client-IP X-GCP-Client-IP
+X-Client-Public-IP X-Public-IP X-Device-IP X-WAP-Client-IP X-Nokia-IPAddress X-IMForwards
+Forwarded-For X-Forward-For X-Forwarder-For X-Forwarded-For-Original X-Original-Forwarded-For
+X-Forwarded-For-IP Forwarded-For-IP X-Forwarded X-Forwarded-IP X-Forwarded-Client-IP
+X-Forwarded-By X-Forwarded-Server Forward-For X-ForwardedFor ForwardedFor X-Fwd-For
+X-Coming-From Coming-From X-HTTP-Client-IP HTTP-Client-IP HTTP-X-Real-IP HTTP-X-Forwarded-For
+HTTP-Forwarded-For X-Client-Real-IP X-Client-True-IP X-Real-Forwarded-For X-CDN-Client-IP
+X-Edge-Client-IP X-LB-Client-IP X-NF-Client-Connection-IP X-Vercel-Forwarded-For X-Vercel-IP
+DO-Connecting-IP Incap-Client-IP X-Sucuri-ClientIP X-Varnish-Client-IP X-WAF-Client-IP
+Z-Forwarded-For X-Cluster-IP X-ARR-ClientIP X-SP-Forwarded-IP X-Peer-IP X-Socket-IP
+X-Client-Peer-Addr My-Real-IP X-Origin-Client-IP X-Gateway-Client-IP
+""".split()
+PATH_SPELLINGS = """
+X-Original-URL X-Rewrite-URL X-Original-URI X-Rewrite-URI X-Override-URL X-Original-Path
+X-Envoy-Original-Path X-HTTP-DestinationURL X-Request-URI Request-URI X-Forwarded-URI
+X-Forwarded-Path X-Unencoded-URL X-Replaced-Path X-IIS-Original-URL X-My-Original-Url
+""".split()
+
+
+def test_the_spelling_list_is_large_enough():
+    assert len(set(name.lower() for name in ADDRESS_SPELLINGS)) >= 100
+
+
+def _case(name: str, flips: list[bool]) -> str:
+    return "".join(c.swapcase() if flip else c for c, flip in zip(name, flips + [False] * 99))
+
+
+def _send_spellings(rig, names: list[str]) -> Recorded:
+    server, upstream = rig
+    probe = f"spelling-{next(_probes)}"
+    seen = len(upstream.since(0))
+    lines = "".join(f"{name}: {FORGED_IP}\r\n" if name not in PATH_SPELLINGS
+                    and name.lower() not in {p.lower() for p in PATH_SPELLINGS}
+                    else f"{name}: /api/users/7/export\r\n" for name in names)
+    data = (f"GET /api/auth/{probe} HTTP/1.1\r\nHost: gw\r\n{lines}"
+            f"Connection: close\r\n\r\n").encode("latin-1")
+    response, reader = raw_exchange(server.port, data)
+    reader.sock.close()
+    assert response is not None and response.status == 200, response
+    recorded = [r for r in upstream.since(seen) if probe in r.target]
+    assert len(recorded) == 1
+    return recorded[0]
+
+
+def _leaks(recorded: Recorded) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in recorded.headers
+            if FORGED_IP in value or "/api/users/7" in value]
+
+
+def test_no_client_address_or_path_header_reaches_a_service_in_any_spelling(rig):
+    names = ADDRESS_SPELLINGS + PATH_SPELLINGS
+    leaks = []
+    for start in range(0, len(names), 20):
+        leaks += _leaks(_send_spellings(rig, names[start:start + 20]))
+    assert not leaks, f"{len(leaks)} of {len(names)} reached the upstream: {leaks}"
+
+
+@settings(SETTINGS, max_examples=60)
+@given(names=st.lists(st.sampled_from(ADDRESS_SPELLINGS + PATH_SPELLINGS), min_size=1,
+                      max_size=8, unique=True),
+       flips=st.lists(st.booleans(), max_size=40))
+def test_address_and_path_headers_are_dropped_in_any_case(rig, names, flips):
+    recorded = _send_spellings(rig, [_case(name, flips) for name in names])
+    assert not _leaks(recorded)
+    # The gateway's own word on the address is the peer's.
+    assert recorded.header("X-Real-IP") == ["127.0.0.1"]

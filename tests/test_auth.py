@@ -943,3 +943,32 @@ def test_a_cached_token_dies_with_its_key():
     with pytest.raises(Exception) as info:
         middleware.verify(token)
     assert getattr(info.value, "message", "") == "bad signature"
+
+
+# -- deny by default: public paths -----------------------------------------------------------
+
+@pytest.mark.parametrize("path, public", [
+    ("/api/auth", True), ("/api/auth/login", True), ("/api/auth/a/b", True),
+    ("/health", True), ("/health/live", True), ("/api/shop/7/open", True),
+    ("/api/authx", False), ("/health/x", False), ("/healthz", False), ("/", False),
+    ("/api/shop/x/open", False), ("/api/shop/7/open/x", False), ("/api/orders/1", False),
+    ("/anything/new", False),
+])
+def test_everything_needs_a_token_but_the_public_paths(path, public):
+    layer = AuthMiddleware(echo_app, secret=SECRET, public=[
+        "/api/auth/*", "/health", "/health/live", "/api/shop/<int:id>/open"])
+    app = webtest.TestApp(LintMiddleware(layer))
+    for method in ("GET", "POST", "DELETE", "OPTIONS"):
+        response = app.request(path, method=method, expect_errors=True)
+        assert (response.status_int == 200) == public, (method, path, response.status)
+        if not public:
+            assert response.status_int == 401
+    assert layer.protects(path) is not public
+    assert layer.policy_for(path).startswith("public") is public
+
+
+@pytest.mark.parametrize("public", [["api/auth"], ["/a/<nope:x>"], ["/a/../b"], ["/a b"]])
+def test_bad_public_paths_are_config_errors(public):
+    with pytest.raises(ConfigError) as caught:
+        AuthMiddleware(echo_app, secret=SECRET, public=public)
+    assert caught.value.key == "public"

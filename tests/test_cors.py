@@ -407,7 +407,7 @@ def test_gateway_errors_carry_cors_headers_for_an_allowed_origin(gateway_factory
     down = gateway_factory(CORS_ORIGINS=APP, USER_SERVICE_URL=dead)
     auth_in_pipeline = "auth" in _pipeline_names()
     cases = [
-        (gateway.url + "/api/nothing-here", {}, 404),
+        (gateway.url + "/api/nothing-here", auth_headers(), 404),  # deny by default
         (gateway.url + "/api/users/slow?seconds=2", auth_headers(), 504),
         (down.url + "/api/auth/login", {}, 502),
     ]

@@ -162,7 +162,7 @@ def test_allowed_origin_works_end_to_end_in_chromium(chromium, tmp_path, pages,
          "json": {"email": "ada@example.com", "provider": "google"}},
         {"name": "user", "method": "GET", "path": "/api/users/42", "headers": mobile},
         {"name": "unauthorized", "method": "GET", **unauthorized},
-        {"name": "not_found", "method": "GET", "path": "/api/nothing-here", "headers": {}},
+        {"name": "not_found", "method": "GET", "path": "/api/nothing-here", "headers": mobile},
     ]
     report = run_page(chromium, tmp_path, page_server, page)
 

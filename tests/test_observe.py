@@ -42,6 +42,7 @@ from tests.test_errors import late_boom_app
 from tests.servers import (
     GatewayProcess,
     WaitressServer,
+    auth_headers,
     free_port,
     make_token,
     session,
@@ -631,7 +632,7 @@ use = call:tests.test_observe:boom_factory
     calls = [
         (gateway.url + f"/api/users/7?access_token={query_secret}", bearer, 200),
         (gateway.url + "/api/users/7", {"Authorization": f"Bearer {bad_token}"}, 401),
-        (gateway.url + "/nope", {}, 404),
+        (gateway.url + "/nope", bearer, 404),
         (gateway.url + "/api/auth/status?code=500", {}, 500),
         (gateway.url + "/api/auth/slow?seconds=2", {}, 504),
         (gateway.url + "/api/auth/login", bearer, 429),
@@ -700,7 +701,7 @@ def test_metrics_after_known_traffic(gateway_factory, upstream, log_lines):
         assert client.get(gateway.url + "/api/users/1").status_code == 401
     assert client.get(gateway.url + "/api/users/1",
                       headers={"Authorization": "Bearer a.b.c"}).status_code == 401
-    assert client.delete(gateway.url + "/nope").status_code == 404
+    assert client.delete(gateway.url + "/nope", headers=bearer).status_code == 404
     assert client.get(gateway.url + "/api/auth/x").status_code == 200
     assert client.get(gateway.url + "/api/auth/x").status_code == 429
 
@@ -746,7 +747,8 @@ def test_upstream_failures_counted_by_reason(gateway_factory, upstream, log_line
 def test_metrics_not_rate_limited_and_refused_outside_the_allow_list(gateway_factory):
     gateway = gateway_factory(RATE_LIMIT_DEFAULT="1/hour", RATELIMIT_STRATEGY="moving-window")
     client = session()
-    assert client.get(gateway.url + "/nope").status_code == 404
+    # Counted before auth: the unknown path's 401 (deny by default) uses the budget.
+    assert client.get(gateway.url + "/nope").status_code == 401
     assert client.get(gateway.url + "/nope").status_code == 429
     for _ in range(3):
         scrape(gateway.url)
@@ -779,7 +781,7 @@ def test_trace_context_started_and_propagated(gateway, upstream, log_lines):
 def test_text_log_format_from_the_environment(gateway_factory, caplog):
     caplog.set_level(logging.INFO, logger="meetinity_gateway.access")
     gateway = gateway_factory(LOG_FORMAT="text")
-    session().get(gateway.url + "/nope")
+    session().get(gateway.url + "/nope", headers=auth_headers())
 
     def messages():
         return [r.getMessage() for r in caplog.records if r.name == "meetinity_gateway.access"]

@@ -244,8 +244,9 @@ def test_check_says_what_is_mounted_and_prints_the_policies(monkeypatch, capsys)
             "/users/<id>/recommendations (parameters: id:int)") in lines
     assert "  users: connect 3s, read 30s, body 10M, retries 2, idle 4s" in lines
     assert any(line.startswith("  conversations: ") and "not mounted" in line for line in lines)
-    assert "  user_own: DELETE,PATCH,POST,PUT /api/users/<id>/* -> sub=<id>" in lines
-    assert "  users_list: GET /api/users -> role=admin" in lines
+    assert ("  user_own: DELETE,PATCH,POST,PUT /api/users/<id>/* -> sub=<id> or role=admin"
+            in lines)
+    assert "  users_collection: DELETE,GET,PATCH,POST,PUT /api/users -> role=admin" in lines
 
 
 # -- the class: no spelling of another user's id lets a write through --------------------------

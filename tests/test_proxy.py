@@ -64,7 +64,7 @@ def test_prefix_itself_and_sub_paths_route_but_not_lookalikes(gateway, upstream)
     client = session()
     assert echoed(client.get(gateway.url + "/api/auth"))["path"] == "/auth"
     assert echoed(client.get(gateway.url + "/api/auth/a/b/c"))["path"] == "/auth/a/b/c"
-    assert_error_shape(client.get(gateway.url + "/api/authX"), 404)
+    assert_error_shape(client.get(gateway.url + "/api/authX", headers=auth_headers()), 404)
     assert len(upstream.requests) == 2
 
 
@@ -326,7 +326,7 @@ def test_escaping_paths_are_400_and_never_reach_the_upstream(gateway, upstream, 
 
 
 def test_unknown_path_is_json_404_and_wrong_method_json_405(gateway, upstream):
-    assert_error_shape(session().get(gateway.url + "/nope"), 404)
+    assert_error_shape(session().get(gateway.url + "/nope", headers=auth_headers()), 404)
     error = session().post(gateway.url + "/health")
     assert_error_shape(error, 405)
     assert error.headers["Allow"] == "GET, HEAD"

@@ -220,6 +220,30 @@ def test_cors_preflight_is_not_counted():
     app.options("/api/auth/login", status=429)
 
 
+@pytest.mark.parametrize("extra", [
+    {"Content-Length": "5"},
+    {"Transfer-Encoding": "chunked"},
+    {"X-HTTP-Method-Override": "DELETE"},
+    {"X-Method-Override": "POST"},
+    {"Access-Control-Request-Method": "P O S T"},
+])
+def test_a_preflight_shaped_request_that_is_not_one_is_counted(extra):
+    # The one definition of a preflight (preflight.py): with a body, a method override or a
+    # malformed requested method, an OPTIONS is an ordinary request, counted like any other.
+    app = app_with(rules={"auth": "/api/auth 1/minute"})
+    headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    headers.update(extra)
+    body = b"hello" if "Content-Length" in extra else b""
+    environ = {"REMOTE_ADDR": "192.0.2.9"}
+    if "Transfer-Encoding" in extra:
+        environ["wsgi.input_terminated"] = True
+    first = app.request("/api/auth/login", method="OPTIONS", headers=headers, body=body,
+                        environ=environ)
+    assert "RateLimit" in first.headers
+    app.request("/api/auth/login", method="OPTIONS", headers=headers, body=body,
+                environ=environ, status=429)
+
+
 # -- who is counted -------------------------------------------------------------------------
 
 def test_clients_are_counted_by_address():

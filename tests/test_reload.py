@@ -430,7 +430,7 @@ def test_serve_reload_under_load_adds_a_route_and_rejects_a_bad_file(tmp_path, u
                 f"upstream.extra_service = {events.url}\n"
                 "route.extra = /api/extra/* -> extra_service /events\n"))
             gateway.wait_for_line("configuration reloaded")
-            answer = session().get(gateway.url + "/api/extra/7", timeout=10)
+            answer = session().get(gateway.url + "/api/extra/7", headers=auth_headers(), timeout=10)
             assert answer.status_code == 200 and answer.json()["path"] == "/events/7"
             second = session().get(gateway.url + "/health").json()["config"]["fingerprint"]
             assert second != first
@@ -441,8 +441,10 @@ def test_serve_reload_under_load_adds_a_route_and_rejects_a_bad_file(tmp_path, u
                 f"{second}" in error
             time.sleep(0.5)
             # Still the good configuration: the events route answers, the fingerprint stays.
-            assert session().get(gateway.url + "/api/extra/8", timeout=10).status_code == 200
-            assert session().get(gateway.url + "/api/broken/1", timeout=10).status_code == 404
+            assert session().get(gateway.url + "/api/extra/8", headers=auth_headers(),
+                                 timeout=10).status_code == 200
+            assert session().get(gateway.url + "/api/broken/1", headers=auth_headers(),
+                                 timeout=10).status_code == 404
             assert session().get(gateway.url + "/health").json()["config"]["fingerprint"] \
                 == second
         load.stop()
@@ -470,7 +472,7 @@ def test_sighup_reloads(tmp_path, upstream):
         write(config, _shipped_with("route.extra = /api/extra/* -> user_service /x\n"))
         gateway.process.send_signal(signal.SIGHUP)
         gateway.wait_for_line("configuration reloaded")
-        response = session().get(gateway.url + "/api/extra/1", timeout=10)
+        response = session().get(gateway.url + "/api/extra/1", headers=auth_headers(), timeout=10)
         assert response.status_code == 200 and response.json()["path"] == "/x/1"
     finally:
         gateway.stop()

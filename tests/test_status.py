@@ -87,10 +87,11 @@ def test_page_shows_pipeline_routes_upstreams_and_storage(tmp_path, monkeypatch,
     assert "memory://&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "script" not in tags and "b" not in tags and "img" not in tags
     assert "observe errors cors ratelimit auth authorize userlimit gateway" in text
-    assert "extra GET, POST /api/extra/* user_service /x" in text
-    assert "users * /api/users/* user_service /users required" in text
-    assert "auth: * /api/auth 60 per 1 minute" in text
-    assert "connect 3 s, read 30 s" in text
+    assert "extra GET,POST /api/extra/* /api/extra user_service /x" in text
+    assert "users * /api/users/* /api/users/x user_service /users ratelimit: none auth: token" \
+        in text
+    assert "ratelimit: auth: * /api/auth 60 per 1 minute" in text
+    assert "connect 3s, read 30s" in text
     # Upstream targets and the rate-limit storage.
     assert f"{upstream.url} 1 healthy 0 0" in text
     assert "SlidingWindowCounterRateLimiter ok" in text
@@ -230,7 +231,7 @@ def test_status_page_in_headless_chromium(tmp_path, monkeypatch, upstream):
         assert "Meetinity gateway status" in text
         assert pipeline.fingerprint in text
         assert "observe errors cors ratelimit auth authorize userlimit gateway" in text
-        assert "events * /api/events/* event_service /events" in text
+        assert "events * /api/events/* /api/events event_service /events" in text
         assert re.search(rf"{re.escape(upstream.url)} 1 healthy 0 0 0/1 \(0 %\)", text), text
         assert re.search(rf"{re.escape(dead)} 1 ejected \(\d+ s left\) 0 0 2/2 \(100 %\)",
                          text), text
@@ -261,7 +262,7 @@ def test_page_says_the_overall_state_first_traffic_per_route_and_unmounted_route
     assert text.startswith("Meetinity gateway status ok ")
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
     # The routes of the unmounted services, as such.
-    assert "conversations * /api/conversations/* messaging_service /conversations — — " \
+    assert "conversations * /api/conversations/* — messaging_service /conversations — " \
         "not mounted: messaging_service has no URL" in text
     for _ in range(3):
         app.get("/api/auth/ok")

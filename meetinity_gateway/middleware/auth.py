@@ -30,7 +30,8 @@ neither a string nor an integer, or holds control characters, is left out — an
 ``sub`` is refused). Client-sent copies of those headers are deleted from **every** request,
 protected or not, before anything else: a client can never forge an identity.
 
-Requests outside the prefixes pass untouched (minus forged identity headers). Every method
+Requests outside the prefixes, or named ``public``, pass untouched (minus forged identity
+headers). Every method
 needs a token on a protected prefix, ``OPTIONS`` included: in the gateway the ``cors`` layer
 answers real CORS preflights before they get here. Used alone in front of an app that
 answers preflights itself, ``allow_preflights=True`` lets *real* preflights through without
@@ -56,7 +57,11 @@ Use alone around any WSGI app::
 
 :param app: the WSGI application to wrap.
 :param prefixes: path prefixes that require a token, on segment boundaries (``/api/users``
-    covers ``/api/users/7``, not ``/api/usersX``). Default ``["/"]``: everything.
+    covers ``/api/users/7``, not ``/api/usersX``). Default ``["/"]``: everything — deny by
+    default, the form the shipped gateway.ini uses; list prefixes only to protect some.
+:param public: path templates (:mod:`meetinity_gateway.pathrules`: ``/health`` exact,
+    ``/api/auth/*`` a prefix, ``<id>`` parameters) that need no token although a prefix
+    covers them. A path no template names needs a token.
 :param secret: the HMAC secret; required (non-empty) when an ``HS*`` algorithm is allowed.
     It must be at least as long as the hash output of every allowed ``HS*`` algorithm
     (RFC 7518 §3.2: 32 bytes for HS256, 48 for HS384, 64 for HS512), not a well-known
@@ -92,7 +97,7 @@ In gateway.ini (``identity_headers`` as ``claim=Header`` pairs, lists comma-sepa
 
     [filter:auth]
     use = egg:meetinity_gateway#auth
-    prefixes = /api/users, /api/profile
+    public = /api/auth/*, /health, /health/live
     secret = ${JWT_SECRET:-}
     algorithms = ${JWT_ALGORITHMS:-HS256}
     jwks_url = ${JWT_JWKS_URL:-}
@@ -115,10 +120,12 @@ import typing as t
 from urllib.parse import urlsplit
 
 import jwt
+from werkzeug.exceptions import HTTPException
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
 from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
+from meetinity_gateway.pathrules import build_map, parse_path
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import GatewayError
@@ -398,6 +405,7 @@ class AuthMiddleware:
         app: WSGIApplication,
         *,
         prefixes: t.Iterable[str] = ("/",),
+        public: t.Iterable[str] = (),
         secret: str | bytes | None = None,
         algorithms: t.Iterable[str] = ("HS256",),
         jwks_url: str | None = None,
@@ -420,6 +428,14 @@ class AuthMiddleware:
             self._matcher = PrefixMatcher(prefixes)
         except ValueError as exc:
             raise ConfigError(str(exc), key="prefixes") from None
+        self.public_text = [item.strip() for item in public if item.strip()]
+        try:
+            templates = [parse_path(item) for item in self.public_text]
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="public") from None
+        self._public = build_map(
+            rule for template in templates for rule in template.rules(template.text, None)
+        ).bind("gateway", "/") if templates else None
 
         self.algorithms = self._check_algorithms(list(algorithms))
         hmac_allowed = sorted(self.algorithms & HMAC_ALGORITHMS)
@@ -542,7 +558,7 @@ class AuthMiddleware:
         environ.pop(CLAIMS_KEY, None)
 
         path = environ.get("PATH_INFO") or "/"
-        if not self._matcher.covers(path) or (self.allow_preflights and is_preflight(environ)):
+        if not self.protects(path) or (self.allow_preflights and is_preflight(environ)):
             if not self.forward_authorization:
                 environ.pop("HTTP_AUTHORIZATION", None)
             return self.app(environ, start_response)
@@ -588,7 +604,24 @@ class AuthMiddleware:
 
     def protects(self, path: str) -> bool:
         """Whether a request for ``path`` needs a token (for status pages and tools)."""
-        return self._matcher.covers(path)
+        return self._matcher.covers(path) and self.public_rule(path) is None
+
+    def public_rule(self, path: str) -> str | None:
+        """The ``public`` template that lets ``path`` through without a token, if any."""
+        if self._public is None:
+            return None
+        try:
+            endpoint, _ = self._public.match(path, "GET")
+        except HTTPException:
+            return None
+        return endpoint
+
+    def policy_for(self, path: str, method: str = "GET") -> str:
+        """This layer's part of a route's policy, for ``check`` and ``/status``."""
+        if not self._matcher.covers(path):
+            return "public (no protected prefix)"
+        rule = self.public_rule(path)
+        return f"public ({rule})" if rule is not None else "token"
 
     def verify(self, token: str) -> dict[str, t.Any]:
         """The verified claims of ``token``; raises :class:`Unauthorized` or
@@ -720,6 +753,7 @@ def _claim_headers(value: str) -> dict[str, str]:
 
 _PARAMS = {
     "prefixes": as_list,
+    "public": as_list,
     "secret": as_str,
     "algorithms": as_list,
     "jwks_url": _optional_str,

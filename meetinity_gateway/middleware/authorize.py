@@ -272,6 +272,14 @@ class AuthorizeMiddleware:
         return [(f"rule.{rule.name}", rule.text, rule.template.sample(), rule.template.prefix,
                  sorted(rule.methods) if rule.methods else None) for rule in self.rules]
 
+    def policy_for(self, path: str, method: str = "GET") -> str:
+        """The rule deciding ``method path`` (or the default), for ``check`` and ``/status``."""
+        try:
+            rule, _ = self._adapter.match(path or "/", method)
+        except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+            return f"default: {self.default_text}"
+        return rule.describe()
+
     # -- decisions -------------------------------------------------------------------------------
 
     def decide(self, path: str, method: str, claims: t.Any) -> tuple[Rule | None, bool]:

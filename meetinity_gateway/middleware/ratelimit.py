@@ -2,8 +2,9 @@
 
 For every request the middleware
 
-1. lets CORS preflights through uncounted (``OPTIONS`` with ``Origin`` and
-   ``Access-Control-Request-Method``: they are the browser's question, not the caller's call);
+1. lets real CORS preflights through uncounted (:func:`meetinity_gateway.preflight.is_preflight`:
+   the browser's question, not the caller's call; an ``OPTIONS`` with a body or a method
+   override is an ordinary request and counted);
 2. picks the one rule covering the request: the longest path prefix (on segment boundaries,
    ``/api/auth`` covers ``/api/auth/login``, never ``/api/authX``), a rule naming the method
    winning over one for any method at the same prefix; the ``default`` limits apply to the
@@ -152,6 +153,7 @@ from meetinity_gateway.config import (
 from meetinity_gateway.logs import redact_uri as redact
 from meetinity_gateway.net import client_address
 from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
+from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import error_response
 from meetinity_gateway.shared import shared
 
@@ -585,6 +587,11 @@ class RateLimitMiddleware:
             return rules[prefix]
         return self.default
 
+    def policy_for(self, path: str, method: str = "GET") -> str:
+        """This layer's part of a route's policy (for ``check`` and ``/status``)."""
+        rule = self.rule_for(method, path)
+        return rule.describe() if rule is not None else "none"
+
     def key_for(self, environ: WSGIEnvironment) -> str:
         """Who is counted: ``claim.NAME:<sha256 of the claim>`` (with ``key=claim:NAME``,
         when the request carries verified claims), ``key:<sha256 of the header>`` (with
@@ -701,8 +708,7 @@ class RateLimitMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         method = environ.get("REQUEST_METHOD", "GET")
-        if (method == "OPTIONS" and environ.get("HTTP_ORIGIN")
-                and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")):
+        if is_preflight(environ):
             return self.app(environ, start_response)
         rule = self.rule_for(method, environ.get("PATH_INFO", ""))
         if rule is None:

@@ -8,10 +8,14 @@ Request headers (:func:`request_headers`):
   layers list in ``environ["meetinity_gateway.added_headers"]`` (the identity headers set by
   ``auth``, the per-route header rules). ``Connection: X-User-ID`` cannot strip an identity;
 * client-asserted addresses are worth what :mod:`meetinity_gateway.net` says: ``X-Forwarded-*``
-  and the address headers (``X-Real-IP``, ``True-Client-IP``, ``CF-Connecting-IP``,
-  ``X-Client-IP``, ``X-Cluster-Client-IP``, …) are dropped unless ``trusted_hops`` proxies
-  vouch for them, ``Forwarded`` always; the gateway sets ``X-Forwarded-For``/``-Proto``/
-  ``-Host`` and ``X-Real-IP`` (the client address it trusts) itself.
+  and the whole class of address headers (:func:`~meetinity_gateway.net.is_address_header`:
+  ``X-Real-IP``, ``True-Client-IP``, ``Client-IP``, ``WL-Proxy-Client-IP``, ``Remote-Addr``,
+  over a hundred listed spellings plus the patterns they follow) are dropped unless
+  ``trusted_hops`` proxies vouch for them, ``Forwarded`` always; the gateway sets
+  ``X-Forwarded-For``/``-Proto``/``-Host`` and ``X-Real-IP`` (the client address it trusts)
+  itself;
+* path-override headers (``X-Original-URL``, ``X-Rewrite-URL`` and kin:
+  :func:`~meetinity_gateway.net.is_path_override_header`) are always dropped.
 
 Response headers (:func:`response_headers`): hop-by-hop and ``Connection``-named headers and
 the upstream's ``Access-Control-*`` go. (Header bytes themselves were checked when the response
@@ -23,8 +27,9 @@ import typing as t
 
 from meetinity_gateway.keys import ADDED_HEADERS_KEY
 from meetinity_gateway.net import (
-    ADDRESS_HEADERS,
     client_address,
+    is_address_header,
+    is_path_override_header,
     trusted_address,
     trusted_chain,
     trusted_value,
@@ -78,7 +83,10 @@ _REQUEST_OWN = frozenset({
     "x-forwarded-host",
     "content-length",
     "via",
-}) | ADDRESS_HEADERS
+})
+
+#: Address headers the gateway sets itself from the trusted chain: never a client's copy.
+_ADDRESS_OWN = frozenset({"x-forwarded-for", "x-real-ip"})
 
 #: The gateway owns CORS: whatever an upstream says about it is dropped.
 _CORS_PREFIX = "access-control-"
@@ -119,11 +127,16 @@ def request_headers(
             continue
         name = _header_name(key)
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in _REQUEST_OWN or lowered in named:
-            if trusted_hops and lowered in ADDRESS_HEADERS and lowered != "x-real-ip":
+        if is_path_override_header(lowered):
+            continue  # the router chose the path; no client re-chooses it behind its back
+        claims_address = is_address_header(lowered)
+        if (claims_address or lowered in HOP_BY_HOP or lowered in _REQUEST_OWN
+                or lowered in named):
+            if (trusted_hops and claims_address and lowered not in _ADDRESS_OWN
+                    and lowered not in named):
                 # Vouched for by the trusted proxies in front: one address, as they set it.
                 address = trusted_address(value, trusted_hops)
-                if address is not None and lowered not in named:
+                if address is not None:
                     headers[name] = address
             continue
         if lowered.startswith(_FORWARDED_PREFIX):
