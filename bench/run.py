@@ -239,7 +239,7 @@ def transfers(gateway_url: str, headers: dict[str, str], pid: int) -> dict:
     base = peak_rss_kib(pid)
     started = time.perf_counter()
     received = 0
-    with client.get(gateway_url + f"/api/users/download?size={TRANSFER}", headers=headers,
+    with client.get(gateway_url + f"/api/users/42/download?size={TRANSFER}", headers=headers,
                     stream=True, timeout=120) as response:
         for chunk in response.iter_content(1 << 20):
             received += len(chunk)

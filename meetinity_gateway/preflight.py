@@ -23,16 +23,14 @@ Both read only the WSGI environ; no layer imports another for them.
 """
 from __future__ import annotations
 
-import re
 import typing as t
+
+from meetinity_gateway.http11 import is_token
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIEnvironment
 
 __all__ = ["METHOD_OVERRIDE_KEYS", "is_preflight", "looks_like_preflight", "why_not_preflight"]
-
-# RFC 9110 token: what a method may be made of.
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 #: environ keys of the headers some frameworks read as "treat this request as method X".
 #: A preflight never carries one; a request that does is not a preflight.
@@ -58,7 +56,7 @@ def why_not_preflight(environ: WSGIEnvironment) -> str | None:
     Only meaningful when :func:`looks_like_preflight` is true.
     """
     requested = environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD", "").strip()
-    if not _TOKEN.match(requested):
+    if not is_token(requested):  # RFC 9110: a method is a token
         return "malformed Access-Control-Request-Method"
     if environ.get("HTTP_TRANSFER_ENCODING"):
         return "a preflight has no body"

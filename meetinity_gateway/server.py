@@ -4,7 +4,8 @@ waitress stays the HTTP/1.1 engine (Windows and Linux); this module plugs into i
 extension points — a request parser, a channel and two task classes set on the listening
 server's ``channel_class`` — so nothing of waitress is forked:
 
-* **Framing** (RFC 9112 §3.2, §6): a request whose body length is ambiguous is never
+* **Framing** (RFC 9112 §3.2, §6; the rules are :mod:`meetinity_gateway.http11`'s, shared with
+  the upstream reader): a request whose body length is ambiguous is never
   processed. ``Content-Length`` together with ``Transfer-Encoding``, ``Transfer-Encoding`` on
   anything but HTTP/1.1, a transfer coding list that does not end in exactly one ``chunked``,
   duplicated ``Transfer-Encoding`` / ``Content-Length`` / ``Host``, a ``Content-Length`` that is
@@ -74,7 +75,6 @@ from pathlib import Path
 from waitress.buffers import OverflowableBuffer
 from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
-from waitress.rfc7230 import CHUNK_EXT_RE, HEADER_FIELD_RE
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import (
@@ -84,6 +84,7 @@ from waitress.utilities import (
     ServerNotImplemented,
 )
 
+from meetinity_gateway import http11
 from meetinity_gateway.config import (
     ConfigError,
     as_non_negative_int,
@@ -103,8 +104,6 @@ DEFAULT_THREADS = 8
 #: Seconds a refused request's connection keeps reading (and discarding) what its client still
 #: sends after the answer, so that client reads the answer rather than a reset.
 LINGER_SECONDS = 10.0
-#: Longest chunk-size line or trailer field accepted in a chunked body.
-MAX_CHUNK_LINE = 4096
 SERVERS = ("waitress", "granian", "gunicorn")
 
 
@@ -213,11 +212,8 @@ def server_settings(
 
 # -- request parsing ----------------------------------------------------------------------
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REQUEST_LINE = re.compile(rb"[^ ]+ [^ ]+ HTTP/([0-9])\.([0-9])")
-_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class _Refused(ParsingError):
@@ -275,28 +271,24 @@ class StrictChunkedReceiver:
                 continue
             end = buf.find(b"\r\n", i)
             if end < 0:
-                if len(buf) - i > MAX_CHUNK_LINE:
+                if len(buf) - i > http11.MAX_CHUNK_LINE:
                     self._fail("chunk line too long")
                 break
             line = buf[i:end]
             i = end + 2
-            if b"\r" in line or b"\n" in line:
-                self._fail("bare CR or LF in a chunked body")
-            elif self._state == "size":
-                size, semi, ext = line.partition(b";")
-                if not _CHUNK_SIZE.fullmatch(size) or (semi and not CHUNK_EXT_RE.match(semi + ext)):
-                    self._fail("invalid chunk size line")
-                elif int(size, 16) == 0:
-                    self._state = "trailer"
-                else:
-                    self._remain = int(size, 16)
-                    self._state = "data"
-            else:  # trailer fields, then an empty line
-                self._trailer_bytes += len(line)
-                if not line:
+            try:
+                if self._state == "size":
+                    self._remain = http11.chunk_size(line)
+                    self._state = "data" if self._remain else "trailer"
+                elif not line:  # the trailer section's end
                     self.completed = True
-                elif not HEADER_FIELD_RE.match(line) or self._trailer_bytes > MAX_CHUNK_LINE:
-                    self._fail("invalid chunked trailer")
+                else:  # trailer fields
+                    self._trailer_bytes += len(line)
+                    if self._trailer_bytes > http11.MAX_CHUNK_LINE:
+                        raise http11.FramingError("chunked trailer too long")
+                    http11.check_field_line(line)
+            except http11.FramingError as exc:
+                self._fail(str(exc))
         if self.completed:
             return i - held
         if self.error is None:
@@ -382,51 +374,32 @@ class GatewayParser(HTTPRequestParser):
             self.version = "%d.%d" % version
             self.command = first.split(b" ", 1)[0].decode("latin-1")
         lengths, codings, hosts = [], [], []
-        for line in rest.split(b"\r\n"):
-            if not line:
-                continue
-            if line[:1] in (b" ", b"\t"):
-                raise _Refused(400, "obsolete line folding in a header")
-            if b"\r" in line or b"\n" in line:
-                raise _Refused(400, "bare CR or LF in a header")
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise _Refused(400, "malformed header field")
-            name = name.lower()
-            value = value.strip(b" \t")
-            if name == b"content-length":
-                lengths.append(value)
-            elif name == b"transfer-encoding":
-                codings.append(value)
-            elif name == b"host":
-                hosts.append(value)
-        if codings:
-            if version != (1, 1):
-                raise _Refused(400, "Transfer-Encoding is only allowed with HTTP/1.1")
-            if len(codings) > 1:
-                raise _Refused(400, "duplicated Transfer-Encoding")
-            if lengths:
-                raise _Refused(400, "both Content-Length and Transfer-Encoding")
-            names = [c.strip(b" \t").lower() for c in codings[0].split(b",")]
-            if names[-1] != b"chunked" or names.count(b"chunked") != 1 or not all(names):
-                raise _Refused(400, "Transfer-Encoding must end with one chunked")
+        try:
+            for line in rest.split(b"\r\n"):
+                if not line:
+                    continue
+                name, value = http11.field_line(line)
+                name = name.lower()
+                if name == b"content-length":
+                    lengths.append(value)
+                elif name == b"transfer-encoding":
+                    codings.append(value)
+                elif name == b"host":
+                    hosts.append(value)
+            # A coding other than chunked too is a 400 (RFC 9112 allows 501, but a client's
+            # choice never earns a 5xx here).
+            http11.body_framing(version, lengths, codings)
+        except http11.FramingError as exc:
+            raise _Refused(400, str(exc)) from None
         if version not in ((1, 0), (1, 1)):
             # 400, not 505: client garbage never gets a 5xx (a 5xx says "the gateway failed")
             raise _Refused(400, "HTTP version not supported")
-        if len(lengths) > 1:
-            raise _Refused(400, "duplicated Content-Length")
-        if lengths and not _CONTENT_LENGTH.fullmatch(lengths[0]):
-            raise _Refused(400, "invalid Content-Length")
         if len(hosts) > 1:
             raise _Refused(400, "duplicated Host")
         if version == (1, 1) and not hosts:
             raise _Refused(400, "missing Host")
         if hosts and not _HOST.fullmatch(hosts[0]):
             raise _Refused(400, "invalid Host")
-        if codings and "," in codings[0].decode("latin-1"):
-            # well-formed but for a coding before chunked (gzip, chunked): a 400 like the
-            # rest (RFC 9112 allows 501, but a client's choice never earns a 5xx here)
-            raise _Refused(400, "transfer coding not supported")
 
 
 # -- tasks --------------------------------------------------------------------------------

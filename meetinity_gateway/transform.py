@@ -16,6 +16,14 @@ One rule per ini value (keys cannot hold ``:``, values can), in ``[app:gateway]`
   whatever the route's endpoint answers: the upstream's response, or the proxy's own
   502/504/413.
 * ``VALUE`` is the rest of the line (spaces kept inside, ``${VAR}`` expanded when loaded).
+  A request value may hold ``{claim:NAME}``: the verified claim ``NAME`` of the caller's
+  token (``meetinity_gateway.claims``, set by auth), never anything the client sent. A
+  claim the request lacks, or one that is not a string or an integer fit for a header
+  (no control characters, latin-1), refuses the request with a JSON 403: a service never
+  gets an empty or forged identity. Example, for a service that reads the caller from
+  ``Authorization: Bearer user:<id>``::
+
+      transform.messaging_identity = conversations request set Authorization Bearer user:{claim:sub}
 
 Rules apply in the order of their keys in the file. Every name must be an HTTP token, every
 value free of control characters (CR, LF, NUL…) and latin-1 encodable, so a rule can never
@@ -39,7 +47,9 @@ import re
 import typing as t
 
 from meetinity_gateway.config import ConfigError
-from meetinity_gateway.keys import ADDED_HEADERS_KEY
+from meetinity_gateway.http11 import is_field_value, is_token
+from meetinity_gateway.keys import ADDED_HEADERS_KEY, CLAIMS_KEY
+from meetinity_gateway.problems import error_response
 from meetinity_gateway.proxy.headers import HOP_BY_HOP
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -47,9 +57,6 @@ if t.TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["HeaderRule", "HeaderRules", "apply_transforms", "parse_transform"]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Control characters other than horizontal tab: a CR or LF would start a new header line.
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ROUTE_NAME = r"[A-Za-z0-9_.@-]+"
 _SPEC = re.compile(
     rf"^\s*(?P<routes>\*|{_ROUTE_NAME}(?:\s*,\s*{_ROUTE_NAME})*)"
@@ -60,6 +67,25 @@ _DIRECTIONS = ("request", "response")
 _ACTIONS = ("set", "append", "remove")
 _FORBIDDEN = HOP_BY_HOP | {"content-length"}
 _FORBIDDEN_REQUEST = _FORBIDDEN | {"host"}
+_CLAIM = re.compile(r"\{claim:([A-Za-z_][A-Za-z0-9_.-]*)\}")
+
+
+class _MissingClaim(Exception):
+    pass
+
+
+def _claim_value(claims: t.Any, name: str) -> str:
+    value = claims.get(name) if isinstance(claims, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _MissingClaim(name)
+    text = str(value)
+    if not text or not is_field_value(text):
+        raise _MissingClaim(name)
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _MissingClaim(name) from None
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +103,7 @@ class HeaderRule:
 
 
 def _check_name(name: str, direction: str) -> str:
-    if not _TOKEN.match(name):
+    if not is_token(name):
         raise ValueError(f"{name!r} is not a valid header name")
     lowered = name.lower()
     if lowered in (_FORBIDDEN_REQUEST if direction == "request" else _FORBIDDEN):
@@ -88,7 +114,7 @@ def _check_name(name: str, direction: str) -> str:
 
 
 def _check_value(value: str) -> str:
-    if _BAD_VALUE.search(value):
+    if not is_field_value(value):
         raise ValueError("a header value cannot hold control characters (CR, LF, NUL…)")
     try:
         value.encode("latin-1")
@@ -123,6 +149,8 @@ def parse_transform(spec: str) -> tuple[tuple[str, ...] | None, HeaderRule]:
     value = value.strip()
     if not value:
         raise ValueError(f"{action} {name} needs a value")
+    if direction == "response" and _CLAIM.search(value):
+        raise ValueError("{claim:NAME} is for request rules only")
     return routes, HeaderRule(direction, action, (_check_name(name, direction),),
                               _check_value(value))
 
@@ -145,7 +173,8 @@ class HeaderRules:
         # Precomputed: (action, environ keys, value) for requests; (action, lower-case names,
         # name, value) for responses.
         self._request = [
-            (rule.action, tuple(_environ_key(n) for n in rule.names), rule.value)
+            (rule.action, tuple(_environ_key(n) for n in rule.names), rule.value,
+             bool(rule.value and _CLAIM.search(rule.value)))
             for rule in self.rules if rule.direction == "request"
         ]
         self._response = [
@@ -172,7 +201,15 @@ class HeaderRules:
         return headers
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
-        for action, keys, value in self._request:
+        for action, keys, value, uses_claims in self._request:
+            if uses_claims:
+                claims = environ.get(CLAIMS_KEY)
+                try:
+                    value = _CLAIM.sub(lambda m: _claim_value(claims, m.group(1)), value)
+                except _MissingClaim as exc:
+                    return error_response(
+                        environ, start_response, 403,
+                        f"this route needs the token claim {exc.args[0]} to name the caller")
             if action == "remove":
                 for key in keys:
                     environ.pop(key, None)

@@ -72,9 +72,9 @@ def test_serve_runs_waitress_in_a_real_process(upstream):
         live = client.get(gateway.url + "/health/live")
         assert live.status_code == 200
         assert live.headers["Server"] == "meetinity-gateway"
-        echo = client.get(gateway.url + "/api/users/echo", headers=auth_headers())
+        echo = client.get(gateway.url + "/api/users/42/echo", headers=auth_headers())
         assert echo.status_code == 200
-        assert echo.json()["path"] == "/users/echo"
+        assert echo.json()["path"] == "/users/42/echo"
 
 
 def test_python_dash_m_help():

@@ -391,7 +391,7 @@ def test_gateway_default_any_origin_and_preflight_never_reaches_upstream(gateway
         assert "x-client-platform" in answer.headers["Access-Control-Allow-Headers"]
         assert upstream.requests == []
         # The actual request: the request id is exposed, the upstream's CORS header dropped.
-        answer = http.get(gateway.url + "/api/users/hop",
+        answer = http.get(gateway.url + "/api/users/42/hop",
                           headers={"Origin": "https://any.example", **auth_headers()})
         assert answer.status_code == 200
         assert answer.headers["Access-Control-Allow-Origin"] == "*"

@@ -28,7 +28,7 @@ CLI = str(Path(sys.executable).parent / "meetinity-gateway")
 UNKNOWN = "no_such_key_for_the_docs_test"
 
 #: Keys whose name part is the operator's (``rule.auth``): documented as ``rule.NAME`` etc.
-NAMED = re.compile(r"^(rule|route|upstream|policy|transform)\.")
+NAMED = re.compile(r"^(rule|route|upstream|policy|transform|fields)\.")
 VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::-(.*?))?\}")
 
 

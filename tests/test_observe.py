@@ -630,13 +630,13 @@ use = call:tests.test_observe:boom_factory
     client.headers["Cookie"] = cookie
     bearer = {"Authorization": f"Bearer {token}"}
     calls = [
-        (gateway.url + f"/api/users/7?access_token={query_secret}", bearer, 200),
-        (gateway.url + "/api/users/7", {"Authorization": f"Bearer {bad_token}"}, 401),
+        (gateway.url + f"/api/users/42?access_token={query_secret}", bearer, 200),
+        (gateway.url + "/api/users/42", {"Authorization": f"Bearer {bad_token}"}, 401),
         (gateway.url + "/nope", bearer, 404),
         (gateway.url + "/api/auth/status?code=500", {}, 500),
         (gateway.url + "/api/auth/slow?seconds=2", {}, 504),
         (gateway.url + "/api/auth/login", bearer, 429),
-        (down.url + f"/api/profile/me?access_token={query_secret}", bearer, 502),
+        (down.url + f"/api/users/42/me?access_token={query_secret}", bearer, 502),
     ]
     request_ids = []
     with WaitressServer(load_app(edge_ini)) as edge:
@@ -658,7 +658,7 @@ use = call:tests.test_observe:boom_factory
     ok, unauthorized, missing, failed, timeout, limited, down_, edge_ = records
     assert (ok["route"], ok["upstream"], ok["target"], ok["user"]) == (
         "users", "user_service", f"127.0.0.1:{upstream.port}", "42")
-    assert ok["upstream_ms"] > 0 and ok["path"] == "/api/users/7"
+    assert ok["upstream_ms"] > 0 and ok["path"] == "/api/users/42"
     assert unauthorized["user"] is None and unauthorized["upstream"] is None
     # A 401 says why (a fixed text, never the token); the others have no such field.
     assert unauthorized["auth_error"] == "malformed token", unauthorized
@@ -696,7 +696,7 @@ def test_metrics_after_known_traffic(gateway_factory, upstream, log_lines):
     client = session()
     bearer = {"Authorization": f"Bearer {make_token()}"}
     for _ in range(3):
-        assert client.get(gateway.url + "/api/users/1", headers=bearer).status_code == 200
+        assert client.get(gateway.url + "/api/users/42", headers=bearer).status_code == 200
     for _ in range(2):
         assert client.get(gateway.url + "/api/users/1").status_code == 401
     assert client.get(gateway.url + "/api/users/1",

@@ -43,7 +43,7 @@ ADDED_PATHS = ("/api/orders", "/api/orders/1", "/api/orders/1/lines", "/api/shop
 
 def shipped_with(extra: str) -> str:
     text = SHIPPED_INI.read_text()
-    marker = "route.profile = /api/profile/* -> user_service /profile\n"
+    marker = "route.users = /api/users/* -> user_service /users\n"
     assert marker in text
     return text.replace(marker, marker + extra)
 
@@ -139,7 +139,9 @@ ADA = {"sub": 42}
     (ADA, "DELETE", "/api/users/7", 403),
     (ADA, "GET", "/api/users/7/export", 403),
     (ADA, "PUT", "/api/users/42", 200),
-    (ADA, "GET", "/api/users/7", 200),
+    # Allowed, but another user's record is filtered (fields.user_public): this test's echo
+    # upstream sends no user record, so the filter answers 502 rather than pass it unfiltered.
+    (ADA, "GET", "/api/users/7", 502),
     # The collection: admins only, every method.
     (ADA, "GET", "/api/users", 403),
     (ADA, "POST", "/api/users", 403),
@@ -155,7 +157,7 @@ def test_admins_administer_users(gateway_factory, upstream, claims, method, path
     answer = session().request(method, server.url + path, headers=auth_headers(**claims),
                                timeout=10)
     assert answer.status_code == status, answer.text
-    assert (len(upstream.requests) > seen) == (status == 200)
+    assert (len(upstream.requests) > seen) == (status in (200, 502))
 
 
 def test_the_admin_claim_is_configurable(gateway_factory, upstream):

@@ -15,7 +15,7 @@ from tests.rawclient import exchange, request_bytes
 from tests.servers import make_token, module_gateway
 from tests.upstream import Upstream
 
-PROTECTED = ["/api/users/7", "/api/users", "/api/profile/me"]
+PROTECTED = ["/api/users/7", "/api/users", "/api/auth/verification/request"]
 ORIGIN = ("Origin", "https://app.meetinity.com")
 ACRM = ("Access-Control-Request-Method", "DELETE")
 

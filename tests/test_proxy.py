@@ -206,8 +206,8 @@ def test_chunked_upload_reaches_upstream_with_its_bytes(gateway, upstream):
 
 
 def test_protected_route_is_forwarded_with_a_valid_token(gateway, upstream):
-    echo = echoed(session().get(gateway.url + "/api/users/7", headers=auth_headers()))
-    assert echo["path"] == "/users/7"
+    echo = echoed(session().get(gateway.url + "/api/users/42", headers=auth_headers()))
+    assert echo["path"] == "/users/42"
 
 
 def test_connections_are_kept_alive_and_handed_back_by_close(gateway, upstream):

@@ -319,6 +319,9 @@ HEADS = {
     "cl_underscore": b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\nokokokokok",
     "cl_negative": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok",
     "cl_hex": b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok",
+    # Issue 23: the server's rules for requests, now for responses too (accepted before).
+    "cl_equal_twice": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    "cl_19_digits": b"HTTP/1.1 200 OK\r\nContent-Length: 0000000000000000002\r\n\r\nok",
     "te_gzip_chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     "te_identity": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nok",
     "te_twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
@@ -335,6 +338,55 @@ def test_upstream_header_bytes_that_cannot_pass_are_json_502(front, raw, script)
     assert "X-Injected" not in answer.head.decode("latin-1")
     assert not answer.header("X-Evil") and not answer.header("X-Fold")
     assert error["message"] == "upstream user_service sent an invalid response"
+    assert_next_client_gets_its_own_answer(front, raw)
+
+
+# Chunked bodies the stdlib's reader accepted; the server refuses each in a request
+# (tests/test_server.py::test_sloppy_chunked_bodies_are_refused), the upstream reader too
+# (issue 23). The first chunk is the bad one: nothing was sent yet, so a clean JSON 502.
+BAD_CHUNKED = {
+    "chunk_hex_prefix": b"0x2\r\nok\r\n0\r\n\r\n",
+    "chunk_sign": b"+2\r\nok\r\n0\r\n\r\n",
+    "chunk_space": b" 2\r\nok\r\n0\r\n\r\n",
+    "chunk_underscore": b"0_2\r\nok\r\n0\r\n\r\n",
+    "chunk_bare_lf": b"2\nok\r\n0\r\n\r\n",
+    "chunk_empty_line": b"\r\n2\r\nok\r\n0\r\n\r\n",
+    "chunk_bad_ext": b"2;a b\r\nok\r\n0\r\n\r\n",
+    "chunk_17_digits": b"00000000000000002\r\nok\r\n0\r\n\r\n",
+}
+
+
+def bad_chunked(request, conn):
+    name = request.target.rsplit("/", 1)[-1]
+    conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Evil: 1\r\n\r\n"
+              + BAD_CHUNKED[name])
+    conn.close()
+
+
+SCRIPTS.update(dict.fromkeys(BAD_CHUNKED, bad_chunked))
+
+
+@pytest.mark.parametrize("script", sorted(BAD_CHUNKED))
+def test_sloppy_chunked_upstream_bodies_are_json_502(front, raw, caplog, script):
+    caplog.set_level(logging.WARNING)
+    answer = get(front.url, f"/api/auth/{script}")
+    assert_json_502(answer, "failed while answering")
+    # Refused by the grammar ("invalid"), not a connection failure ("unavailable").
+    assert any("(invalid: " in r.getMessage() for r in caplog.records), caplog.text
+    assert not answer.header("X-Evil")
+    assert_next_client_gets_its_own_answer(front, raw)
+
+
+def test_sloppy_trailer_after_the_body_aborts_the_answer(front, raw):
+    # The body went out already: the client's connection is aborted, never a complete answer.
+    HEADS["trailer"] = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\nok\r\n0\r\nX-T: a\x01b\r\n\r\n")
+    try:
+        answer = get(front.url, "/api/auth/trailer")
+    finally:
+        del HEADS["trailer"]
+    assert answer.status == 200 and answer.body.startswith(b"ok")
+    assert not answer.complete and answer.closed, answer
     assert_next_client_gets_its_own_answer(front, raw)
 
 
@@ -384,7 +436,7 @@ def test_connection_cannot_strip_what_the_gateway_adds(gateway, upstream, connec
                ("Traceparent", trace), ("Tracestate", "vendor=1"), ("X-Client-Hop", "bye"),
                ("X-User-ID", "999")]
     headers += [("Connection", value) for value in connection]
-    _raw_to_upstream(gateway, "/api/users/7", headers)
+    _raw_to_upstream(gateway, "/api/users/42", headers)
     [(_, _, seen)] = upstream.requests
     got = {}
     for name, value in seen:

@@ -440,10 +440,11 @@ def test_shipped_ini_limits_auth_per_address_and_services_per_user(monkeypatch):
     assert by_address.rule_for("GET", "/api/users/1") is None
     assert (by_user.claim, by_user.namespace) == ("sub", "userlimit")
     assert by_user.describe() == [
-        "users: * /api/users, /api/profile 300 per 1 minute",
-        "events: * /api/events, /api/registrations, /api/event-categories 300 per 1 minute",
+        "users: * /api/users 300 per 1 minute",
+        "events: * /api/events, /api/event-categories, /api/event-tags, /api/event-series, "
+        "/api/event-templates, /api/search, /api/check-in, /events 300 per 1 minute",
         "matching: * /api/matching 120 per 1 minute",
-        "messaging: * /api/conversations 300 per 1 minute",
+        "messaging: * /api/conversations, /conversations 300 per 1 minute",
     ]
     assert by_user.rule_for("GET", "/api/auth/login") is None
 

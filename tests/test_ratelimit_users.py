@@ -224,12 +224,12 @@ def test_two_users_behind_one_address_get_their_own_budgets(gateway_factory, ups
     client = session()
     assert [_get(gateway.url + "/api/users/1", client, headers=ada).status_code
             for _ in range(3)] == [200, 200, 200]
-    refused = _get(gateway.url + "/api/profile", client, headers=ada)  # same service budget
+    refused = _get(gateway.url + "/api/users/1/photo", client, headers=ada)  # same budget
     assert refused.status_code == 429 and refused.json()["error"]["code"] == 429
     assert refused.headers["RateLimit-Policy"] == '"users";q=3;w=60'
     assert int(refused.headers["Retry-After"]) >= 1
     # Bob shares Ada's address (127.0.0.1) but not her budget.
-    assert [_get(gateway.url + "/api/profile", client, headers=bob).status_code
+    assert [_get(gateway.url + "/api/users/2", client, headers=bob).status_code
             for _ in range(4)] == [200, 200, 200, 429]
     # /api/auth is anonymous and counted per address, whichever token comes along.
     auth = [_get(gateway.url + "/api/auth/login", client, headers=h).status_code
@@ -244,7 +244,7 @@ def test_only_a_verified_sub_chooses_the_budget(gateway_factory, upstream):
 
     gateway = gateway_factory(RATE_LIMIT_USERS="2/minute")
     avoid_window_edge(60)
-    url = gateway.url + "/api/users/1"
+    url = gateway.url + "/api/users/1/x"
     ada = auth_headers(sub=1)
     client = session()
     for forged in ("999", "2", "1"):
@@ -266,6 +266,7 @@ def test_only_a_verified_sub_chooses_the_budget(gateway_factory, upstream):
         response = _get(url, client, headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 401
     bob = auth_headers(sub=2)
+    url = gateway.url + "/api/users/2/x"
     assert [_get(url, client, headers=bob).status_code for _ in range(3)] == [200, 200, 429]
 
 
@@ -308,10 +309,10 @@ def test_shipped_ini_wires_the_per_user_variables(monkeypatch):
             found.append(layer)
         layer = layer.app
     by_user = found[-1]
-    expected = {"/api/users/7": ("users", 11), "/api/profile": ("users", 11),
-                "/api/events/3": ("events", 12), "/api/registrations": ("events", 12),
+    expected = {"/api/users/7": ("users", 11), "/events/3": ("events", 12),
+                "/api/events/3": ("events", 12), "/api/event-tags": ("events", 12),
                 "/api/event-categories": ("events", 12), "/api/matching/swipe": ("matching", 13),
-                "/api/conversations/9": ("messaging", 14)}
+                "/api/conversations/9": ("messaging", 14), "/conversations": ("messaging", 14)}
     for path, (name, amount) in expected.items():
         rule = by_user.rule_for("POST", path)
         assert (rule.name, rule.limits[0].amount) == (name, amount), path

@@ -381,7 +381,7 @@ class Load:
     def _run(self, index: int) -> None:
         client = session()
         headers = auth_headers()
-        paths = ["/api/users/echo", "/api/auth/echo", "/health/live"]
+        paths = ["/api/users/42/echo", "/api/auth/echo", "/health/live"]
         n = 0
         while not self._stop.is_set() and time.monotonic() < self._deadline:
             path = paths[(index + n) % len(paths)]
@@ -406,7 +406,7 @@ class Load:
 
 def _shipped_with(extra: str) -> str:
     text = SHIPPED_INI.read_text()
-    marker = "route.profile = /api/profile/* -> user_service /profile\n"
+    marker = "route.events = /api/events/* -> event_service /events\n"
     assert marker in text
     return text.replace(marker, marker + extra)
 

@@ -106,6 +106,7 @@ def test_other_http_versions_are_not_supported(gateway, upstream, version):
     b"Content-Length: 1e3\r\n",
     b"Content-Length: \r\n",
     b"Content-Length: " + b"9" * 40 + b"\r\n",
+    b"Content-Length: 0000000000000000005\r\n",  # 19 digits (the upstream reader's limit too)
     b"Content-Length: \xd9\xa5\r\n",  # an Arabic-Indic digit five
 ])
 def test_bad_or_duplicated_content_length_is_refused(gateway, upstream, headers):
@@ -169,6 +170,13 @@ CHUNK_HEAD = b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunke
     b"5\r\nhello\r\n0\r\nX-T: 1\nX-U: 2\r\n\r\n",  # bare LF in a trailer
     b"5\r\nhello\r\n0\r\n folded\r\n\r\n",    # folded trailer
     b"11111111111111111\r\n",                 # 17 hex digits
+    # The same rules as the upstream reader's (tests/test_wire.py, issue 23):
+    b" 5\r\nhello\r\n0\r\n\r\n",              # whitespace before the size
+    b"0_5\r\nhello\r\n0\r\n\r\n",
+    b"5 ;a=b\r\nhello\r\n0\r\n\r\n",           # whitespace before an extension
+    b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n",  # chunk line too long, CRLF and all
+    b"5\r\nhello\r\n0\r\nX-T: a\x00b\r\n\r\n",  # control byte in a trailer
+    b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n",
 ])
 def test_sloppy_chunked_bodies_are_refused(gateway, upstream, body):
     refused(gateway, upstream, CHUNK_HEAD + body)

@@ -40,7 +40,7 @@ def burst(port: int, clients: int, each: int, keep_alive: bool) -> list[tuple[in
                     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                 # The service sleeps 1 to 50 ms, a different time for each request.
                 delay = ((number * each + index) % 50 + 1) / 1000
-                connection.request("GET", f"/api/users/slow?seconds={delay}",
+                connection.request("GET", f"/api/users/42/slow?seconds={delay}",
                                    headers=headers)
                 response = connection.getresponse()
                 body = response.read()

@@ -105,7 +105,7 @@ def test_end_to_end_under_each_server(serve_with, upstream, name):
     assert statuses == [200, 200, 200, 429]
     # 50 MB down, streamed
     digest = hashlib.sha256()
-    with client.get(gateway.url + f"/api/users/download?size={SIZE}", headers=auth_headers(),
+    with client.get(gateway.url + f"/api/users/42/download?size={SIZE}", headers=auth_headers(),
                     stream=True, timeout=60) as response:
         assert response.status_code == 200
         for piece in response.iter_content(1 << 20):

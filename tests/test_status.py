@@ -27,7 +27,7 @@ LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
 def shipped_with(tmp_path: Path, extra: str) -> Path:
     """A copy of the shipped gateway.ini with ``extra`` keys in [app:gateway]."""
     text = SHIPPED_INI.read_text()
-    marker = "route.profile = /api/profile/* -> user_service /profile\n"
+    marker = "route.events = /api/events/* -> event_service /events\n"
     assert marker in text
     config = tmp_path / "gateway.ini"
     config.write_text(text.replace(marker, marker + extra))

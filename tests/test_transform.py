@@ -184,7 +184,7 @@ def test_shipped_rules(gateway):
     assert auth.headers["Cache-Control"] == "no-store"
     assert "X-Powered-By" not in auth.headers
     assert auth.headers["Server"] == "meetinity-gateway"
-    users = client.get(gateway.url + "/api/users/powered", headers=auth_headers())
+    users = client.get(gateway.url + "/api/users/42/powered", headers=auth_headers())
     assert users.status_code == 200
     assert "X-Powered-By" not in users.headers and "Cache-Control" not in users.headers
 
@@ -211,3 +211,42 @@ def test_bad_rules_in_the_ini_fail_at_start(tmp_path, monkeypatch, upstream, lin
     with pytest.raises(ConfigError, match=reason) as info:
         load_pipeline(ini)
     assert info.value.key == key
+
+
+# -- claims in request values ----------------------------------------------------------------
+
+def _identity_app(claims, *specs):
+    seen = []
+
+    def inner(environ, start_response):
+        seen.append({k: v for k, v in environ.items() if k == "HTTP_AUTHORIZATION"})
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    rules = [parse_transform(spec)[1] for spec in specs]
+    extra = {} if claims is None else {"meetinity_gateway.claims": claims}
+    return TestApp(LintMiddleware(HeaderRules(LintMiddleware(inner), rules)),
+                   extra_environ=extra), seen
+
+
+@pytest.mark.parametrize("sub", ["42", 42])
+def test_a_request_value_names_the_verified_caller(sub):
+    app, seen = _identity_app({"sub": sub},
+                              "conv request set Authorization Bearer user:{claim:sub}")
+    response = app.get("/", headers={"Authorization": "Bearer user:7"})
+    assert response.status_int == 200
+    assert seen == [{"HTTP_AUTHORIZATION": "Bearer user:42"}]   # never the client's value
+
+
+@pytest.mark.parametrize("claims", [None, {}, {"sub": ""}, {"sub": None}, {"sub": True},
+                                    {"sub": ["42"]}, {"sub": "4\r\n2"}, {"sub": "\u20ac"}])
+def test_a_claim_the_token_lacks_is_403_never_an_empty_identity(claims):
+    app, seen = _identity_app(claims, "conv request set Authorization Bearer user:{claim:sub}")
+    response = app.get("/", headers={"Authorization": "Bearer user:7"}, status=403)
+    assert response.json["error"]["code"] == 403 and "sub" in response.json["error"]["message"]
+    assert seen == []
+
+
+def test_claims_only_in_request_rules():
+    with pytest.raises(ValueError, match="request rules only"):
+        parse_transform("conv response set X-Who {claim:sub}")

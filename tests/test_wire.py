@@ -167,6 +167,10 @@ def test_remote_closing_before_a_status_line_stays_a_disconnect():
     b"Content-Length: 5\r\nContent-Length: 6\r\n",
     b"Content-Length: 5, 6\r\n",
     b"Content-Length: 5, 5\r\n",  # legal, but forwarded as is a client may misread it
+    # Equal repeated lines: refused like the server refuses them in a request (issue 23: one
+    # grammar for both directions); accepted before.
+    b"Content-Length: 5\r\nContent-Length: 5\r\n",
+    b"Content-Length: 0000000000000000005\r\n",  # 19 digits: the server's limit too
     b"Content-Length: +5\r\n",
     b"Content-Length: 5_0\r\n",
     b"Content-Length: -5\r\n",
@@ -182,14 +186,64 @@ def test_ambiguous_framing_is_refused(headers):
         read(b"HTTP/1.1 200 OK\r\n" + headers + b"\r\n5\r\nhello\r\n0\r\n\r\n")
 
 
+# -- chunked bodies: the server's rules (issue 23); the stdlib's reader accepted them all ------
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("body", [
+    b"0x5\r\nhello\r\n0\r\n\r\n",
+    b"+5\r\nhello\r\n0\r\n\r\n",
+    b"-0\r\n\r\n",
+    b" 5\r\nhello\r\n0\r\n\r\n",
+    b"5 \r\nhello\r\n0\r\n\r\n",
+    b"0_5\r\nhello\r\n0\r\n\r\n",
+    b"\r\n5\r\nhello\r\n0\r\n\r\n",  # empty chunk-size line
+    b"5\nhello\r\n0\r\n\r\n",  # bare LF ends the size line
+    b"5\r\nhelloXX0\r\n\r\n",  # chunk data not followed by CRLF
+    b"5;a b\r\nhello\r\n0\r\n\r\n",  # malformed extension
+    b"5 ;a=b\r\nhello\r\n0\r\n\r\n",
+    b"%x\r\n" % (1 << 64) + b"hello\r\n0\r\n\r\n",  # 17 hex digits
+    b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n",  # chunk line too long
+    b"5\r\nhello\r\n0\r\nX-T: a\x00b\r\n\r\n",  # control byte in a trailer
+    b"5\r\nhello\r\n0\r\nX-T: a\r\n folded\r\n\r\n",  # obs-fold in a trailer
+    b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n",
+    b"5\r\nhello\r\n0\r\n\n",  # bare LF ends the trailer section
+])
+def test_sloppy_chunked_bodies_are_refused(body):
+    response = read(CHUNKED_HEAD + body)
+    with pytest.raises(InvalidUpstreamResponse):
+        response.read()
+    assert not response.complete
+
+
+@pytest.mark.parametrize("body", [
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"05;a=b;c=\"d e\"\r\nhello\r\n000\r\n\r\n",
+    b"5\r\nhello\r\n0\r\nX-Trailer: a\tb\r\nX-Other: c\r\n\r\n",
+    b"000000000000000A\r\nhellohello\r\n0\r\n\r\n",  # 16 hex digits
+])
+def test_strict_chunked_bodies_pass(body):
+    response = read(CHUNKED_HEAD + body)
+    assert response.read() in (b"hello", b"hellohello") and response.isclosed()
+
+
+def test_chunked_body_cut_short_is_incomplete():
+    import http.client
+
+    for body in (b"5\r\nhel", b"5\r\nhello", b"5\r\nhello\r", b"5\r\nhello\r\n",
+                 b"5\r\nhello\r\n0", b"5\r\nhello\r\n0\r\n", b"5\r\nhello\r\n0\r\nX-T: 1\r\n"):
+        response = read(CHUNKED_HEAD + body)
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+
+
 def test_transfer_encoding_in_http10_is_refused():
     with pytest.raises(InvalidUpstreamResponse, match="HTTP/1.0"):
         read(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
 
 
 @pytest.mark.parametrize("head, body, method", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", b"hello",
-     "GET"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
      b"hello", "GET"),
     (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", b"", "GET"),

@@ -124,6 +124,7 @@ from werkzeug.exceptions import HTTPException
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
 from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
+from meetinity_gateway.http11 import is_token
 from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
 from meetinity_gateway.pathrules import build_map, parse_path
 from meetinity_gateway.paths import PrefixMatcher
@@ -151,7 +152,6 @@ _KEY_TYPES = {
 MAX_TOKEN_LENGTH = 16 * 1024
 # RFC 6750 b64token.
 _B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
 _MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -518,7 +518,7 @@ class AuthMiddleware:
         if identity_headers is None:
             identity_headers = {"sub": "X-User-ID", "email": "X-User-Email"}
         for claim, header in identity_headers.items():
-            if not claim or not _HEADER_NAME.match(header or ""):
+            if not claim or not is_token(header or ""):
                 raise ConfigError(f"{claim}={header} is not claim=Header-Name",
                                   key="identity_headers")
         self.identity_headers = dict(identity_headers)
@@ -745,7 +745,7 @@ def _claim_headers(value: str) -> dict[str, str]:
     for item in as_list(value):
         claim, sep, header = item.partition("=")
         claim, header = claim.strip(), header.strip()
-        if not sep or not claim or not _HEADER_NAME.match(header):
+        if not sep or not claim or not is_token(header):
             raise ValueError(f"expected claim=Header-Name pairs, got {item!r}")
         mapping[claim] = header
     return mapping

@@ -63,13 +63,33 @@ In gateway.ini (after ``auth`` in the pipeline)::
 Security notes: the path is matched as the router will match it (``PATH_INFO``, after the
 error edge refused dot-segments and encoded slashes), and also with repeated slashes merged
 and a trailing slash dropped; a request carrying ``X-HTTP-Method-Override`` (or
-``X-HTTP-Method``, ``X-Method-Override``) must be allowed as that method too. Rules only
-see what the token says: a request body naming another user (``{"user_id": 9}``) is the
-service's to check.
+``X-HTTP-Method``, ``X-Method-Override``) must be allowed as that method too.
+
+Conditions on the body: ``CLAIM=body.FIELD`` holds when the top-level field ``FIELD`` of the
+JSON request body equals the claim (a string as is, an integer in decimal; ``1.0``, ``"01"``,
+``true``, ``null``, lists and objects never do): ``POST /api/matching/swipe ->
+sub=body.user_id``. The body is read only when a deciding rule needs it, once, at most
+``body_limit`` bytes, and handed on byte for byte (:mod:`meetinity_gateway.jsonbody`); 415
+when it is not declared JSON, 413 past the limit, 400 unless it is one strict JSON object
+(UTF-8 without BOM, no key twice, no ``NaN``): nothing is forwarded then.
+
+Field filters (``fields``): ``NAME = [METHODS] PATH [unless REQUIREMENT] -> LOCATION
+allow|deny FIELD, ...``. When ``REQUIREMENT`` does not hold for the caller, a 2xx answer is
+held (at most ``fields_limit`` bytes) and sent with only the allowed (or without the denied)
+top-level fields of the record(s) at ``LOCATION``: ``body``, ``body.KEY`` or ``body.KEY[]``
+(each object of the list ``KEY``). An answer that is not uncompressed JSON of that shape, or is
+too large, becomes a 502: never the unfiltered body. Example::
+
+    fields.user_public = GET /api/users/<id> unless sub=<id> -> body.user allow id, name
+
+:param body_limit: the largest request body read for a body condition (default 64 KiB).
+:param fields: filter name → spec, or ready :class:`FieldFilter` objects.
+:param fields_limit: the largest answer held for a field filter (default 1 MiB).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing as t
 
@@ -77,20 +97,30 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
-from meetinity_gateway.config import ConfigError, as_list, as_str, prepare
+from meetinity_gateway.config import ConfigError, as_list, as_size, as_str, prepare
+from meetinity_gateway.jsonbody import (
+    BodyError,
+    UnsupportedMediaType,
+    is_json_media_type,
+    loads_strict,
+    read_request_body,
+)
 from meetinity_gateway.keys import AUTHZ_DENIED_KEY, CLAIMS_KEY
 from meetinity_gateway.pathrules import PathTemplate, build_map, parse_path
 from meetinity_gateway.preflight import METHOD_OVERRIDE_KEYS
-from meetinity_gateway.problems import error_response
+from meetinity_gateway.problems import BadGateway, BadRequest, GatewayError, error_response
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["AuthorizeMiddleware", "Condition", "Rule", "filter_factory", "parse_requirement",
-           "parse_rule"]
+__all__ = ["AuthorizeMiddleware", "Condition", "FieldFilter", "RequestJSON", "Rule",
+           "filter_factory", "parse_field_filter", "parse_requirement", "parse_rule"]
 
 _CLAIM_NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
 _PARAM_CONDITION = re.compile(rf"^(?P<claim>{_CLAIM_NAME})\s*==?\s*<(?P<param>[A-Za-z_]\w*)>$")
+# CLAIM=body.FIELD: a top-level field of the JSON request body (see "Conditions on the body").
+_BODY_CONDITION = re.compile(
+    rf"^(?P<claim>{_CLAIM_NAME})\s*==?\s*body\.(?P<field>[A-Za-z_][A-Za-z0-9_-]*)$")
 _CONDITION = re.compile(rf"^(?P<claim>{_CLAIM_NAME})\s*(?P<op>[^\w\s\"']+)\s*(?P<value>\S.*)$")
 _VALUE = re.compile(r"^[^\s<>\"']+$")
 _RULE = re.compile(
@@ -104,7 +134,7 @@ _SLASHES = re.compile(r"/{2,}")
 class Condition:
     """One condition of a requirement (see the module docstring)."""
 
-    kind: str            # "anonymous" | "authenticated" | "claim" | "param" | "scope"
+    kind: str            # "anonymous" | "authenticated" | "claim" | "param" | "scope" | "body"
     claim: str = ""
     value: str = ""
 
@@ -115,6 +145,8 @@ class Condition:
             return f"scope:{self.value}"
         if self.kind == "param":
             return f"{self.claim}=<{self.value}>"
+        if self.kind == "body":
+            return f"{self.claim}=body.{self.value}"
         return f"{self.claim}={self.value}"
 
 
@@ -150,6 +182,12 @@ def _parse_condition(item: str, params: t.Container[str]) -> Condition:
             raise ValueError(f"{item!r}: parameter <{match.group('param')}> is not in the "
                              "rule's path")
         return Condition("param", claim=match.group("claim"), value=match.group("param"))
+    match = _BODY_CONDITION.match(item)
+    if match:
+        return Condition("body", claim=match.group("claim"), value=match.group("field"))
+    if re.match(rf"^{_CLAIM_NAME}\s*==?\s*body\.", item):
+        raise ValueError(f"{item!r}: body.FIELD names one top-level field (letters, digits, "
+                         "'_' or '-'; no nesting)")
     match = _CONDITION.match(item)
     if not match:
         raise ValueError(
@@ -217,8 +255,32 @@ class AuthorizeMiddleware:
         default: str = "authenticated",
         scope_claims: t.Iterable[str] = ("scope", "scp"),
         realm: str = "meetinity",
+        body_limit: int = 64 * 1024,
+        fields: t.Mapping[str, str | FieldFilter] | t.Iterable[FieldFilter] = (),
+        fields_limit: int = 1024 * 1024,
     ) -> None:
         self.app = app
+        if body_limit < 1:
+            raise ConfigError("expected a size of at least 1 byte", key="body_limit",
+                              value=str(body_limit))
+        if fields_limit < 1:
+            raise ConfigError("expected a size of at least 1 byte", key="fields_limit",
+                              value=str(fields_limit))
+        self.body_limit = body_limit
+        self.fields_limit = fields_limit
+        self._filters, self._filter_adapter = _build_filters(fields)
+        # A cheap first sort, so requests no filter can cover skip the path match: the
+        # methods filters name (None: some filter takes every method) and the literal start
+        # of their paths (up to the first parameter).
+        self._filter_methods: frozenset[str] | None = frozenset()
+        for item in self._filters:
+            if item.methods is None or self._filter_methods is None:
+                self._filter_methods = None
+            else:
+                self._filter_methods |= item.methods | (
+                    {"HEAD"} if "GET" in item.methods else set())
+        self._filter_starts = tuple(
+            item.template.path.split("<", 1)[0] for item in self._filters)
         items = rules.items() if isinstance(rules, t.Mapping) else ((r.name, r) for r in rules)
         self.rules: list[Rule] = []
         for name, rule in items:
@@ -263,14 +325,17 @@ class AuthorizeMiddleware:
     # -- introspection (check, configuration cross-checks) -------------------------------------
 
     def describe(self) -> list[str]:
-        """The policy table, one line per rule, then the default."""
-        return [rule.describe() for rule in self.rules] + [f"default: {self.default_text}"]
+        """The policy table, one line per rule, then the default, then the field filters."""
+        return ([rule.describe() for rule in self.rules] + [f"default: {self.default_text}"]
+                + [f.describe() for f in self._filters])
 
     def route_checks(self) -> list[tuple[str, str, str, bool, list[str] | None]]:
         """For each rule: (key, value, a path it covers, whether it covers everything below
         that path too, its methods) — for the assembly to check that some route serves it."""
-        return [(f"rule.{rule.name}", rule.text, rule.template.sample(), rule.template.prefix,
-                 sorted(rule.methods) if rule.methods else None) for rule in self.rules]
+        return [(f"{kind}.{item.name}", item.text, item.template.sample(), item.template.prefix,
+                 sorted(item.methods) if item.methods else None)
+                for kind, items in (("rule", self.rules), ("fields", self._filters))
+                for item in items]
 
     def policy_for(self, path: str, method: str = "GET") -> str:
         """The rule deciding ``method path`` (or the default), for ``check`` and ``/status``."""
@@ -282,34 +347,41 @@ class AuthorizeMiddleware:
 
     # -- decisions -------------------------------------------------------------------------------
 
-    def decide(self, path: str, method: str, claims: t.Any) -> tuple[Rule | None, bool]:
+    def decide(self, path: str, method: str, claims: t.Any,
+               body: RequestJSON | None = None) -> tuple[Rule | None, bool]:
         """``(deciding rule or None for the default, allowed)``.
 
         Services often read ``/api/users//7/`` as ``/api/users/7`` (merged slashes, a
         trailing slash ignored): the request must be allowed both as sent and in that
         normalized form, so no spelling of a path escapes the rule its plain form meets.
+        ``body`` reads the JSON request body for ``CLAIM=body.FIELD`` conditions (without it
+        they do not hold); it raises a :class:`GatewayError` for a body that cannot be read.
         """
-        rule, allowed = self._decide(path, method, claims)
+        rule, allowed = self._decide(path, method, claims, body)
         if not allowed or ("//" not in path and not path.endswith("/")) or path == "/":
             return rule, allowed  # refused already, or nothing a service would normalise
         normalized = _SLASHES.sub("/", path).rstrip("/") or "/"
         if normalized != path:
-            other, allowed = self._decide(normalized, method, claims)
+            other, allowed = self._decide(normalized, method, claims, body)
             if not allowed:
                 rule = other
         return rule, allowed
 
-    def _decide(self, path: str, method: str, claims: t.Any) -> tuple[Rule | None, bool]:
+    def _decide(self, path: str, method: str, claims: t.Any,
+                body: RequestJSON | None = None) -> tuple[Rule | None, bool]:
         try:
             rule, values = self._adapter.match(path or "/", method)
         except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
-            return None, self._satisfied(self.default, claims, {})
-        return rule, self._satisfied(rule.requirement, claims, values)
+            return None, self._satisfied(self.default, claims, {}, body)
+        return rule, self._satisfied(rule.requirement, claims, values, body)
 
-    def _satisfied(self, requirement: Requirement, claims: t.Any, values) -> bool:
-        return any(all(self._holds(c, claims, values) for c in alt) for alt in requirement)
+    def _satisfied(self, requirement: Requirement, claims: t.Any, values,
+                   body: RequestJSON | None = None) -> bool:
+        return any(all(self._holds(c, claims, values, body) for c in alt)
+                   for alt in requirement)
 
-    def _holds(self, condition: Condition, claims: t.Any, values) -> bool:
+    def _holds(self, condition: Condition, claims: t.Any, values,
+               body: RequestJSON | None = None) -> bool:
         kind = condition.kind
         if kind == "anonymous":
             return True
@@ -320,6 +392,13 @@ class AuthorizeMiddleware:
         if kind == "scope":
             return any(condition.value in _scopes(claims.get(name)) for name in self.scope_claims)
         actual = claims.get(condition.claim)
+        if kind == "body":
+            expected = body.field_text(condition.value) if body is not None else None
+            if expected is None:
+                return False
+            if isinstance(actual, (list, tuple)):
+                return any(_as_text(item) == expected for item in actual)
+            return _as_text(actual) == expected
         if kind == "param":
             expected = _as_text(values.get(condition.value))
             return expected is not None and _as_text(actual) == expected
@@ -327,20 +406,121 @@ class AuthorizeMiddleware:
             return any(_as_text(item) == condition.value for item in actual)
         return _as_text(actual) == condition.value
 
+    # -- field filters (see "Field filters") ----------------------------------------------------
+
+    def _filtered(self, environ: WSGIEnvironment, start_response: StartResponse, path: str,
+                  method: str, claims: t.Any):
+        """Call the app; when a field filter covers the request and its ``unless`` does not
+        hold, hold the answer (bounded) and send it filtered, or a 502: never unfiltered."""
+        # As for rules: a path a service would normalise (//, a trailing /) is filtered as
+        # its plain form is.
+        match = None
+        candidates = [path or "/"]
+        if "//" in path or (path.endswith("/") and path != "/"):
+            candidates.append(_SLASHES.sub("/", path).rstrip("/") or "/")
+        for candidate in candidates:
+            if not candidate.startswith(self._filter_starts):
+                continue
+            try:
+                match = self._filter_adapter.match(candidate, method)
+                break
+            except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+                continue
+        if match is None:
+            return self.app(environ, start_response)
+        item, values = match
+        if item.unless is not None and self._satisfied(item.unless, claims, values):
+            return self.app(environ, start_response)
+        # The answer must come whole and readable: no compression, no byte ranges.
+        for key in ("HTTP_ACCEPT_ENCODING", "HTTP_RANGE", "HTTP_IF_RANGE"):
+            environ.pop(key, None)
+        captured: list[t.Any] = []
+
+        def capture(status, headers, exc_info=None):
+            captured[:] = [status, list(headers)]
+
+            def write(data):  # pragma: no cover - the gateway's apps never use write()
+                raise RuntimeError("write() is not supported under a field filter")
+            return write
+
+        result = self.app(environ, capture)
+        chunks: list[bytes] = []
+        size = 0
+        too_large = passing = False
+        try:
+            iterator = iter(result)
+            for chunk in iterator:
+                if captured and captured[0][:1] != "2":
+                    chunks.append(chunk)
+                    passing = True
+                    break
+                size += len(chunk)
+                if size > self.fields_limit:
+                    too_large = True
+                    break
+                chunks.append(chunk)
+            if passing or (captured and captured[0][:1] != "2" and not too_large):
+                # Not a record (the service's error, the proxy's own): on as it is.
+                start_response(*captured)
+                return _Chained(chunks, iterator if passing else iter(()), result)
+        except BaseException:
+            if hasattr(result, "close"):
+                result.close()
+            raise
+        if hasattr(result, "close"):
+            result.close()
+        environ[AUTHZ_DENIED_KEY] = f"fields.{item.name}"
+        if not captured:
+            return BadGateway("the service sent no answer")(environ, start_response)
+        status, headers = captured
+        if too_large:
+            return BadGateway(f"an answer filtered by fields.{item.name} is over "
+                              f"{self.fields_limit} bytes")(environ, start_response)
+        types = [v for k, v in headers if k.lower() == "content-type"]
+        encodings = [v.strip().lower() for k, v in headers if k.lower() == "content-encoding"]
+        if len(types) != 1 or not is_json_media_type(types[0]) or any(
+                e not in ("", "identity") for e in encodings):
+            return BadGateway(f"an answer filtered by fields.{item.name} must be uncompressed "
+                              "JSON")(environ, start_response)
+        kept = [(k, v) for k, v in headers
+                if k.lower() not in _BODY_HEADERS and k.lower() != "content-encoding"]
+        if method == "HEAD":
+            start_response(status, kept)
+            return [b""]
+        try:
+            filtered = item.apply(loads_strict(b"".join(chunks)))
+        except ValueError as exc:  # BodyError included
+            return BadGateway(f"an answer filtered by fields.{item.name} could not be read: "
+                              f"{exc}")(environ, start_response)
+        del environ[AUTHZ_DENIED_KEY]
+        payload = json.dumps(filtered, ensure_ascii=False, separators=(",", ":")).encode()
+        start_response(status, kept + [("Content-Length", str(len(payload)))])
+        return [payload]
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         claims = environ.get(CLAIMS_KEY)
         path = environ.get("PATH_INFO") or "/"
-        # A framework behind may honour X-HTTP-Method-Override: the request must be allowed
-        # as the method it claims to be, too.
-        rule, allowed = self.decide(path, environ.get("REQUEST_METHOD", "GET"), claims)
+        method = environ.get("REQUEST_METHOD", "GET")
+        body = RequestJSON(environ, self.body_limit)
+        try:
+            # A framework behind may honour X-HTTP-Method-Override: the request must be
+            # allowed as the method it claims to be, too.
+            rule, allowed = self.decide(path, method, claims, body)
+            if allowed:
+                for key in METHOD_OVERRIDE_KEYS:
+                    value = environ.get(key)
+                    if value and value.strip():
+                        rule, allowed = self.decide(path, value.strip().upper(), claims, body)
+                        if not allowed:
+                            break
+        except GatewayError as exc:
+            # The body a rule must read is not a readable JSON object: nothing forwarded.
+            environ[AUTHZ_DENIED_KEY] = "body"
+            return exc(environ, start_response)
         if allowed:
-            for key in METHOD_OVERRIDE_KEYS:
-                value = environ.get(key)
-                if value and value.strip():
-                    rule, allowed = self.decide(path, value.strip().upper(), claims)
-                    if not allowed:
-                        break
-        if allowed:
+            if self._filters and (self._filter_methods is None
+                                  or method in self._filter_methods):
+                return self._filtered(environ, start_response, path, method, claims)
             return self.app(environ, start_response)
         name = rule.name if rule is not None else "default"
         requirement = rule.describe_requirement if rule is not None else self.default_text
@@ -355,6 +535,196 @@ class AuthorizeMiddleware:
                               f"forbidden by rule {name}: requires {requirement}")
 
 
+# -- conditions on the JSON request body ------------------------------------------------------
+
+_UNREAD = object()
+
+
+class RequestJSON:
+    """The request's JSON body, read at most once and only when a condition needs it.
+
+    The first :meth:`field_text` reads the body (bounded by ``limit``, put back for the app
+    byte for byte, see :func:`meetinity_gateway.jsonbody.read_request_body`) and parses it
+    strictly; an unreadable body raises the same :class:`GatewayError` every time: 415 for a
+    body not declared JSON, 413 past the limit, 400 for anything but one JSON object.
+    """
+
+    def __init__(self, environ: WSGIEnvironment, limit: int) -> None:
+        self.environ = environ
+        self.limit = limit
+        self._doc: t.Any = _UNREAD
+        self._error: GatewayError | None = None
+
+    def _load(self) -> dict[str, t.Any]:
+        if self._error is not None:
+            raise self._error
+        if self._doc is _UNREAD:
+            try:
+                if not is_json_media_type(self.environ.get("CONTENT_TYPE")):
+                    # A service may then read the same field from the query string instead.
+                    raise UnsupportedMediaType()
+                data = read_request_body(self.environ, self.limit)
+                try:
+                    doc = loads_strict(data)
+                except BodyError as exc:
+                    raise BadRequest(f"the request body must be one JSON object: {exc}") from None
+                if not isinstance(doc, dict):
+                    raise BadRequest("the request body must be one JSON object")
+                self._doc = doc
+            except GatewayError as exc:
+                self._error = exc
+                raise
+        return self._doc
+
+    def field_text(self, name: str) -> str | None:
+        """The top-level field ``name`` as comparable text: a string as is, an integer in
+        decimal; ``None`` when absent or of another type (``1.0``, ``true``, ``null``, an
+        object or a list never equal a claim)."""
+        value = self._load().get(name)
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int):
+            return str(value)
+        return None
+
+
+# -- field filters on JSON answers -----------------------------------------------------------
+
+_FILTER = re.compile(
+    r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?(?P<path>/\S*)"
+    r"(?:\s+unless\s+(?P<unless>\S.*?))?\s*->\s*(?P<location>body\S*)\s+"
+    r"(?P<mode>allow|deny)\s+(?P<fields>\S.*?)\s*$",
+    re.DOTALL,  # an ini value may go on over several lines
+)
+_LOCATION = re.compile(r"^body(?:\.(?P<key>[A-Za-z_][A-Za-z0-9_-]*))?(?P<each>\[\])?$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+# Headers that describe the unfiltered body: dropped from a filtered answer.
+_BODY_HEADERS = frozenset({"content-length", "etag", "content-md5", "digest", "content-range",
+                           "accept-ranges", "last-modified"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldFilter:
+    """Which top-level fields of the JSON records in an answer a caller may see."""
+
+    name: str
+    template: PathTemplate
+    methods: frozenset[str] | None
+    unless: Requirement | None     # the filter applies when this does *not* hold
+    key: str | None                # None: the answer itself; else its top-level key
+    each: bool                     # the location is a list of records
+    mode: str                      # "allow" | "deny"
+    fields: frozenset[str]
+    text: str
+
+    def describe(self) -> str:
+        methods = ",".join(sorted(self.methods)) if self.methods else "*"
+        unless = ""
+        if self.unless is not None:
+            unless = " unless " + " or ".join(
+                " and ".join(str(c) for c in alt) for alt in self.unless)
+        location = "body" + (f".{self.key}" if self.key else "") + ("[]" if self.each else "")
+        return (f"fields {self.name}: {methods} {self.template.text}{unless} -> {location} "
+                f"{self.mode} {', '.join(sorted(self.fields))}")
+
+    def apply(self, doc: t.Any) -> t.Any:
+        """The filtered document; ValueError when it is not of the expected shape."""
+        if not isinstance(doc, dict):
+            raise ValueError("the answer is not a JSON object")
+        target = doc
+        if self.key is not None:
+            if self.key not in doc:
+                raise ValueError(f"the answer has no {self.key!r}")
+            target = doc[self.key]
+        records = target if self.each else [target]
+        if not isinstance(records, list):
+            raise ValueError("the records are not a JSON list")
+        kept = []
+        for record in records:
+            if not isinstance(record, dict):
+                raise ValueError("a record is not a JSON object")
+            if self.mode == "allow":
+                kept.append({k: v for k, v in record.items() if k in self.fields})
+            else:
+                kept.append({k: v for k, v in record.items() if k not in self.fields})
+        result = kept if self.each else kept[0]
+        if self.key is None:
+            return result
+        return {**doc, self.key: result}
+
+
+def parse_field_filter(name: str, spec: str) -> FieldFilter:
+    """Parse ``[METHODS] PATH [unless REQUIREMENT] -> LOCATION allow|deny FIELD, ...``;
+    ValueError with the reason."""
+    match = _FILTER.match(spec)
+    if not match:
+        raise ValueError("expected '[METHODS] PATH [unless REQUIREMENT] -> body[.KEY][[]] "
+                         "allow|deny FIELD, ...'")
+    template = parse_path(match.group("path"))
+    methods = None
+    if match.group("methods"):
+        methods = frozenset(m.strip().upper() for m in match.group("methods").split(","))
+    unless = None
+    if match.group("unless"):
+        unless = parse_requirement(match.group("unless"), template.names)
+        if any(c.kind == "body" for alt in unless for c in alt):
+            raise ValueError("a field filter cannot depend on the request body")
+    location = _LOCATION.match(match.group("location"))
+    if not location:
+        raise ValueError(f"{match.group('location')!r}: expected body, body.KEY, body[] or "
+                         "body.KEY[]")
+    fields = [f.strip() for f in match.group("fields").split(",")]
+    for field in fields:
+        if not _FIELD.match(field):
+            raise ValueError(f"{field!r} is not a top-level field name")
+    return FieldFilter(name, template, methods, unless, location.group("key"),
+                       bool(location.group("each")), match.group("mode"), frozenset(fields),
+                       spec.strip())
+
+
+def _build_filters(items):
+    filters: list[FieldFilter] = []
+    pairs = items.items() if isinstance(items, t.Mapping) else ((f.name, f) for f in items)
+    for name, item in pairs:
+        if isinstance(item, str):
+            try:
+                item = parse_field_filter(name, item)
+            except ValueError as exc:
+                raise ConfigError(str(exc), key=f"fields.{name}", value=item) from None
+        for other in filters:
+            overlap = (other.methods is None and item.methods is None) or bool(
+                other.methods and item.methods and other.methods & item.methods)
+            if other.template.base_signature == item.template.base_signature and overlap:
+                raise ConfigError(f"covers the same requests as fields.{other.name}",
+                                  key=f"fields.{item.name}", value=item.text)
+        filters.append(item)
+    if not filters:
+        return filters, None
+    rules = []
+    for item in sorted(filters, key=lambda f: f.methods is None):
+        rules.extend(item.template.rules(item, item.methods))
+    return filters, build_map(rules).bind("gateway", "/")
+
+
+class _Chained:
+    """The chunks already read, then the rest of the app's iterable; closes it."""
+
+    def __init__(self, head: list[bytes], rest: t.Iterator[bytes], result: t.Any) -> None:
+        self._head = head
+        self._rest = rest
+        self._result = result
+
+    def __iter__(self):
+        yield from self._head
+        yield from self._rest
+
+    def close(self) -> None:
+        if self._result is not None and hasattr(self._result, "close"):
+            self._result.close()
+
+
 def _scopes(value: t.Any) -> list[str]:
     if isinstance(value, str):
         return value.split()
@@ -365,7 +735,8 @@ def _scopes(value: t.Any) -> list[str]:
 
 # -- ini ------------------------------------------------------------------------------------
 
-_PARAMS = {"default": as_str, "scope_claims": as_list, "realm": as_str}
+_PARAMS = {"default": as_str, "scope_claims": as_list, "realm": as_str, "body_limit": as_size,
+           "fields_limit": as_size}
 
 
 def filter_factory(global_conf, **local_conf):
@@ -378,15 +749,21 @@ def filter_factory(global_conf, **local_conf):
     file = global_conf.get("__file__")
     values = prepare(local_conf, global_conf)
     rules: dict[str, str] = {}
-    kwargs: dict[str, t.Any] = {}
+    fields: dict[str, str] = {}
+    kwargs: dict[str, t.Any] = {"fields": fields}
     for key, value in values.items():
         kind, _, name = key.partition(".")
         if kind == "rule" and name:
             rules[name] = value
+        elif kind == "fields" and name:
+            fields[name] = value
         elif key in _PARAMS:
-            kwargs[key] = _PARAMS[key](value)
+            try:
+                kwargs[key] = _PARAMS[key](value)
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, key=key, value=value) from None
         else:
-            known = ", ".join(sorted(_PARAMS) + ["rule.NAME"])
+            known = ", ".join(sorted(_PARAMS) + ["fields.NAME", "rule.NAME"])
             raise ConfigError(f"unknown key (known keys: {known})", file=file, key=key,
                               value=value)
     # Built once now, so a bad rule fails at start with its location.

@@ -95,6 +95,7 @@ from meetinity_gateway.config import (
     as_non_negative_int,
     cast_settings,
 )
+from meetinity_gateway.http11 import is_token
 from meetinity_gateway.preflight import looks_like_preflight, why_not_preflight
 from meetinity_gateway.problems import error_response
 
@@ -125,7 +126,6 @@ EXPOSED_ALWAYS = (
 )
 
 # RFC 9110 token: what a header name or a method may be made of.
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
@@ -225,7 +225,7 @@ class OriginMatcher:
 def _tokens(values: t.Iterable[str], what: str) -> tuple[str, ...]:
     items = tuple(v.strip() for v in values if v.strip())
     for item in items:
-        if not _TOKEN.match(item):
+        if not is_token(item):
             raise ValueError(f"{item!r} is not a valid {what}")
     return items
 
@@ -377,7 +377,7 @@ class CorsMiddleware:
         if len(requested) > _MAX_REQUESTED_HEADERS:
             return self._refuse_preflight(environ, start_response, "too many headers requested")
         for name in requested:
-            if not _TOKEN.match(name):
+            if not is_token(name):
                 return self._refuse_preflight(environ, start_response,
                                               f"malformed header name {name!r}")
             if self._headers is not None and name.lower() not in self._headers:

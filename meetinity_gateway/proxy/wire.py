@@ -10,7 +10,9 @@ The upstream client (:mod:`meetinity_gateway.proxy.client`) reads every response
   real answer stayed unread in a connection that went back to the pool — the next request on
   it, another user's, got it.)
 * **refuses** with :class:`InvalidUpstreamResponse` (an :class:`http.client.HTTPException`,
-  so the client closes the connection and the proxy answers a JSON 502):
+  so the client closes the connection and the proxy answers a JSON 502) what breaks the
+  HTTP/1.1 grammar of :mod:`meetinity_gateway.http11` — the rules the server applies to
+  requests, so nothing is accepted from an upstream that a client could not send:
 
   - a ``101 Switching Protocols`` (the gateway never asks for an upgrade);
   - a status line other than ``HTTP/1.x NNN [reason]`` with a status from 100 to 599 and a
@@ -20,10 +22,15 @@ The upstream client (:mod:`meetinity_gateway.proxy.client`) reads every response
     NUL or any other control character (HTAB allowed in values), an obs-fold continuation
     line, a name that is not an RFC 9110 token (empty, spaces before the colon, no colon at
     all), or a head cut short — in the final response and in interim ones alike;
-  - ambiguous framing: ``Content-Length`` values that are not all the same plain decimal
-    number (a comma list ``5, 5`` included), ``Transfer-Encoding`` together with
-    ``Content-Length``, a ``Transfer-Encoding`` other than exactly ``chunked``, or any
-    ``Transfer-Encoding`` in an HTTP/1.0 response.
+  - ambiguous framing: a ``Content-Length`` other than one line of 1 to 18 plain decimal
+    digits (a comma list ``5, 5`` and repeated equal lines included), ``Transfer-Encoding``
+    together with ``Content-Length``, a ``Transfer-Encoding`` other than exactly
+    ``chunked``, or any ``Transfer-Encoding`` in an HTTP/1.0 response;
+  - while a chunked body is read: a chunk-size line that is not strictly hexadecimal
+    (``0x10``, a sign, spaces, an empty line, a bare LF) or has malformed extensions, chunk
+    data not followed by CRLF, a trailer line that is not a valid field line (the stdlib's
+    reader accepts all of these). Before the first body byte is sent this is a JSON 502;
+    later the client's connection is aborted, so a broken body never looks complete.
 
 Refusing is the answer RFC 9112 §5.2 allows a proxy for obs-fold, and the only safe one for
 the rest: such an upstream is broken or hostile, and repairing its headers (as the stdlib's
@@ -48,6 +55,8 @@ import http.client
 import re
 import typing as t
 
+from meetinity_gateway import http11
+
 __all__ = [
     "GuardedResponse",
     "InvalidUpstreamResponse",
@@ -59,11 +68,6 @@ __all__ = [
 MAX_INTERIM = 32
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [1-5][0-9][0-9](?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
-# RFC 9110 §5.1: field-name = token.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# RFC 9110 §5.5: field-value = VCHAR, obs-text, SP, HTAB; anything else is a control byte.
-_VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS = re.compile(r"[0-9]+")
 #: Longest header line and most header lines accepted (the stdlib's limits).
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
@@ -149,19 +153,20 @@ class GuardedResponse(http.client.HTTPResponse):
         self.reason = line[13:-2].decode("latin-1").strip()
         self.version = version = 10 if line[5:8] == b"1.0" else 11
         fields = Fields()
-        codings: list[str] = []
-        lengths: list[str] = []
+        codings: list[bytes] = []
+        lengths: list[bytes] = []
         connection = ""
         keep_alive = False
         for raw in lines[:-1]:
             name, _, value = raw[:-2].partition(b":")
-            pair = (name.decode("latin-1"), value.lstrip(b" \t").decode("latin-1"))
+            value = value.lstrip(b" \t")
+            pair = (name.decode("latin-1"), value.decode("latin-1"))
             fields.append(pair)
             lowered = pair[0].lower()
             if lowered == "transfer-encoding":
-                codings.append(pair[1])
+                codings.append(value.rstrip(b" \t"))
             elif lowered == "content-length":
-                lengths.append(pair[1])
+                lengths.append(value.rstrip(b" \t"))
             elif lowered == "connection":
                 connection += "," + pair[1].lower()
             elif lowered == "keep-alive" or (lowered == "proxy-connection"
@@ -169,25 +174,12 @@ class GuardedResponse(http.client.HTTPResponse):
                 keep_alive = True
         self.headers = self.msg = fields
         self.chunk_left = None
-        self.chunked = False
-        self.length = None
-        if codings:
-            if lengths:
-                raise InvalidUpstreamResponse("both Transfer-Encoding and Content-Length")
-            if version == 10:
-                raise InvalidUpstreamResponse("Transfer-Encoding in an HTTP/1.0 response")
-            names = [name.strip().lower() for value in codings for name in value.split(",")]
-            # Only chunked: another coding would leave the body without an end we can find.
-            if names != ["chunked"]:
-                raise InvalidUpstreamResponse(f"unsupported Transfer-Encoding {codings!r}")
-            self.chunked = True
-        elif lengths:
-            # A list ("5, 5") is legal but passed on as it is, a client may read it otherwise:
-            # refused; repeated equal lines are accepted.
-            values = {value.strip() for value in lengths}
-            if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
-                raise InvalidUpstreamResponse(f"invalid Content-Length {lengths!r}")
-            self.length = int(values.pop())
+        try:
+            framing = http11.body_framing((1, 0) if version == 10 else (1, 1), lengths, codings)
+        except http11.FramingError as exc:
+            raise InvalidUpstreamResponse(str(exc)) from None
+        self.chunked = framing == http11.CHUNKED
+        self.length = None if self.chunked else framing
         if version == 11:
             will_close = "close" in connection
         else:
@@ -207,6 +199,36 @@ class GuardedResponse(http.client.HTTPResponse):
         if not self.chunked and self.length is None:
             will_close = True  # close-delimited
         self.will_close = will_close
+
+    # -- chunked bodies: the stdlib's reader accepts "0x10", " 10", "+10", a bare LF, any
+    # bytes where the CRLF after chunk data belongs and any trailer; here the grammar's rules.
+
+    def _get_chunk_left(self) -> int | None:
+        chunk_left = self.chunk_left
+        if chunk_left:
+            return chunk_left
+        fp = self.fp
+        if chunk_left is not None:
+            end = fp.read(2)
+            if end != b"\r\n":
+                if len(end) < 2:
+                    raise http.client.IncompleteRead(b"")
+                raise InvalidUpstreamResponse("chunk data not followed by CRLF")
+        try:
+            chunk_left = http11.chunk_size(_chunk_line(fp))
+            if not chunk_left:  # the last chunk: trailer fields, then an empty line
+                chunk_left = None
+                trailer = 0
+                while line := _chunk_line(fp):
+                    trailer += len(line)
+                    if trailer > http11.MAX_CHUNK_LINE:
+                        raise http11.FramingError("chunked trailer too long")
+                    http11.check_field_line(line)
+                self._close_conn()
+        except http11.FramingError as exc:
+            raise InvalidUpstreamResponse(str(exc)) from None
+        self.chunk_left = chunk_left
+        return chunk_left
 
     def read1(self, n: int = -1) -> bytes:
         """What is available of the body, up to ``n`` bytes (at most one read from the
@@ -242,6 +264,18 @@ class GuardedResponse(http.client.HTTPResponse):
         return data
 
 
+def _chunk_line(fp: t.BinaryIO) -> bytes:
+    """A chunk-size or trailer line without its CRLF."""
+    line = fp.readline(http11.MAX_CHUNK_LINE + 2)
+    if line[-2:] == b"\r\n":
+        return line[:-2]
+    if line[-1:] == b"\n":
+        raise http11.FramingError("bare CR or LF in a chunked body")
+    if len(line) > http11.MAX_CHUNK_LINE:
+        raise http11.FramingError("chunk line too long")
+    raise http.client.IncompleteRead(b"")  # the connection ended mid-line
+
+
 def _check_header_lines(lines: list[bytes]) -> None:
     """Refuse a header section that would not reach the client as the upstream sent it."""
     if not lines or lines[-1] != b"\r\n":
@@ -250,13 +284,9 @@ def _check_header_lines(lines: list[bytes]) -> None:
         if not line.endswith(b"\r\n"):
             # A bare LF ends a line for some parsers and not for others: never guess.
             raise InvalidUpstreamResponse("header line not ended by CRLF")
-        line = line[:-2]
-        if line[:1] in (b" ", b"\t"):
-            raise InvalidUpstreamResponse("obs-fold (continuation line) in a header")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise InvalidUpstreamResponse(f"invalid header name {name[:40]!r}")
-        if _VALUE_CONTROL.search(value):
-            raise InvalidUpstreamResponse(
-                f"control character in the value of header {name.decode('latin-1')}"
-            )
+        try:
+            http11.check_field_line(line[:-2])
+        except http11.FramingError as exc:
+            # The name only: a value may be a secret (a cookie) and this goes to the log.
+            name = line.partition(b":")[0][:40]
+            raise InvalidUpstreamResponse(f"{exc} ({name!r})") from None
