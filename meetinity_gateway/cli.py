@@ -2,7 +2,7 @@
 
 Before anything else — logging included — the command line picks the ini file (``--config``,
 else ``GATEWAY_CONFIG``, else ``gateway.ini``) and reads the ``.env`` beside it, so every
-variable the README lists may live in that file.
+variable of docs/configuration.md may live in that file.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every serving recipe of the README, run as written from the repository folder: it listens
+"""Every serving recipe of docs/serving.md, run as written from the repository folder: it listens
 where it should, proxies a call, writes the access log, logs its start-up line, writes every
 log line (its own server's included) as JSON, shows the same /status, and keeps the access
 line of a request that finished while it stopped."""
@@ -116,7 +116,7 @@ def test_pserve_listens_where_the_ini_says(env, upstream):
     check(recipe, upstream)
 
 
-#: Every recipe of the README "Serving" section, as written (the listen address from the
+#: Every recipe of docs/serving.md, as written (the listen address from the
 #: environment, as an operator's unit file would set it).
 RECIPES = {
     "serve": lambda port: [tool("meetinity-gateway"), "serve"],
