@@ -161,7 +161,7 @@ def main() -> None:
         os.environ.update(PASSTHROUGH_CLIENT=client, PASSTHROUGH_UPSTREAM=upstream,
                           PASSTHROUGH_THREADS=str(threads))
         host, _, port = listen.rpartition(":")
-        # The gateway's granian settings (meetinity_gateway.server._serve_granian).
+        # The gateway's granian settings (meetinity_gateway.serving.launchers.serve_granian).
         Granian("passthrough:app", address=host, port=int(port), interface=Interfaces.WSGI,
                 http=HTTPModes.http1, workers=1, blocking_threads=threads,
                 backpressure=threads, websockets=False, log_access=False,

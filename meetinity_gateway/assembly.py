@@ -33,18 +33,26 @@ from pathlib import Path
 from meetinity_gateway.config import (
     ConfigError,
     as_list,
+    as_non_negative_float,
     as_non_negative_int,
     as_positive_float,
     as_positive_int,
     as_size,
     config_fingerprint,
     prepare,
+    split_named,
 )
 from meetinity_gateway.health import HealthApp, LiveApp
-from meetinity_gateway.logs import redact_uri
 from meetinity_gateway.net import DEFAULT_ALLOW, parse_networks
+from meetinity_gateway.pipeline import (
+    Layer,
+    Pipeline,
+    layers_of,
+    mounted_summary,
+    startup_line,
+    upstream_list,
+)
 from meetinity_gateway.proxy.app import ProxyApp
-from meetinity_gateway.problems import MethodNotAllowed, NotFound
 from meetinity_gateway.proxy.upstream import (
     BALANCERS,
     default_max_in_flight,
@@ -52,6 +60,7 @@ from meetinity_gateway.proxy.upstream import (
     parse_failure_statuses,
 )
 from meetinity_gateway.routing import Route, Router, parse_route
+from meetinity_gateway.settings import DEFAULT_THREADS
 from meetinity_gateway.shared import shared
 from meetinity_gateway.status import StatusApp
 from meetinity_gateway.transform import apply_transforms
@@ -59,33 +68,10 @@ from meetinity_gateway.transform import apply_transforms
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import WSGIApplication
 
+# Pipeline, mounted_summary, startup_line and upstream_list live in meetinity_gateway.pipeline;
+# named here too for the callers that imported them from the loader.
 __all__ = ["Pipeline", "adopt", "app_factory", "load_app", "load_pipeline", "mounted_summary",
-           "startup_line"]
-
-
-@dataclasses.dataclass
-class Pipeline:
-    """A loaded gateway: the WSGI app, its layers by name (outermost first), the router."""
-
-    app: WSGIApplication
-    names: list[str]
-    router: Router | None
-    file: str
-    #: The built filters by pipeline name (the middleware objects), outermost first.
-    layers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
-    #: 12 hex digits naming the ini file, .env and environment values it was built from.
-    fingerprint: str | None = None
-    #: Its start-up line was logged (:func:`meetinity_gateway.server.announce`).
-    announced: bool = False
-
-    @property
-    def max_body_size(self) -> int | None:
-        """The largest request body any proxy endpoint accepts (None: no proxy endpoint)."""
-        apps = []
-        if self.router:
-            apps = list(self.router.endpoints.values()) + list(self.router.route_apps.values())
-        sizes = [app.max_body_size for app in apps if isinstance(app, ProxyApp)]
-        return max(sizes) if sizes else None
+           "startup_line", "upstream_list"]
 
 
 # -- the app factory ------------------------------------------------------------------------
@@ -98,10 +84,10 @@ def _as_balance(value: str) -> str:
 
 
 def _as_seconds_or_off(value: str) -> float:
-    """``0`` (off) or a positive number of seconds."""
-    if value.strip() in ("0", "0.0", "off", ""):
+    """``0`` or ``off`` (off), or a number of seconds."""
+    if value.strip().lower() in ("off", ""):
         return 0.0
-    return as_positive_float(value)
+    return as_non_negative_float(value)
 
 
 def _as_percent(value: str) -> int:
@@ -130,9 +116,6 @@ def _as_queue_size(value: str) -> int | str:
 
 #: Seconds a request over an upstream's cap waits for a slot when the ini does not say.
 DEFAULT_QUEUE_TIMEOUT = 0.5
-
-#: The server's worker threads when the ini does not say (``meetinity-gateway serve``'s).
-_DEFAULT_THREADS = 8
 
 _APP_PARAMS = {
     "connect_timeout": as_positive_float,
@@ -257,22 +240,14 @@ def app_factory(global_conf, **local_conf):
     def error(message, key):
         return ConfigError(message, file=file, key=key, value=values.get(key))
 
-    upstream_urls: dict[str, str] = {}
-    route_specs: dict[str, str] = {}
-    policy_specs: dict[str, str] = {}
-    transform_specs: dict[str, str] = {}  # transform.NAME: header rules (transform.py)
+    named, rest = split_named(values, "upstream", "route", "policy", "transform")
+    upstream_urls = {name: url.strip() for name, url in named["upstream"].items()}
+    route_specs = named["route"]
+    policy_specs = named["policy"]
+    transform_specs = named["transform"]  # header rules (transform.py)
     settings: dict[str, t.Any] = {}
-    for key, value in values.items():
-        kind, _, name = key.partition(".")
-        if kind == "upstream" and name:
-            upstream_urls[name] = value.strip()
-        elif kind == "route" and name:
-            route_specs[name] = value
-        elif kind == "policy" and name:
-            policy_specs[name] = value
-        elif kind == "transform" and name:
-            transform_specs[name] = value
-        elif key in _APP_PARAMS:
+    for key, value in rest.items():
+        if key in _APP_PARAMS:
             try:
                 settings[key] = _APP_PARAMS[key](value)
             except ValueError as exc:
@@ -286,7 +261,7 @@ def app_factory(global_conf, **local_conf):
     # The bulkhead: by default each upstream may hold all threads but a few (see
     # default_max_in_flight), so one slow service cannot starve the others or /health/live;
     # a burst over it waits briefly in a queue as long as the few threads left.
-    threads = settings.pop("server_threads", _DEFAULT_THREADS)
+    threads = settings.pop("server_threads", DEFAULT_THREADS)  # the server's
     if settings.get("max_in_flight", "auto") == "auto":
         settings["max_in_flight"] = default_max_in_flight(threads)
     if settings.get("queue_size", "auto") == "auto":
@@ -345,10 +320,9 @@ def app_factory(global_conf, **local_conf):
     route_apps, notes, route_policies = _route_policies(
         routes, unmounted, policy_specs, endpoints, mounted, settings, health_timeout, error)
     try:
+        # Ties among the unmounted routes fail now too, not on the day their URL is set.
         router = Router(routes, endpoints, route_apps=route_apps, notes=notes,
                         unmounted=unmounted)
-        # Ties among the unmounted routes fail now, not on the day their URL is set.
-        Router(routes + unmounted, {route.target: LiveApp() for route in routes + unmounted})
     except ValueError as exc:
         raise ConfigError(str(exc), file=file) from None
     router.upstreams = dict(mounted)
@@ -361,29 +335,6 @@ def app_factory(global_conf, **local_conf):
     return router
 
 
-def upstream_list(router: Router | None) -> str:
-    """``user_service=http://10.0.0.5:5001, …`` (passwords masked), or ``none``."""
-    mounted = getattr(router, "upstreams", None) or {}
-    return ", ".join(f"{name}={redact_uri(url)}" for name, url in mounted.items()) or "none"
-
-
-def mounted_summary(router: Router | None) -> str:
-    """Which upstreams serve (with their URLs) and which are unmounted (an empty URL): for the
-    start-up line."""
-    unmounted = getattr(router, "unmounted_upstreams", None) or []
-    return (f"upstreams mounted: {upstream_list(router)}; "
-            f"not mounted (empty URL): {', '.join(unmounted) or 'none'}")
-
-
-def startup_line(pipeline: Pipeline) -> str:
-    """The one line every way of serving logs when a process has loaded the gateway: version,
-    pipeline, configuration fingerprint, upstreams."""
-    from meetinity_gateway import __version__
-
-    return (f"meetinity-gateway {__version__}: " + " -> ".join(pipeline.names)
-            + f" (config {pipeline.fingerprint}); {mounted_summary(pipeline.router)}")
-
-
 def adopt(app: t.Any, file: str | None = None, name: str = "main") -> Pipeline | None:
     """The :class:`Pipeline` of ``app`` when another loader built it from the ini file
     (PasteDeploy, under ``gunicorn --paste`` and ``pserve``): the layers are found by
@@ -394,15 +345,12 @@ def adopt(app: t.Any, file: str | None = None, name: str = "main") -> Pipeline |
     inner = getattr(app, "pipeline", None)  # a ReloadingApp: its current pipeline
     if isinstance(inner, Pipeline):
         return inner
-    layers: list[t.Any] = []
-    current, seen = app, set()
-    while current is not None and not isinstance(current, Router) and id(current) not in seen:
-        seen.add(id(current))
-        layers.append(current)
-        current = getattr(current, "app", None)
-    if not isinstance(current, Router):
+    layers = layers_of(app)
+    inner = [layer for layer in layers if isinstance(layer, Router)]
+    if not inner:
         return None
-    router = current
+    router = inner[0]
+    layers = layers[:layers.index(router)]
     for endpoint in router.endpoints.values():  # built by load_pipeline: already known
         known = getattr(endpoint, "pipeline", None)
         if isinstance(known, Pipeline) and known.app is app:
@@ -618,7 +566,8 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
             raise exc.locate(file=file, section=f"filter:{filter_name}")
         layers[filter_name] = app
         if router is not None:
-            _check_rules_against_routes(app, router, file, f"filter:{filter_name}")
+            _check_rules_against_routes(Layer.of(filter_name, app), router, file,
+                                        f"filter:{filter_name}")
     layers = {name: layers[name] for name in filter_names}
     pipeline = Pipeline(app=app, names=filter_names + [app_name], router=router, file=file,
                         layers=layers, fingerprint=parser.defaults()["__fingerprint__"])
@@ -626,16 +575,15 @@ def load_pipeline(config_path: str | Path = "gateway.ini", name: str = "main") -
     return pipeline
 
 
-def _check_rules_against_routes(layer, router: Router, file: str, section: str) -> None:
-    """A layer with per-path rules (``route_checks()``, e.g. authorize) may only name paths
-    and methods some route serves — mounted or not: a rule for a route that does not exist
-    is a typo that would silently never apply."""
-    checks = getattr(layer, "route_checks", None)
-    if checks is None:
+def _check_rules_against_routes(layer: Layer, router: Router, file: str, section: str) -> None:
+    """The authorization layer's rules and field filters (``route_checks()``) may only name
+    paths and methods some route serves — mounted or not: a rule for a route that does not
+    exist is a typo that would silently never apply."""
+    if layer.kind != "authorize":
         return
-    every = router.routes + router.unmounted
-    table = Router(every, {route.target: LiveApp() for route in every})
-    samples = [(route, route.template.sample()) for route in every]
+    checks = layer.app.route_checks
+    table = router.every_route
+    samples = [(route, route.template.sample()) for route in table.entries]
     for key, value, sample, prefix, methods in checks():
         below = "/" if sample == "/" else sample + "/"
         for method in methods or [None]:
@@ -645,15 +593,13 @@ def _check_rules_against_routes(layer, router: Router, file: str, section: str) 
                 for route, path in samples
             ):
                 continue  # a route lives below the rule's prefix
-            try:
-                table.match(sample, method or "GET")
-            except NotFound:
+            found = table.lookup(sample, method or "GET")
+            if found.entry is None and not found.allowed:
                 raise ConfigError(f"no route serves {sample}", file=file, section=section,
-                                  key=key, value=value) from None
-            except MethodNotAllowed:
-                if method is not None:
-                    raise ConfigError(f"no route serves {method} {sample}", file=file,
-                                      section=section, key=key, value=value) from None
+                                  key=key, value=value)
+            if found.entry is None and method is not None:
+                raise ConfigError(f"no route serves {method} {sample}", file=file,
+                                  section=section, key=key, value=value)
 
 
 def load_app(config_path: str | Path = "gateway.ini", name: str = "main") -> WSGIApplication:

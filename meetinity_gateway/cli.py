@@ -2,7 +2,7 @@
 
 Before anything else — logging included — the command line picks the ini file (``--config``,
 else ``GATEWAY_CONFIG``, else ``gateway.ini``) and reads the ``.env`` beside it, so every
-variable the README lists may live in that file.
+variable of docs/configuration.md may live in that file.
 """
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ from meetinity_gateway.config import (
     load_env,
     refresh_env,
 )
-from meetinity_gateway.assembly import upstream_list
+from meetinity_gateway.pipeline import described, upstream_list
 from meetinity_gateway.reload import install_sighup, serving_app
+from meetinity_gateway.settings import DEFAULT_LISTEN, DEFAULT_THREADS
 
 log = logging.getLogger("meetinity_gateway")
-
-DEFAULT_LISTEN = "127.0.0.1:8080"
-DEFAULT_THREADS = 8
 
 
 def _setup_logging() -> None:
@@ -58,20 +56,25 @@ def _print_pipeline(pipeline) -> None:
         print("upstream policy per route (effective values):")
         for name, note in router.notes.items():
             print(f"  {name}: {note}")
+    layers = described(pipeline)
     if pipeline.router is not None:
         from meetinity_gateway.routeview import route_policies
 
         print("effective policy per route (what each layer decides for a path it serves):")
-        for view in route_policies(pipeline.router, getattr(pipeline, "layers", {}).items()):
+        for view in route_policies(pipeline.router,
+                                   [(layer.name, layer.app) for layer in layers]):
             print(f"  {view.route}: {view.methods} {view.sample}")
             for name, text in view.layers:
                 print(f"    {name}: {text}")
             print(f"    upstream: {view.upstream}")
-    for name, layer in getattr(pipeline, "layers", {}).items():
-        if hasattr(layer, "route_checks"):  # an authorization layer: its policy table
-            print(f"authorization ({name}, most specific rule wins):")
-            for line in layer.describe():
-                print(f"  {line}")
+    for layer in layers:  # outermost first: what each one is set to
+        lines = layer.describe()
+        heading = f"layer {layer.name} ({layer.kind}"
+        if layer.kind == "authorize":
+            heading += ", most specific rule wins"
+        print(f"{heading}):" if lines else f"{heading}): —")
+        for line in lines:
+            print(f"  {line}")
 
 
 def _load(config: Path):
@@ -95,8 +98,8 @@ def cmd_routes(args) -> int:
 
 
 def create_server(app, **kw):
-    """Moved to :func:`meetinity_gateway.server.create_server`; kept here for callers."""
-    from meetinity_gateway.server import create_server as create
+    """Moved to :func:`meetinity_gateway.serving.hardened.create_server`; kept for callers."""
+    from meetinity_gateway.serving.hardened import create_server as create
 
     return create(app, **kw)
 
@@ -182,15 +185,17 @@ def cmd_init(args) -> int:
 
 def cmd_serve(args) -> int:
     from meetinity_gateway import server as serving
+    from meetinity_gateway.serving.launchers import prepare_metrics_directory
+    from meetinity_gateway.settings import read_settings
 
-    settings = serving.read_settings(args.config, listen=args.listen, threads=args.threads,
-                                     server=args.server, workers=args.workers)
+    settings = read_settings(args.config, listen=args.listen, threads=args.threads,
+                             server=args.server, workers=args.workers)
     # The app section sizes its connection pools from GATEWAY_THREADS: keep them equal.
     os.environ["GATEWAY_THREADS"] = str(settings["threads"])
     if args.reload:
         os.environ["RELOAD"] = "true"  # granian's and gunicorn's workers read it too
     # Several workers: one /metrics for all (before the pipeline imports prometheus-client).
-    cleanup = serving.prepare_metrics_directory(settings)
+    cleanup = prepare_metrics_directory(settings)
     try:
         return _serve(args, serving, settings)
     finally:

@@ -31,7 +31,11 @@ __all__ = [
     "ConfigError",
     "as_bool",
     "as_list",
+    "as_listen",
+    "as_non_negative_float",
     "as_non_negative_int",
+    "as_optional_list",
+    "as_optional_str",
     "as_positive_float",
     "as_positive_int",
     "as_size",
@@ -42,8 +46,10 @@ __all__ = [
     "env_file",
     "expand",
     "load_env",
+    "parse_listen",
     "prepare",
     "refresh_env",
+    "split_named",
 ]
 
 Caster = t.Callable[[str], t.Any]
@@ -267,9 +273,19 @@ def as_bool(value: str) -> bool:
     raise ValueError("expected a boolean (true/false, yes/no, on/off, 1/0)")
 
 
+def as_optional_str(value: str) -> str | None:
+    """Empty means "not set": ``None``."""
+    return value.strip() or None
+
+
 def as_list(value: str) -> list[str]:
     """Comma- or newline-separated items, blanks dropped."""
     return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+
+
+def as_optional_list(value: str) -> list[str] | None:
+    """:func:`as_list`, where empty means "not set": ``None``."""
+    return as_list(value) or None
 
 
 def _as_int(value: str) -> int:
@@ -293,13 +309,27 @@ def as_non_negative_int(value: str) -> int:
     return number
 
 
-def as_positive_float(value: str) -> float:
+def _as_float(value: str) -> float:
     try:
         number = float(value.strip())
     except ValueError:
         raise ValueError("expected a number") from None
+    return number
+
+
+def as_positive_float(value: str) -> float:
+    """A number above 0 (seconds, most often)."""
+    number = _as_float(value)
     if not (number > 0 and math.isfinite(number)):
         raise ValueError("expected a positive number")
+    return number
+
+
+def as_non_negative_float(value: str) -> float:
+    """A number of at least 0 (seconds where 0 means "none" or "at once")."""
+    number = _as_float(value)
+    if not (number >= 0 and math.isfinite(number)):
+        raise ValueError("expected a number of at least 0")
     return number
 
 
@@ -314,6 +344,34 @@ def as_size(value: str) -> int:
         raise ValueError("expected a size in bytes, e.g. 10485760, 512k, 10M or 1G")
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _UNITS[unit]
+
+
+def parse_listen(value: str) -> list[tuple[str, int]]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6), several separated by spaces; port 1-65535.
+
+    Raises ``ValueError`` with a one-line reason (waitress itself would take port 99999 as
+    "any free port" or print a traceback).
+    """
+    out = []
+    for item in value.split():
+        if item.startswith("["):
+            host, sep, port = item[1:].partition("]:")
+        else:
+            host, sep, port = item.rpartition(":")
+        if not sep or not host or ":" in host and not item.startswith("["):
+            raise ValueError(f"expected HOST:PORT (or [IPv6]:PORT), got {item!r}")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"port must be a number from 1 to 65535, got {port!r}")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("expected HOST:PORT")
+    return out
+
+
+def as_listen(value: str) -> str:
+    """One or more ``HOST:PORT`` (see :func:`parse_listen`), spaces normalised."""
+    parse_listen(value)
+    return " ".join(value.split())
 
 
 # -- tables -----------------------------------------------------------------------------
@@ -361,3 +419,23 @@ def cast_settings(
                 str(exc) or "bad value", file=file, section=section, key=key, value=value
             ) from None
     return kwargs
+
+
+def split_named(
+    values: t.Mapping[str, str], *kinds: str
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Keys named ``KIND.NAME`` (``route.api``, ``rule.admin``) apart from the settings.
+
+    Returns ``({kind: {NAME: value}}, rest)`` for each of ``kinds``, in the file's order;
+    ``rest`` keeps every other key (``rule.`` without a name too) for the settings table,
+    where a stray one is an unknown key.
+    """
+    named: dict[str, dict[str, str]] = {kind: {} for kind in kinds}
+    rest: dict[str, str] = {}
+    for key, value in values.items():
+        kind, _, name = key.partition(".")
+        if name and kind in named:
+            named[kind][name] = value
+        else:
+            rest[key] = value
+    return named, rest

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from meetinity_gateway.server import gunicorn_options, read_settings
+from meetinity_gateway.serving.launchers import gunicorn_options
+from meetinity_gateway.settings import read_settings
 
 _settings = read_settings(os.environ.get("GATEWAY_CONFIG") or "gateway.ini")
 # The app sizes its upstream connection pools from GATEWAY_THREADS: the same number.
@@ -25,7 +26,8 @@ def post_worker_init(worker) -> None:
     make the pipeline gunicorn loaded (``--paste``: PasteDeploy built it) known to the
     status page and /health; log the start-up line as ``serve`` does."""
     from meetinity_gateway.assembly import adopt
-    from meetinity_gateway.server import announce, worker_logging
+    from meetinity_gateway.serving.launchers import worker_logging
+    from meetinity_gateway.serving.lifecycle import announce
 
     worker_logging()
     file = getattr(worker.cfg, "paste", None) or os.environ.get("GATEWAY_CONFIG") or "gateway.ini"

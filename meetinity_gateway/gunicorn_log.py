@@ -3,7 +3,7 @@
 gunicorn writes them through its ``gunicorn.error`` logger with a text formatter of its own;
 with ``LOG_FORMAT=json`` (the default) a JSON log shipper reading the gateway's stderr would
 break on them. :class:`GatewayLogger` (gunicorn's ``logger_class``, set by
-:func:`meetinity_gateway.server.gunicorn_options`, hence by ``serve --server gunicorn``,
+:func:`meetinity_gateway.serving.launchers.gunicorn_options`, hence by ``serve --server gunicorn``,
 ``gunicorn --paste gateway.ini`` and ``gunicorn meetinity_gateway.wsgi:application`` run from a
 folder holding the shipped ``gunicorn.conf.py``) keeps gunicorn's handlers and levels and
 swaps their formatter for the gateway's.

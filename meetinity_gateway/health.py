@@ -44,6 +44,7 @@ import typing as t
 from concurrent.futures import ThreadPoolExecutor
 
 from meetinity_gateway.net import DEFAULT_ALLOW, client_allowed, parse_networks
+from meetinity_gateway.pipeline import described
 from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -120,8 +121,8 @@ class HealthApp:
     def attach_pipeline(self, pipeline) -> None:
         """Called by the loader (or :func:`~meetinity_gateway.assembly.adopt`) once the whole
         pipeline is built: its rate-limit layers' storage counts in the readiness."""
-        self.limiters = {name: layer for name, layer in pipeline.layers.items()
-                         if hasattr(layer, "storage_failing") and hasattr(layer, "on_error")}
+        self.limiters = {layer.name: layer.app for layer in described(pipeline)
+                         if layer.kind == "ratelimit"}
 
     def limiter_states(self) -> dict[str, str]:
         """``{layer: "failing (on_error=closed)"}`` for each rate limiter whose storage fails."""

@@ -1,7 +1,7 @@
 """The HTTP/1.1 grammar the gateway accepts, written once for both directions.
 
-The hardened server (:mod:`meetinity_gateway.server`) checks a client's request with these
-rules and answers a violation with a JSON 400 (then closes the connection); the upstream
+The hardened server (:mod:`meetinity_gateway.serving.hardened`) checks a client's request
+with these rules and answers a violation with a JSON 400 (then closes the connection); the upstream
 response reader (:mod:`meetinity_gateway.proxy.wire`) checks an upstream's response with the
 same rules and answers a violation with a JSON 502. One set of rules, not one per direction
 (h11: "we don't cheat and apply different rules to local and remote parties"); the

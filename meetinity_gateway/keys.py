@@ -1,17 +1,25 @@
-"""Namespaced WSGI environ keys written by one layer and read by others (logs, metrics).
+"""Every namespaced WSGI environ key of the gateway, named once: written by one layer and read
+by others (logs, metrics, the proxy).
 
 Each producer documents the keys it sets; this module only names them, so a reader (the
-observability layer) needs no import of the producer. The proxy's single-value keys describe
-the last attempt of a request; ``UPSTREAM_ATTEMPTS_KEY`` lists them all.
+observability layer, the proxy) needs no import of the producer, and no module spells a
+key itself (the modules that set a key still export its name, for callers that imported it
+there). The proxy's single-value keys describe the last attempt of a request;
+``UPSTREAM_ATTEMPTS_KEY`` lists them all.
 """
 from __future__ import annotations
 
 __all__ = [
     "ADDED_HEADERS_KEY",
+    "RATELIMIT_KEY",
+    "REQUEST_ID_KEY",
     "AUTH_ERROR_KEY",
     "AUTHZ_DENIED_KEY",
     "CLAIMS_KEY",
     "CUT_KEY",
+    "PATH_MATCHES_KEY",
+    "PATH_PARAMS_KEY",
+    "ROUTE_KEY",
     "TRACE_ID_KEY",
     "TRACE_KEY",
     "UPSTREAM_ATTEMPTS_KEY",
@@ -21,6 +29,7 @@ __all__ = [
     "UPSTREAM_MS_KEY",
     "UPSTREAM_REJECTED_KEY",
     "TARGET_KEY",
+    "UPSTREAM_PATH_KEY",
 ]
 
 #: Lower-case names of request headers a layer of the gateway put in the environ itself (an
@@ -62,3 +71,20 @@ CUT_KEY = "meetinity_gateway.cut"
 #: by the observability layer only when OpenTelemetry tracing is on; the proxy starts a
 #: client span per upstream attempt through it (``attempt`` / ``end_attempt``).
 TRACE_KEY = "meetinity_gateway.trace"
+#: What path tables (:class:`meetinity_gateway.pathrules.PathTable`) answered for this
+#: request: ``{(table, path, method): PathMatch}``, added to by each table asked with the
+#: environ, so a later layer holding the same table reads the answer instead of matching again.
+PATH_MATCHES_KEY = "meetinity_gateway.path_matches"
+#: The matched route's name (``users``), set by the router.
+ROUTE_KEY = "meetinity_gateway.route"
+#: The matched route's path parameters (``{"id": 7}``), set by the router for a route that
+#: has some.
+PATH_PARAMS_KEY = "meetinity_gateway.path_params"
+#: The path (and no query) the proxy sends upstream, set by the router from the route's
+#: rewrite; without it the proxy sends ``PATH_INFO``.
+UPSTREAM_PATH_KEY = "meetinity_gateway.upstream_path"
+#: The rate-limit layer's decision for inner layers and logs (an inner instance overwrites an
+#: outer one's), set by the ratelimit layer.
+RATELIMIT_KEY = "meetinity_gateway.ratelimit"
+#: The request's id, set by the error edge (or the observability layer) first thing.
+REQUEST_ID_KEY = "meetinity_gateway.request_id"

@@ -17,6 +17,14 @@ the same :attr:`PathTemplate.signature`: callers refuse such ties, because the w
 be decided by file order.
 
 A rewrite (``/users/<id>/recommendations``) uses the template's parameters by name.
+
+:class:`PathTable` is the one table of templates every layer that matches paths uses (the
+router's routes, ``authorize``'s rules and field filters, ``auth``'s public paths): entries
+with a template and their methods, most specific first (an entry naming the method beats an
+all-methods one on the same paths), ties refused when the table is built, Werkzeug's
+exceptions turned into a plain answer. A table may keep its answer for a request in the
+environ (``meetinity_gateway.path_matches``), so a later layer holding the same table reads
+it instead of matching again; without it, each layer matches by itself.
 """
 from __future__ import annotations
 
@@ -25,9 +33,17 @@ import re
 import typing as t
 import uuid
 
-from werkzeug.routing import BaseConverter, Map, Rule
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import BaseConverter, Map, RequestRedirect, Rule
 
-__all__ = ["PathTemplate", "build_map", "parse_path", "parse_rewrite"]
+from meetinity_gateway.keys import PATH_MATCHES_KEY
+
+if t.TYPE_CHECKING:  # pragma: no cover
+    from _typeshed.wsgi import WSGIEnvironment
+
+__all__ = ["PathMatch", "PathTable", "PathTemplate", "PathTie", "build_map", "parse_path",
+           "parse_rewrite"]
 
 # RFC 3986 pchar minus "%" (a template is a literal, already-decoded path) and minus "<>".
 _LITERAL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]*$")
@@ -173,3 +189,117 @@ def build_map(rules: t.Iterable[Rule]) -> Map:
         redirect_defaults=False,
         converters={"rest": _RestConverter},
     )
+
+
+# -- the table ------------------------------------------------------------------------------
+
+E = t.TypeVar("E")
+
+
+class PathTie(ValueError):
+    """Two entries of a :class:`PathTable` accept the same requests: which one wins would
+    depend on the order they were written in. ``entry`` came after ``other``."""
+
+    def __init__(self, entry: t.Any, other: t.Any) -> None:
+        super().__init__(f"{_template(entry).text} ties with {_template(other).text}")
+        self.entry = entry
+        self.other = other
+
+
+class PathMatch(t.NamedTuple):
+    """A table's answer for a path and method: the entry and its match values (parameters,
+    and the rest below a prefix), or ``entry is None``; then ``allowed`` names the methods
+    some entry takes on that path (empty: no entry covers the path at all)."""
+
+    entry: t.Any
+    values: dict[str, t.Any]
+    allowed: tuple[str, ...] = ()
+
+
+def _template(entry: t.Any) -> PathTemplate:
+    return entry if isinstance(entry, PathTemplate) else entry.template
+
+
+def _methods(entry: t.Any) -> frozenset[str] | None:
+    return None if isinstance(entry, PathTemplate) else entry.methods
+
+
+class PathTable(t.Generic[E]):
+    """Templates to entries, the most specific first (see the module docstring).
+
+    :param entries: objects with a ``template`` (:class:`PathTemplate`) and ``methods`` (a
+        set of method names, or ``None`` for every method; ``HEAD`` comes with ``GET``), or
+        bare templates (every method).
+    :param refuse_ties: raise :class:`PathTie` for two entries accepting the same paths with
+        a method in common (the router's and ``authorize``'s tables). A table whose entries
+        all lead to the same answer (``auth``'s public paths) may allow them.
+    """
+
+    def __init__(self, entries: t.Iterable[E], *, refuse_ties: bool = True) -> None:
+        self.entries: list[E] = list(entries)
+        if refuse_ties:
+            seen: list[E] = []
+            for entry in self.entries:
+                for other in seen:
+                    if _ties(entry, other):
+                        raise PathTie(entry, other)
+                seen.append(entry)
+        rules: list[Rule] = []
+        # Werkzeug orders rules by specificity, then keeps the given order among equals:
+        # entries naming methods go first, so they win over an all-methods entry on the
+        # same paths (and fall through to it for the other methods).
+        for entry in sorted(self.entries, key=lambda e: _methods(e) is None):
+            rules.extend(_template(entry).rules(entry, _methods(entry)))
+        # Matching needs no per-request binding: the gateway matches on the path alone.
+        self._adapter = build_map(rules).bind("gateway", "/") if rules else None
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, path: str, method: str,
+               environ: WSGIEnvironment | None = None) -> PathMatch:
+        """The entry for ``method path`` (see :class:`PathMatch`). With ``environ``, an
+        answer this table gave for the same path and method in this request is reused, and a
+        new one is kept there for a later layer holding the same table."""
+        key = (self, path, method)
+        kept = None
+        if environ is not None:
+            kept = environ.get(PATH_MATCHES_KEY)
+            if kept is not None and key in kept:
+                return kept[key]
+        found = self._match(path or "/", method)
+        if environ is not None:
+            if kept is None:
+                kept = environ[PATH_MATCHES_KEY] = {}
+            kept[key] = found
+        return found
+
+    def find(self, path: str, method: str,
+             environ: WSGIEnvironment | None = None) -> tuple[E, dict[str, t.Any]] | None:
+        """``(entry, values)`` for ``method path``, or ``None``."""
+        found = self.lookup(path, method, environ)
+        return None if found.entry is None else (found.entry, found.values)
+
+    def _match(self, path: str, method: str) -> PathMatch:
+        if self._adapter is None:
+            return PathMatch(None, {})
+        try:
+            entry, values = self._adapter.match(path, method)
+        except WerkzeugMethodNotAllowed as exc:
+            return PathMatch(None, {}, tuple(exc.valid_methods or ()))
+        except (WerkzeugNotFound, RequestRedirect):
+            return PathMatch(None, {})
+        return PathMatch(entry, values)
+
+
+def _ties(entry: t.Any, other: t.Any) -> bool:
+    """The same paths (a prefix template covers its own path too) for a common method. A
+    rule for some methods beside one for all of them is no tie: the one naming the method
+    wins."""
+    if _template(entry).base_signature != _template(other).base_signature:
+        return False
+    mine, theirs = _methods(entry), _methods(other)
+    return (mine is None and theirs is None) or bool(mine and theirs and mine & theirs)

@@ -16,11 +16,11 @@ import re
 import typing as t
 from http import HTTPStatus
 
+from meetinity_gateway.keys import REQUEST_ID_KEY
+
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-#: environ key under which the error edge stores the request id.
-REQUEST_ID_KEY = "meetinity_gateway.request_id"
 
 Headers = t.Iterable[t.Tuple[str, str]]
 

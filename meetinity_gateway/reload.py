@@ -52,7 +52,7 @@ from meetinity_gateway.shared import SharedState
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from meetinity_gateway.assembly import Pipeline
+    from meetinity_gateway.pipeline import Pipeline
 
 __all__ = ["ReloadingApp", "reload_settings", "serving_app"]
 
@@ -87,7 +87,7 @@ class ReloadingApp:
 
     :param config: the ini file.
     :param interval: seconds between two looks at the files' modification times.
-    :param loader: builds a :class:`~meetinity_gateway.assembly.Pipeline` from a path
+    :param loader: builds a :class:`~meetinity_gateway.pipeline.Pipeline` from a path
         (default :func:`~meetinity_gateway.assembly.load_pipeline`).
     :param watch: start the polling thread (``False``: only :meth:`check` reloads).
 

@@ -1,4 +1,4 @@
-"""The router: a Werkzeug ``Map`` from paths to endpoint apps.
+"""The router: a path table (:class:`~meetinity_gateway.pathrules.PathTable`) to endpoint apps.
 
 A route is written in one ini value (keys cannot hold ``:``, values can)::
 
@@ -38,29 +38,23 @@ import dataclasses
 import re
 import typing as t
 
-from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
-from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import RequestRedirect
-
+from meetinity_gateway.keys import PATH_PARAMS_KEY, ROUTE_KEY, UPSTREAM_PATH_KEY
 from meetinity_gateway.pathrules import (
     REST,
+    PathTable,
     PathTemplate,
-    build_map,
+    PathTie,
     parse_path,
     parse_rewrite,
     substitute,
 )
 from meetinity_gateway.problems import MethodNotAllowed, NotFound
-from meetinity_gateway.proxy.app import UPSTREAM_PATH_KEY
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["PATH_PARAMS_KEY", "ROUTE_KEY", "Route", "Router", "parse_route"]
 
-ROUTE_KEY = "meetinity_gateway.route"
-#: The matched route's path parameters (``{"id": 7}``), set by the router.
-PATH_PARAMS_KEY = "meetinity_gateway.path_params"
 
 _SPEC = re.compile(
     r"^\s*(?:(?P<methods>[A-Za-z]+(?:\s*,\s*[A-Za-z]+)*)\s+)?"
@@ -181,42 +175,18 @@ class Router:
         #: Route name → its effective upstream policy (assembly.RoutePolicy), set by the
         #: assembly; shown by ``check`` and ``/status`` (routeview.py).
         self.policies: dict[str, t.Any] = {}
-        seen: list[Route] = []
-        rules = []
         for route in self.routes:
             if route.target not in self.endpoints:
                 raise ValueError(f"route {route.name}: unknown target {route.target!r}")
-            assert route.template is not None
-            for other in seen:
-                # The same paths twice, for a common method: which one wins would depend on
-                # the file order. (A prefix route covers its own path too.)
-                same = other.template.base_signature == route.template.base_signature
-                # A rule for some methods beside one for all of them is no tie: the rule
-                # naming the method wins (its rules go first below).
-                overlap = (other.methods is None and route.methods is None) or bool(
-                    other.methods and route.methods and other.methods & route.methods)
-                if same and overlap:
-                    raise ValueError(
-                        f"route {route.name}: {route.template.text} already routed by "
-                        f"{other.name} ({other.template.text})"
-                    )
-            seen.append(route)
-        # Werkzeug orders rules by specificity, then keeps file order among equals: routes
-        # naming methods go first, so they win over an all-methods route on the same path.
-        for route in sorted(self.routes, key=lambda r: r.methods is None):
-            rules.extend(route.template.rules(route, route.methods))
-        self.map = build_map(rules)
-        # Matching needs no per-request binding: the gateway routes on the path alone.
-        self._adapter = self.map.bind("gateway", "/")
+        self.table: PathTable[Route] = _route_table(self.routes)
+        # Every route, the unmounted ones too: ties among them fail now, not on the day their
+        # URL is set; matched only to name an unmounted service in the 404, and by the
+        # assembly to check that other layers' rules name paths some route serves.
+        self.every_route: PathTable[Route] = (
+            _route_table(self.routes + self.unmounted) if self.unmounted else self.table)
         # The app answering each route: its own, else its target's endpoint; maybe wrapped.
         self._apps = {route.name: self.route_apps.get(route.name, self.endpoints[route.target])
                       for route in self.routes}
-        # The unmounted routes' paths, matched only to name their service in the 404.
-        self._unmounted_adapter = None
-        if self.unmounted:
-            spare = [rule for route in self.unmounted
-                     for rule in route.template.rules(route, route.methods)]
-            self._unmounted_adapter = build_map(spare).bind("gateway", "/")
 
     def wrap_route(self, name: str, wrapper: t.Callable[[WSGIApplication], WSGIApplication]):
         """Answer route ``name`` with ``wrapper(current app)`` (e.g. its header rules)."""
@@ -233,24 +203,26 @@ class Router:
             lines.append(f"{route.describe()} [not mounted: {route.target} has no URL]")
         return lines
 
-    def match_route(self, path_info: str, method: str) -> tuple[Route, dict[str, t.Any]]:
-        """The route and its match values; raises the gateway's NotFound / MethodNotAllowed."""
-        try:
-            route, values = self._adapter.match(path_info or "/", method)
-        except WerkzeugMethodNotAllowed as exc:
-            raise MethodNotAllowed(exc.valid_methods or ()) from None
-        except (WerkzeugNotFound, RequestRedirect):
-            raise NotFound(self._not_found(path_info or "/", method)) from None
-        return route, values
+    def match_route(self, path_info: str, method: str,
+                    environ: WSGIEnvironment | None = None) -> tuple[Route, dict[str, t.Any]]:
+        """The route and its match values; raises the gateway's NotFound / MethodNotAllowed.
+        With ``environ``, a match another layer made with this router's table is reused."""
+        path = path_info or "/"
+        found = self.table.lookup(path, method, environ)
+        if found.entry is None:
+            if found.allowed:
+                raise MethodNotAllowed(found.allowed)
+            raise NotFound(self._not_found(path, method))
+        return found.entry, found.values
 
     def _not_found(self, path: str, method: str) -> str:
         """The 404's message: names the unmounted service whose route covers ``path``."""
-        if self._unmounted_adapter is not None:
-            try:
-                route, _ = self._unmounted_adapter.match(path, method)
-            except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
-                pass  # no unmounted route either
-            else:
+        if self.unmounted:
+            # No mounted route takes this path and method: an entry of the whole table that
+            # does is an unmounted one.
+            found = self.every_route.find(path, method)
+            if found is not None:
+                route = found[0]
                 return (f"no route for {path}: service {route.target} is not mounted "
                         f"(its upstream URL is empty)")
         return f"no route for {path}"
@@ -262,7 +234,8 @@ class Router:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         path_info = environ.get("PATH_INFO", "")
         try:
-            route, values = self.match_route(path_info, environ.get("REQUEST_METHOD", "GET"))
+            route, values = self.match_route(path_info, environ.get("REQUEST_METHOD", "GET"),
+                                             environ)
         except (NotFound, MethodNotAllowed) as exc:
             return exc(environ, start_response)
         environ[ROUTE_KEY] = route.name
@@ -270,3 +243,13 @@ class Router:
             environ[PATH_PARAMS_KEY] = {name: values[name] for name, _ in route.params}
         environ[UPSTREAM_PATH_KEY] = route.upstream_path(path_info or "/", values)
         return self._apps[route.name](environ, start_response)
+
+
+def _route_table(routes: t.Sequence[Route]) -> PathTable[Route]:
+    """The routes' path table; a tie is a ValueError naming both routes."""
+    try:
+        return PathTable(routes)
+    except PathTie as tie:
+        route, other = tie.entry, tie.other
+        raise ValueError(f"route {route.name}: {route.template.text} already routed by "
+                         f"{other.name} ({other.template.text})") from None

@@ -29,6 +29,7 @@ import threading
 import typing as t
 
 from meetinity_gateway import __version__
+from meetinity_gateway.pipeline import described
 
 __all__ = ["RELOADS", "RuntimeCollector", "count_reload", "watch_pipeline"]
 
@@ -104,16 +105,16 @@ def watch_pipeline(pipeline) -> None:
     pools = {name: endpoint.pool for name, endpoint in
              (router.endpoints.items() if router is not None else ())
              if getattr(endpoint, "pool", None) is not None and not name.startswith("@")}
-    for layer in pipeline.layers.values():
-        registry = getattr(layer, "registry", None)
-        metrics = getattr(layer, "metrics", None)
-        if registry is None or metrics is None:
-            continue
-        collector = getattr(metrics, "runtime", None)
+    for layer in described(pipeline):
+        if layer.kind != "observe" or layer.app.registry is None:
+            continue  # not the observe layer, or its metrics are off or multiprocess
+        metrics = layer.app.metrics
+        collector = metrics.runtime
         if collector is None:
             from prometheus_client import PlatformCollector, ProcessCollector
 
-            collector = RuntimeCollector(getattr(layer, "namespace", "gateway"))
+            registry = layer.app.registry
+            collector = RuntimeCollector(layer.app.namespace)
             registry.register(collector)
             ProcessCollector(registry=registry)  # nothing where /proc is missing
             PlatformCollector(registry=registry)

@@ -41,12 +41,14 @@ import typing as t
 from meetinity_gateway import __version__
 from meetinity_gateway.logs import iso_time, redact_uri
 from meetinity_gateway.net import DEFAULT_ALLOW, client_allowed, parse_networks
+from meetinity_gateway.pipeline import described
 from meetinity_gateway.problems import error_response
+from meetinity_gateway.routeview import route_policies
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from meetinity_gateway.assembly import Pipeline
+    from meetinity_gateway.pipeline import Layer, Pipeline
     from meetinity_gateway.routing import Router
 
 __all__ = ["CONTENT_SECURITY_POLICY", "StatusApp"]
@@ -131,22 +133,16 @@ class StatusApp:
 
     # -- what the layers say ---------------------------------------------------------------
 
-    def _layers(self) -> list[t.Any]:
-        """The middleware objects, outermost first (following each one's ``app``)."""
-        layers, app, seen = [], self.pipeline.app if self.pipeline else None, set()
-        while app is not None and id(app) not in seen and app is not self.router:
-            seen.add(id(app))
-            layers.append(app)
-            app = getattr(app, "app", None)
-        return layers
+    def _layers(self) -> list[Layer]:
+        """The layers, outermost first, each with its kind (meetinity_gateway.pipeline)."""
+        return described(self.pipeline) if self.pipeline is not None else []
 
     def _ratelimiters(self) -> list[t.Any]:
-        return [layer for layer in self._layers()
-                if hasattr(layer, "rule_for") and hasattr(layer, "limiter")]
+        return [layer.app for layer in self._layers() if layer.kind == "ratelimit"]
 
     def _observers(self) -> list[t.Any]:
-        return [layer for layer in self._layers()
-                if getattr(layer, "registry", None) is not None and hasattr(layer, "metrics")]
+        return [layer.app for layer in self._layers()
+                if layer.kind == "observe" and layer.app.registry is not None]
 
     # -- sections --------------------------------------------------------------------------
 
@@ -165,13 +161,11 @@ class StatusApp:
                 degraded.append(f"upstream {name}: {len(ejected)} of {len(rows)} target(s) "
                                 "ejected")
         for limiter in self._ratelimiters():
-            if getattr(limiter, "storage_failing", False):
-                uri = getattr(limiter, "storage_uri", None)
+            if limiter.storage_failing:
+                uri = limiter.storage_uri
                 where = redact_uri(uri) if uri else "its storage"
-                text = (f"rate limiting: {where} is failing, on_error="
-                        f"{getattr(limiter, 'on_error', '?')}")
-                (failing if getattr(limiter, "on_error", "") == "closed" else degraded).append(
-                    text)
+                text = f"rate limiting: {where} is failing, on_error={limiter.on_error}"
+                (failing if limiter.on_error == "closed" else degraded).append(text)
         if failing:
             return "failing", failing + degraded
         return ("degraded" if degraded else "ok"), degraded
@@ -240,18 +234,17 @@ class StatusApp:
         if self.pipeline is None:
             return "<p class=meta>unknown: not loaded by meetinity_gateway's loader</p>"
         items = "".join(f"<li><code>{_e(name)}</code></li>" for name in self.pipeline.names)
-        return f"<ol>{items}</ol>"
+        rows = [(f"<code>{_e(layer.name)}</code>", _e(layer.kind),
+                 "<br>".join(f"<code>{_e(line)}</code>" for line in layer.describe()) or "—")
+                for layer in self._layers()]
+        return f"<ol>{items}</ol>" + (_table(("layer", "kind", "settings"), rows) if rows else "")
 
     def _routes(self) -> str:
         if self.router is None:
             return "<p class=meta>no router</p>"
-        from meetinity_gateway.routeview import route_policies
-
-        layers = (self.pipeline.layers.items() if self.pipeline is not None
-                  and getattr(self.pipeline, "layers", None) else
-                  [(type(layer).__name__, layer) for layer in self._layers()])
         by_name = {route.name: route for route in self.router.routes}
         rows = []
+        layers = [(layer.name, layer.app) for layer in self._layers()]
         for view in route_policies(self.router, layers):
             route = by_name[view.route]
             rows.append((
@@ -321,7 +314,7 @@ class StatusApp:
         rows = []
         for limiter in limiters:
             storage = limiter.limiter.storage
-            uri = getattr(limiter, "storage_uri", None)
+            uri = limiter.storage_uri
             try:
                 reachable = bool(storage.check())
             except Exception:  # a storage down is what this page is for

@@ -18,7 +18,7 @@ import sys
 from meetinity_gateway.config import config_path, load_env
 from meetinity_gateway.logs import configure_logging
 from meetinity_gateway.reload import serving_app
-from meetinity_gateway.server import announce
+from meetinity_gateway.serving.lifecycle import announce
 
 CONFIG = config_path()
 load_env({"here": str(CONFIG.resolve().parent)})

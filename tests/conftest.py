@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
+from meetinity_gateway import config as config_module
 from tests.servers import TEST_JWT_SECRET, GatewayProcess, clear_gateway_env, shipped_gateway
 from tests.upstream import Upstream
 
@@ -22,6 +24,37 @@ def require_tool(name: str, why: str) -> str:
     if STRICT:
         pytest.fail(message + " — MEETINITY_STRICT_SKIPS=1 forbids skipping", pytrace=False)
     pytest.skip(message)
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "condition",
+               ignore: tuple[type[BaseException], ...] = ()):
+    """Poll ``condition()`` until it returns something true, and return that; fail the test
+    (AssertionError naming ``what``) after ``timeout`` seconds. Exceptions of the types in
+    ``ignore`` count as "not yet" (a server still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except ignore:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def restore_environ():
+    """For code that writes ``os.environ`` itself (``.env`` files read by ``main()`` or a
+    reload): the process environment, and what the config module took from ``.env`` files,
+    are put back as they were after the test."""
+    saved, ours = dict(os.environ), dict(config_module._from_env_file)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    config_module._from_env_file.clear()
+    config_module._from_env_file.update(ours)
 
 
 @pytest.fixture(autouse=True)

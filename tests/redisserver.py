@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.servers import free_port, wait_for_port
 
 
@@ -242,18 +243,9 @@ class RedisProxy:
 
 
 def _wait_until(condition, what: str, timeout: float = 20.0):
-    """Poll ``condition()`` until it returns something true; TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except OSError:  # redis-py's ConnectionError is one: a node still starting
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout} s")
-        time.sleep(0.05)
+    """Poll ``condition()`` until it returns something true (redis-py's ConnectionError, an
+    OSError, is "not yet": a node still starting)."""
+    return wait_until(condition, timeout, what, ignore=(OSError,))
 
 
 class RedisCluster:

@@ -124,6 +124,50 @@ def shipped_gateway(monkeypatch, env: dict[str, str], threads: int = 4) -> Waitr
     return WaitressServer(pipeline.app, threads=threads, max_body_size=pipeline.max_body_size)
 
 
+class GatewayUnderTest:
+    """A gateway built from a small ini (observe, errors, router), under a real waitress.
+
+    ``upstreams`` maps names to target strings; each gets a route ``/NAME/*``. ``settings``
+    are ``[app:gateway]`` keys (``max_fails = 1`` …).
+    """
+
+    def __init__(self, directory: Path, upstreams: dict[str, str], threads: int = 4,
+                 **settings) -> None:
+        lines = [
+            "[pipeline:main]", "pipeline = observe errors gateway", "",
+            "[filter:observe]", "use = egg:meetinity_gateway#observe", "",
+            "[filter:errors]", "use = egg:meetinity_gateway#errors", "",
+            "[app:gateway]", "use = egg:meetinity_gateway#main",
+            "route.health = GET /health -> @health",
+            "route.live = GET /health/live -> @live",
+            f"server_threads = {threads}",
+        ]
+        for name, targets in upstreams.items():
+            lines.append(f"upstream.{name} = {targets}")
+            lines.append(f"route.{name} = /{name}/* -> {name}")
+        lines.extend(f"{key} = {value}" for key, value in settings.items())
+        path = directory / "gateway-under-test.ini"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.pipeline = load_pipeline(path)
+        self.server = WaitressServer(self.pipeline.app, threads=threads)
+        self.url = self.server.url
+
+    def pool(self, name: str):
+        return self.pipeline.router.endpoints[name].pool
+
+    def states(self, name: str) -> list[str]:
+        return [row["state"] for row in self.pool(name).snapshot()]
+
+    def stop(self) -> None:
+        try:
+            self.server.stop()
+        finally:
+            for endpoint in self.pipeline.router.endpoints.values():
+                close = getattr(endpoint, "close", None)
+                if close is not None:
+                    close()
+
+
 class GatewayProcess:
     """``python -m meetinity_gateway serve`` in a child process (for memory and multi-process
     tests). Environment: this process's, plus ``env``."""

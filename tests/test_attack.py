@@ -1,7 +1,7 @@
 """The hostile-input suite: Hypothesis drives raw sockets against the real gateway.
 
 The shipped ``gateway.ini`` runs under a real waitress (as ``serve`` builds it) in front of
-a :class:`~tests.hostile.ScriptedUpstream` that records every byte it receives. Hypothesis
+a :class:`~tests.rawkit.ScriptedUpstream` that records every byte it receives. Hypothesis
 generates whole requests (request line, header set, framing, body, smuggled bytes) and
 whole upstream answers (interim responses, status line, header bytes, framing), and these
 invariants must hold for every one of them:
@@ -24,13 +24,13 @@ import itertools
 import json
 import logging
 import socket
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.hostile import Answer, Recorded, ScriptedUpstream, raw_exchange
+from tests.rawkit import (RawClient, RawConnection, RawRequest, ScriptedUpstream, exchange,
+                          json_response)
 from tests.servers import make_token, module_gateway
 
 SETTINGS = settings(
@@ -53,7 +53,7 @@ _probes = itertools.count(1)
 @pytest.fixture(scope="module")
 def rig():
     """The shipped gateway under waitress, in front of one scripted upstream."""
-    with ScriptedUpstream() as upstream:
+    with ScriptedUpstream(_default_answer) as upstream:
         env = {
             "UPSTREAM_READ_TIMEOUT": "2",
             # Ejection is tested elsewhere; here every answer must come from the target.
@@ -68,9 +68,8 @@ def rig():
 
 
 def assert_alive(port: int) -> None:
-    response, reader = raw_exchange(
+    response = exchange(
         port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    reader.sock.close()
     assert response is not None and response.status == 200, "/health/live stopped answering"
 
 
@@ -208,7 +207,7 @@ def hostile_requests(draw):
             "valid_token": sent_valid_token}
 
 
-def _check_upstream_saw(records: list[Recorded], request: dict) -> None:
+def _check_upstream_saw(records: list[RawRequest], request: dict) -> None:
     probes = [r for r in records if request["tag"] in r.header("X-Probe")]
     assert len(probes) <= 1, f"the upstream got {len(probes)} copies of one request"
     for record in records:
@@ -232,20 +231,17 @@ def _check_upstream_saw(records: list[Recorded], request: dict) -> None:
 def test_client_garbage_is_refused_cleanly(rig, request):
     server, upstream = rig
     seen = len(upstream.since(0))
-    response, reader = raw_exchange(server.port, request["data"], method=request["method"])
-    try:
-        if response is not None and not response.closes and not reader.eof:
+    with RawClient(server.port) as client:
+        client.send(request["data"])
+        response = client.read_response(request["method"])
+        if response is not None and not response.closes and not client.eof:
             # Whatever the gateway made of the bytes after the first request is processed
             # before it answers the next one: ask for /health/live on the same connection.
-            reader.sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
             try:
-                from tests.hostile import read_response
-
-                read_response(reader)
+                client.sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
+                client.read_response()
             except (OSError, ValueError):
                 pass
-    finally:
-        reader.sock.close()
     if response is not None:
         assert not response.violations(), response.violations()
         assert response.status < 500, f"client garbage got {response.status}: {response.body!r}"
@@ -366,20 +362,20 @@ def test_upstream_garbage_never_crosses_to_another_client(rig, answer):
     raw, closes, clean, status = answer
     tag, follow = f"garbage-{next(_probes)}", f"follow-{next(_probes)}"
 
-    def script(request: Recorded) -> Answer:
-        if tag in request.header("X-Probe"):
-            return Answer(raw, close=closes)
-        return Answer(_default_answer(request), close=False)
+    def script(request: RawRequest, conn: RawConnection) -> None:
+        if tag not in request.header("X-Probe"):
+            return _default_answer(request, conn)
+        conn.send(raw)
+        if closes:
+            conn.close()
 
     upstream.script = script
     seen = len(upstream.since(0))
     try:
-        first, reader = raw_exchange(server.port, _get(tag))
-        reader.sock.close()
+        first = exchange(server.port, _get(tag))
         # A second client, on a new connection: the gateway may give it the same pooled
         # upstream connection, which is only allowed if the first answer was read to its end.
-        second, reader = raw_exchange(server.port, _get(follow))
-        reader.sock.close()
+        second = exchange(server.port, _get(follow))
     finally:
         records = upstream.since(seen)
         upstream.reset()
@@ -395,8 +391,8 @@ def test_upstream_garbage_never_crosses_to_another_client(rig, answer):
     assert second is not None and second.status == 200, second
     assert json.loads(second.body)["probe"] == follow, "a client received another's answer"
 
-    first_conn = [r.connection for r in records if tag in r.header("X-Probe")]
-    follow_conn = [r.connection for r in records if follow in r.header("X-Probe")]
+    first_conn = [r.conn for r in records if tag in r.header("X-Probe")]
+    follow_conn = [r.conn for r in records if follow in r.header("X-Probe")]
     assert len(first_conn) == 1 and len(follow_conn) == 1, "a request was sent twice"
     if not clean or closes:
         assert follow_conn[0] != first_conn[0], (
@@ -404,27 +400,26 @@ def test_upstream_garbage_never_crosses_to_another_client(rig, answer):
     assert_alive(server.port)
 
 
-def _default_answer(request: Recorded) -> bytes:
+def _default_answer(request: RawRequest, conn: RawConnection) -> None:
     tag = (request.header("X-Probe") or [""])[0]
-    body = json.dumps({"connection": request.connection, "probe": tag}).encode()
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % len(body)) + body
+    conn.send(json_response({"connection": request.conn, "probe": tag}))
 
 
 def test_hostile_tools_detect_what_they_must():
     """The suite's own yardsticks: a cut body is truncated, control bytes are violations."""
     with ScriptedUpstream() as upstream:
-        upstream.script = lambda request: Answer(
-            b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 10\r\n\r\nabc", close=True)
-        response, reader = raw_exchange(upstream.port, _get("x"))
-        reader.sock.close()
+        def script(request: RawRequest, conn: RawConnection) -> None:
+            conn.send(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 10\r\n\r\nabc")
+            conn.close()
+
+        upstream.script = script
+        response = exchange(upstream.port, _get("x"))
     assert response.truncated and response.body == b"abc"
     assert response.violations() == ["control character in b'X-A': b'a\\x01b'"]
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         port = listener.getsockname()[1]
-        response, reader = raw_exchange(port, b"GET / HTTP/1.1\r\n\r\n", timeout=0.5)
-        reader.sock.close()
+        response = exchange(port, b"GET / HTTP/1.1\r\n\r\n", timeout=0.5)
     finally:
         listener.close()
     assert response is None
@@ -482,24 +477,17 @@ def test_garbage_then_disconnect_logs_no_exception(rig, exceptions, data, tail, 
     server, _ = rig
     data += tail  # more garbage: a space too large for Hypothesis to exhaust before 400 tries
     exceptions.tries += 1
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    client = RawClient(server.port, timeout=5)
     try:
-        if reset:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.sendall(data)
+        client.sock.sendall(data)
         if close == "some":
-            sock.recv(16)
+            client.sock.recv(16)
         elif close == "answer":
-            received = b""
-            while b"\r\n\r\n" not in received:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                received += chunk
+            client.read_head()
     except OSError:
         pass  # refused and closed first: the server's side of the story is what counts
     finally:
-        sock.close()
+        client.close(reset=reset)  # with a reset: an RST instead of a FIN
     assert_alive(server.port)  # also lets the server finish with the closed connection
     formatted = [logging.Formatter().format(record) for record in exceptions.records]
     assert not formatted, formatted[0]
@@ -547,7 +535,7 @@ def _case(name: str, flips: list[bool]) -> str:
     return "".join(c.swapcase() if flip else c for c, flip in zip(name, flips + [False] * 99))
 
 
-def _send_spellings(rig, names: list[str]) -> Recorded:
+def _send_spellings(rig, names: list[str]) -> RawRequest:
     server, upstream = rig
     probe = f"spelling-{next(_probes)}"
     seen = len(upstream.since(0))
@@ -556,15 +544,14 @@ def _send_spellings(rig, names: list[str]) -> Recorded:
                     else f"{name}: /api/users/7/export\r\n" for name in names)
     data = (f"GET /api/auth/{probe} HTTP/1.1\r\nHost: gw\r\n{lines}"
             f"Connection: close\r\n\r\n").encode("latin-1")
-    response, reader = raw_exchange(server.port, data)
-    reader.sock.close()
+    response = exchange(server.port, data)
     assert response is not None and response.status == 200, response
     recorded = [r for r in upstream.since(seen) if probe in r.target]
     assert len(recorded) == 1
     return recorded[0]
 
 
-def _leaks(recorded: Recorded) -> list[tuple[str, str]]:
+def _leaks(recorded: RawRequest) -> list[tuple[str, str]]:
     return [(name, value) for name, value in recorded.headers
             if FORGED_IP in value or "/api/users/7" in value]
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from meetinity_gateway import config as config_module
 from meetinity_gateway.cli import main
 from tests.servers import (
     ROOT,
@@ -23,15 +22,8 @@ from tests.servers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """main() reads .env files straight into os.environ: put the process back as it was."""
-    saved, ours = dict(os.environ), dict(config_module._from_env_file)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    config_module._from_env_file.clear()
-    config_module._from_env_file.update(ours)
+#: main() reads .env files straight into os.environ: put the process back as it was.
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 def test_check_prints_pipeline_and_routes(monkeypatch, capsys):

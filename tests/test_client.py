@@ -1,6 +1,6 @@
 """The lean upstream client (:mod:`meetinity_gateway.proxy.client`) against real sockets.
 
-A raw-socket upstream (:class:`tests.rawupstream.RawUpstream`) that numbers its connections
+A raw-socket upstream (:class:`tests.rawkit.ScriptedUpstream`) that numbers its connections
 shows whether a connection was reused; TLS against a loopback server with a certificate from
 a throw-away CA; streaming latency through a real waitress in lock-step with the upstream.
 """
@@ -25,13 +25,13 @@ from meetinity_gateway.proxy.client import (
     release,
 )
 from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
-from tests.rawupstream import RawUpstream, response
+from tests.rawkit import ScriptedUpstream, response
 from tests.servers import WaitressServer
 
 LEAKED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nleaked"
 
 
-def _pool(upstream: RawUpstream, **kwargs) -> ConnectionPool:
+def _pool(upstream: ScriptedUpstream, **kwargs) -> ConnectionPool:
     return ConnectionPool("http", upstream.host, upstream.port, **kwargs)
 
 
@@ -75,7 +75,7 @@ def test_bytes_after_a_complete_answer_keep_the_connection_from_reuse(framing, w
             conn.pause(0.2)  # the client has read its answer and pooled the connection
             conn.send(LEAKED)
 
-    with RawUpstream(handler) as upstream:
+    with ScriptedUpstream(handler) as upstream:
         pool = _pool(upstream)
         try:
             assert _get(pool, "/first") == (200, b"hello")
@@ -98,7 +98,7 @@ def test_a_body_cut_short_is_an_error_and_the_connection_closed():
         else:
             conn.send(response(body=b"ok"))
 
-    with RawUpstream(handler) as upstream:
+    with ScriptedUpstream(handler) as upstream:
         pool = _pool(upstream)
         try:
             with pytest.raises(http.client.IncompleteRead):
@@ -111,7 +111,7 @@ def test_a_body_cut_short_is_an_error_and_the_connection_closed():
 
 
 def test_idle_connections_older_than_idle_timeout_are_not_reused():
-    with RawUpstream() as upstream:
+    with ScriptedUpstream() as upstream:
         recycling, keeping = _pool(upstream, idle_timeout=0.2), _pool(upstream, idle_timeout=30)
         try:
             for pool in (recycling, keeping):
@@ -131,7 +131,7 @@ def test_idle_connections_older_than_idle_timeout_are_not_reused():
 
 
 def test_the_pool_keeps_at_most_maxsize_idle_connections():
-    with RawUpstream() as upstream:
+    with ScriptedUpstream() as upstream:
         pool = _pool(upstream, maxsize=2)
         try:
             answers = [pool.request("GET", f"/{n}", {"Host": "x"}) for n in range(4)]
@@ -149,7 +149,7 @@ def test_the_pool_keeps_at_most_maxsize_idle_connections():
 def test_streamed_bodies_go_as_sized_or_chunked():
     pieces = [b"a" * 70000, b"", b"b" * 10, b"c" * 5000]
     whole = b"".join(pieces)
-    with RawUpstream() as upstream:
+    with ScriptedUpstream() as upstream:
         pool = _pool(upstream)
         try:
             _get_with = pool.request("PUT", "/sized", {"Host": "x", "Content-Length":
@@ -172,7 +172,7 @@ def test_streamed_bodies_go_as_sized_or_chunked():
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\0b"])
 def test_a_header_that_would_split_the_request_is_refused_before_sending(value):
-    with RawUpstream() as upstream:
+    with ScriptedUpstream() as upstream:
         pool = _pool(upstream)
         try:
             with pytest.raises(ValueError):
@@ -194,7 +194,7 @@ def test_refused_is_connect_failed_and_silence_a_read_timeout():
     with pytest.raises(ConnectFailed):
         ConnectionPool("http", "127.0.0.1", port).request("GET", "/", {"Host": "x"})
 
-    with RawUpstream(lambda request, conn: conn.pause(2)) as upstream:
+    with ScriptedUpstream(lambda request, conn: conn.pause(2)) as upstream:
         pool = _pool(upstream, read_timeout=0.3)
         try:
             with pytest.raises(ReadTimeout):
@@ -484,7 +484,7 @@ def test_an_answer_written_in_small_pieces_reaches_the_client_piece_by_piece(fra
         if framing == "close":
             conn.close()
 
-    with RawUpstream(handler) as upstream:
+    with ScriptedUpstream(handler) as upstream:
         app = ProxyApp(upstream.url, read_timeout=10)
         try:
             with WaitressServer(app) as server:

@@ -49,6 +49,39 @@ def test_casters_reject(caster, value):
         caster(value)
 
 
+@pytest.mark.parametrize("caster, value, expected", [
+    (config.as_non_negative_float, "0", 0.0), (config.as_non_negative_float, "0.00", 0.0),
+    (config.as_non_negative_float, " 2.5 ", 2.5),
+    (config.as_optional_str, "  ", None), (config.as_optional_str, " iss ", "iss"),
+    (config.as_optional_list, " , ", None), (config.as_optional_list, "a,b", ["a", "b"]),
+    (config.as_listen, " 127.0.0.1:8080   [::1]:80 ", "127.0.0.1:8080 [::1]:80"),
+])
+def test_shared_casters(caster, value, expected):
+    assert caster(value) == expected
+
+
+@pytest.mark.parametrize("caster, value, reason", [
+    (config.as_non_negative_float, "-0.5", "at least 0"),
+    (config.as_non_negative_float, "inf", "at least 0"),
+    (config.as_non_negative_float, "soon", "expected a number"),
+    (config.as_listen, "8080", "HOST:PORT"), (config.as_listen, "h:99999", "1 to 65535"),
+    (config.as_listen, "::1:80", "HOST:PORT"), (config.as_listen, " ", "HOST:PORT"),
+])
+def test_shared_casters_reject_with_a_reason(caster, value, reason):
+    with pytest.raises(ValueError, match=reason):
+        caster(value)
+
+
+def test_split_named_takes_kind_dot_name_keys_in_order_and_leaves_the_rest():
+    named, rest = config.split_named(
+        {"rule.b": "2", "timeout": "1", "rule.a": "1", "rule.": "x", "route.r": "/r",
+         "policy.r": "p"}, "rule", "route")
+    assert named == {"rule": {"b": "2", "a": "1"}, "route": {"r": "/r"}}
+    assert list(named["rule"]) == ["b", "a"]
+    # no name, or a kind not asked for: left for the settings table (an unknown key there)
+    assert rest == {"timeout": "1", "rule.": "x", "policy.r": "p"}
+
+
 TABLE = {"timeout": config.as_positive_float, "enabled": config.as_bool}
 
 

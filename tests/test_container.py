@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import STRICT, require_tool
+from tests.conftest import wait_until, STRICT, require_tool
 from tests.servers import ROOT, TEST_JWT_SECRET, free_port, session, wait_for_port
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -326,10 +326,8 @@ def test_image_answers_proxies_runs_as_non_root_and_drains_on_stop(image, upstre
                               "os.path.exists('/src'))").stdout.decode().split()
         assert probe == ["True", "True", "False"]
         # The HEALTHCHECK passes (its first run comes one interval after the start).
-        deadline = time.monotonic() + 60
-        while _inspect(daemon, container)["State"]["Health"]["Status"] != "healthy":
-            assert time.monotonic() < deadline, _inspect(daemon, container)["State"]["Health"]
-            time.sleep(0.5)
+        wait_until(lambda: _inspect(daemon, container)["State"]["Health"]["Status"]
+                   == "healthy", 60, "the container's HEALTHCHECK passing")
 
         # docker stop while a request is in flight: it finishes, and is logged.
         answer: dict = {}
@@ -340,10 +338,7 @@ def test_image_answers_proxies_runs_as_non_root_and_drains_on_stop(image, upstre
 
         caller = threading.Thread(target=slow)
         caller.start()
-        deadline = time.monotonic() + 20
-        while not any("slow" in request[1] for request in upstream.requests):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: any("slow" in request[1] for request in upstream.requests), 20)
         daemon.docker("stop", container, timeout=60)
         caller.join(30)
         assert answer["response"].status_code == 200

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.rawclient import exchange, request_bytes
+from tests.rawkit import exchange, request_bytes
 from tests.servers import make_token, module_gateway
 from tests.upstream import Upstream
 
@@ -31,7 +31,8 @@ def shipped():
 
 def send(server, target: bytes, method="GET"):
     headers = [("Authorization", f"Bearer {TOKEN}")]
-    return exchange(server.port, request_bytes(method, target, headers))
+    return exchange(server.port, request_bytes(method, target, headers, close=True),
+                    method=method)
 
 
 def assert_refused(shipped, target: bytes, method="GET"):

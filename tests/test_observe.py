@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -39,6 +38,7 @@ from meetinity_gateway.middleware.observe import (
     parse_traceparent,
 )
 from meetinity_gateway.problems import REQUEST_ID_KEY, assign_request_id, random_hex
+from tests.conftest import wait_until
 from tests.test_errors import late_boom_app
 from tests.servers import (
     GatewayProcess,
@@ -234,9 +234,7 @@ def test_buffered_handler_flushes_on_its_own():
     try:
         for number in range(3):
             logger.info("line %d", number)
-        deadline = time.monotonic() + 5
-        while stream.getvalue().count("\n") < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: stream.getvalue().count("\n") >= 3, 5)
         assert stream.getvalue() == "line 0\nline 1\nline 2\n"
         handler.max_bytes = 10
         logger.info("a long enough line")
@@ -605,19 +603,10 @@ def access_lines(lines):
     return [line for line in parsed if "status" in line and "level" not in line]
 
 
-def wait_for(predicate, timeout: float = 5.0):
+def wait_for_access_lines(log_lines, count: int):
     """A request is logged and counted when the server closes its body, which may be just
     after the client has read it: wait (bounded) for that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-
-
-def wait_for_access_lines(log_lines, count: int):
-    wait_for(lambda: len(access_lines(log_lines())) >= count)
+    wait_until(lambda: len(access_lines(log_lines())) >= count, timeout=5)
     return log_lines()
 
 
@@ -812,7 +801,7 @@ def test_text_log_format_from_the_environment(gateway_factory, caplog):
     def messages():
         return [r.getMessage() for r in caplog.records if r.name == "meetinity_gateway.access"]
 
-    [message] = wait_for(messages)
+    [message] = wait_until(messages, timeout=5)
     assert message.startswith("ts=") and " status=404 " in message
 
 
@@ -828,8 +817,8 @@ def test_processes_share_metrics_and_log_json(upstream, tmp_path):
         for _ in range(3):
             assert client.get(other.url + "/api/auth/x").status_code == 200
         key = ("gateway_requests_total", labels(route="auth", method="GET", status="2xx"))
-        samples = wait_for(lambda: (lambda s: s if s.get(key) == 5 else None)(
-            scrape(first.url))) or scrape(first.url)
+        samples = wait_until(lambda: (lambda s: s if s.get(key) == 5 else None)(
+            scrape(first.url)), timeout=5)
         assert samples[key] == 5
         target = f"127.0.0.1:{upstream.port}"
         assert samples[("gateway_upstream_request_duration_seconds_count",

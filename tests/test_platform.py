@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meetinity_gateway.cli import main
-from tests.rawclient import exchange
+from tests.rawkit import exchange
 from tests.servers import SHIPPED_INI, TEST_JWT_SECRET, make_token, session, shipped_gateway
 from tests.upstream import Upstream
 

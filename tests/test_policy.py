@@ -13,11 +13,9 @@ Against the shipped gateway.ini under a real waitress and a recording loopback u
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from meetinity_gateway import config as config_module
 from meetinity_gateway.cli import main as cli_main
 from meetinity_gateway.reload import ReloadingApp
 from tests.servers import (
@@ -49,15 +47,10 @@ def shipped_with(extra: str) -> str:
 
 
 @pytest.fixture
-def environment(monkeypatch):
-    """A clean gateway environment; reloads read .env into os.environ: put it back."""
-    saved, ours = dict(os.environ), dict(config_module._from_env_file)
+def environment(monkeypatch, restore_environ):
+    """A clean gateway environment; reloads read .env into os.environ: restore_environ puts
+    it back."""
     clear_gateway_env(monkeypatch)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    config_module._from_env_file.clear()
-    config_module._from_env_file.update(ours)
 
 
 @pytest.fixture

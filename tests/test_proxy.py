@@ -62,8 +62,11 @@ def test_forwards_with_rewrite_and_duplicate_query_parameters(gateway, upstream)
 
 def test_prefix_itself_and_sub_paths_route_but_not_lookalikes(gateway, upstream):
     client = session()
-    assert echoed(client.get(gateway.url + "/api/auth"))["path"] == "/auth"
-    assert echoed(client.get(gateway.url + "/api/auth/a/b/c"))["path"] == "/auth/a/b/c"
+    # Below /api/auth only the sign-in paths are public: these need a token (deny by default).
+    token = auth_headers()
+    assert echoed(client.get(gateway.url + "/api/auth", headers=token))["path"] == "/auth"
+    assert echoed(client.get(gateway.url + "/api/auth/a/b/c",
+                             headers=token))["path"] == "/auth/a/b/c"
     assert_error_shape(client.get(gateway.url + "/api/authX", headers=auth_headers()), 404)
     assert len(upstream.requests) == 2
 
@@ -334,7 +337,8 @@ def test_unknown_path_is_json_404_and_wrong_method_json_405(gateway, upstream):
 
 
 def test_no_slash_redirects(gateway, upstream):
-    response = session().get(gateway.url + "/api/auth/", allow_redirects=False)
+    response = session().get(gateway.url + "/api/auth/", headers=auth_headers(),
+                             allow_redirects=False)
     assert echoed(response)["path"] == "/auth/"
     response = session().get(gateway.url + "/health/", allow_redirects=False)
     assert response.status_code == 200

@@ -1,9 +1,10 @@
 """The proxy against misbehaving upstreams and hostile clients, through raw sockets.
 
-The shipped gateway.ini under a real waitress in front of :class:`tests.rawupstream.RawUpstream`,
-which answers with exactly the bytes a test scripts (interim responses, control characters,
-bad framing, resets), and records every request and the connection it came on. Clients are raw
-sockets too, so nothing tidies a response before the assertions see it.
+The shipped gateway.ini under a real waitress in front of a
+:class:`tests.rawkit.ScriptedUpstream`, which answers with exactly the bytes a test scripts
+(interim responses, control characters, bad framing, resets), and records every request and
+the connection it came on. Clients are raw sockets too, so nothing tidies a response before
+the assertions see it.
 
 The invariants checked for every script: the client gets either a well-framed answer or the
 JSON 502; the next client on the pooled connection gets *its own* answer; the upstream
@@ -21,7 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meetinity_gateway.proxy.wire import MAX_INTERIM
-from tests.rawupstream import RawUpstream, exchange, get, response
+from tests.conftest import wait_until
+from tests.rawkit import ScriptedUpstream, get, response
 from tests.servers import free_port, make_token, session
 
 # -- scripts: what the upstream answers, by the last segment of the request path ---------------
@@ -176,7 +178,7 @@ def dispatch(request, conn):
 
 @pytest.fixture
 def raw():
-    with RawUpstream(dispatch) as server:
+    with ScriptedUpstream(dispatch) as server:
         yield server
     assert not server.errors
 
@@ -418,8 +420,7 @@ def test_tab_and_obs_text_in_values_pass_untouched(front, raw):
 # -- issue 11.4: the client's Connection header names only the client's headers ------------
 
 def _raw_to_upstream(gateway, target, headers):
-    lines = [f"GET {target} HTTP/1.1", "Host: gateway.test"] + [f"{k}: {v}" for k, v in headers]
-    [answer] = exchange(gateway.url, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    answer = get(gateway.url, target, headers)
     assert answer.status == 200, answer
     return answer
 
@@ -549,10 +550,7 @@ def test_reset_mid_body_is_one_warning_an_upstream_failure_and_a_truncated_answe
     assert not answer.complete and answer.closed
     request_id = answer.header("X-Request-ID")[0]
 
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not [
-            r for r in caplog.records if r.name == "meetinity_gateway.access"]:
-        time.sleep(0.05)
+    wait_until(lambda: [r for r in caplog.records if r.name == "meetinity_gateway.access"], 5)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(loud) == 1, [r.getMessage() for r in loud]
     [warning] = loud
@@ -600,9 +598,7 @@ def test_reset_mid_body_tells_the_targets_health(raw):
         with WaitressServer(app) as server:
             answer = get(server.url, "/reset_mid_body")
             assert not answer.complete
-            deadline = time.monotonic() + 5
-            while len(verdicts) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: len(verdicts) >= 2, 5)
     finally:
         app.close()
     assert verdicts == [True, False]  # headers came (ok), then the body failed

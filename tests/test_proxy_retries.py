@@ -1,6 +1,6 @@
 """The upstream never receives more requests than the clients sent: retries and 1xx handling.
 
-Two raw-socket targets behind one upstream (tests/rawupstream.py), the shipped gateway.ini
+Two raw-socket targets behind one upstream (tests/rawkit.py), the shipped gateway.ini
 under waitress, every failure a target can show after the request reached it: a failing
 answer, a reset, an unrequested 101, interim responses then a reset, a read timeout. A
 request that is not idempotent (POST, PATCH) reaches exactly one target; an idempotent one
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.rawupstream import RawUpstream, get, response
+from tests.rawkit import ScriptedUpstream, get, response
 from tests.test_proxy_hostile import HINTS, dispatch
 
 
@@ -42,7 +42,7 @@ def handler(request, conn):
 
 @pytest.fixture
 def targets():
-    with RawUpstream(handler) as first, RawUpstream(handler) as second:
+    with ScriptedUpstream(handler) as first, ScriptedUpstream(handler) as second:
         yield first, second
 
 

@@ -301,7 +301,7 @@ def test_counters_keep_their_storage_names(strategy):
 def test_memory_storage_calls_no_exception_wrappers_yet_counts():
     """The memory storage's methods run unwrapped (limits re-wraps them per subclass), and the
     budget still holds under concurrent requests."""
-    from meetinity_gateway.middleware.ratelimit import _SweptMemoryStorage
+    from meetinity_gateway.ratestore import SweptMemoryStorage as _SweptMemoryStorage
 
     storage = _SweptMemoryStorage("memory://")
     for name in ("get", "incr", "acquire_sliding_window_entry", "get_sliding_window",
@@ -395,6 +395,14 @@ def test_filter_factory_rejects_bad_settings_at_start(conf, key):
         filter_factory({"__file__": "gateway.ini"}, **conf)(hello)
     assert info.value.key == key
     assert "gateway.ini" in str(info.value)
+
+
+def test_a_rule_needing_an_unset_variable_names_its_key_and_file(monkeypatch):
+    monkeypatch.delenv("RATE_LIMIT_NOT_SET", raising=False)
+    with pytest.raises(ConfigError) as info:
+        filter_factory({"__file__": "gateway.ini"}, **{"rule.auth": "${RATE_LIMIT_NOT_SET}"})
+    assert info.value.key == "rule.auth"
+    assert "gateway.ini" in str(info.value) and "RATE_LIMIT_NOT_SET" in str(info.value)
 
 
 def test_filter_factory_builds_a_working_middleware():
@@ -595,7 +603,7 @@ def test_memory_storage_sweeps_once_a_second_with_limits_private_hook():
     # this fails instead of the gateway silently starting a thread every 10 ms again.
     from limits.storage import MemoryStorage
 
-    from meetinity_gateway.middleware.ratelimit import _SweptMemoryStorage
+    from meetinity_gateway.ratestore import SweptMemoryStorage as _SweptMemoryStorage
 
     assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
     assert hasattr(MemoryStorage, "_MemoryStorage__expire_events")

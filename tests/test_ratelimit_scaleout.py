@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_tool, wait_until
 from tests.redisserver import RedisCluster, SentinelSet
 from tests.servers import GatewayProcess, session
 
@@ -162,14 +162,6 @@ def _followed(group: list[GatewayProcess]) -> bool:
     return all("answers again" in gateway.stderr() for gateway in group)
 
 
-def _wait(condition, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.02)
-    return time.monotonic()
-
-
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 def test_four_gateways_follow_a_sentinel_failover(on_error, tmp_path, gateways):
     sentinels = SentinelSet(require_tool("redis-server", "a Redis Sentinel set"),
@@ -186,8 +178,10 @@ def test_four_gateways_follow_a_sentinel_failover(on_error, tmp_path, gateways):
         time.sleep(1)
         killed, killed_at = time.monotonic(), time.time()
         sentinels.master.stop()
-        promoted = _wait(lambda: sentinels.master_port() == sentinels.replica.port, 30)
-        followed = _wait(lambda: _followed(group), 30)
+        wait_until(lambda: sentinels.master_port() == sentinels.replica.port, 30)
+        promoted = time.monotonic()
+        wait_until(lambda: _followed(group), 30)
+        followed = time.monotonic()
         followed_at = killed_at + (followed - killed)
         time.sleep(1)  # the trickle goes on against the new master
         trickle.stop()

@@ -335,10 +335,10 @@ def test_every_rate_limit_variable_is_documented():
     assert {"RATE_LIMIT_USERS", "RATE_LIMIT_EVENTS", "RATE_LIMIT_MATCHING",
             "RATE_LIMIT_MESSAGING", "RATELIMIT_PROCESSES"} <= names
     env_example = (SHIPPED_INI.parent / ".env.example").read_text(encoding="utf-8")
-    readme = (SHIPPED_INI.parent / "README.md").read_text(encoding="utf-8")
+    reference = (SHIPPED_INI.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
     for name in names:
         assert re.search(rf"^{name}=", env_example, re.M), name
-        assert f"`{name}`" in readme, name
+        assert f"`{name}`" in reference, name
 
 
 # -- rules with several prefixes: the matcher against a reference ----------------------------

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from meetinity_gateway import config as config_module
 from meetinity_gateway.config import ConfigError
 from meetinity_gateway.reload import ReloadingApp, reload_settings
 from meetinity_gateway.shared import SharedState, shared
+from tests.conftest import wait_until
 from tests.servers import (
     SHIPPED_INI,
     TEST_JWT_SECRET,
@@ -61,15 +61,8 @@ route.limited = /api/limited/* -> svc /
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """Reloads read .env files straight into os.environ: put the process back as it was."""
-    saved, ours = dict(os.environ), dict(config_module._from_env_file)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    config_module._from_env_file.clear()
-    config_module._from_env_file.update(ours)
+#: Reloads read .env files straight into os.environ: put the process back as it was.
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 def write(path: Path, text: str) -> None:
@@ -251,9 +244,7 @@ def test_in_flight_request_finishes_on_the_pipeline_it_started_with(workdir, ser
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(session().get, server.url + "/api/svc/slow?seconds=1.5",
                                timeout=20)
-            deadline = time.monotonic() + 10
-            while not old_target.requests and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: old_target.requests, 10)
             write(workdir / ".env", f"SVC_URL={new_target.url}\n")
             assert app.check() is True
             fresh = session().get(server.url + "/api/svc/echo", timeout=20)
@@ -269,9 +260,7 @@ def test_polling_thread_notices_a_change(workdir, served, upstream):
     write(config, INI.format(extra=""))
     app, server = served(config, watch=True, interval=0.05)
     write(config, INI.format(extra="route.more = /api/more/* -> svc /"))
-    deadline = time.monotonic() + 10
-    while app.reloads == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: app.reloads, 10)
     assert app.reloads == 1
     assert session().get(server.url + "/api/more/echo").status_code == 200
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.rawhttp import connect, json_error, read_response, read_until_close
+from tests.conftest import wait_until
+from tests.rawkit import RawClient, json_error
 from tests.servers import WaitressServer
 
 SMUGGLED = b"GET /api/auth/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -18,9 +19,9 @@ SMUGGLED = b"GET /api/auth/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
 def refused(gateway, upstream, raw: bytes, code: int = 400) -> dict:
     """Send ``raw`` (+ a smuggled request); the answer is ``code`` in the JSON shape, the
     connection closes, and nothing reaches the upstream."""
-    with connect(gateway.url) as sock:
-        sock.sendall(raw + SMUGGLED)
-        data, closed = read_until_close(sock)
+    with RawClient(gateway.url) as client:
+        client.send(raw + SMUGGLED)
+        data, closed = client.read_until_close()
     assert closed, f"connection kept open after {raw!r}"
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % code) or head.startswith(b"HTTP/1.0 %d " % code), \
@@ -183,9 +184,9 @@ def test_sloppy_chunked_bodies_are_refused(gateway, upstream, body):
 
 
 def test_refusals_are_json_even_for_head(gateway, upstream):
-    with connect(gateway.url) as sock:
-        sock.sendall(b"HEAD /api/auth/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
-        data, closed = read_until_close(sock)
+    with RawClient(gateway.url) as client:
+        client.send(b"HEAD /api/auth/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        data, closed = client.read_until_close()
     assert closed and data.startswith(b"HTTP/1.1 400 ") and data.endswith(b"\r\n\r\n")
 
 
@@ -194,11 +195,12 @@ def test_refusals_are_json_even_for_head(gateway, upstream):
 @pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"chunked ", b"\tCHUNKED"])
 def test_valid_chunked_requests_are_proxied_on_a_kept_alive_connection(gateway, upstream, coding):
     body = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n"
-    with connect(gateway.url) as sock:
+    with RawClient(gateway.url) as client:
         for _ in range(2):
-            sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding
-                         + b"\r\n\r\n" + body)
-            status, headers, payload, rest = read_response(sock)
+            client.send(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding
+                        + b"\r\n\r\n" + body)
+            answer = client.read_response()
+            status, headers, payload = answer.status, answer.fields, answer.body
             assert status == 200, payload
             assert json.loads(payload)["body_length"] == 11
             assert headers.get("connection") != "close"
@@ -206,14 +208,14 @@ def test_valid_chunked_requests_are_proxied_on_a_kept_alive_connection(gateway, 
 
 
 def test_valid_requests_of_both_versions_are_proxied(gateway, upstream):
-    with connect(gateway.url) as sock:
-        sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: [::1]:8080\r\nContent-Length: 5\r\n\r\n"
-                     b"helloGET /api/auth/y HTTP/1.1\r\nHost: example.com\r\n\r\n")
-        assert read_response(sock)[0] == 200
-        assert read_response(sock)[0] == 200
-    with connect(gateway.url) as sock:
-        sock.sendall(b"GET /api/auth/z HTTP/1.0\r\n\r\n")
-        data, closed = read_until_close(sock)
+    with RawClient(gateway.url) as client:
+        client.send(b"POST /api/auth/x HTTP/1.1\r\nHost: [::1]:8080\r\nContent-Length: 5\r\n\r\n"
+                    b"helloGET /api/auth/y HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        assert client.read_response().status == 200
+        assert client.read_response().status == 200
+    with RawClient(gateway.url) as client:
+        client.send(b"GET /api/auth/z HTTP/1.0\r\n\r\n")
+        data, closed = client.read_until_close()
         assert closed and data.startswith(b"HTTP/1.0 200 ")
     assert [target for _, target, _ in upstream.requests] == ["/auth/x", "/auth/y", "/auth/z"]
 
@@ -251,18 +253,16 @@ def test_over_limit_body_written_before_reading_gets_the_json_413(
     assert response.status == 413
     assert json_error(body)["code"] == 413
     assert upstream.requests == []
-    deadline = time.monotonic() + 5
-    while not any(line["status"] == 413 for line in access()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: any(line["status"] == 413 for line in access()), 5)
     assert [line["status"] for line in access()] == [413]
 
 
 def test_over_limit_body_closes_the_connection(small_limit_gateway, upstream):
     size = 5 * 64 * 1024
-    with connect(small_limit_gateway.url) as sock:
-        sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
-        sock.sendall(b"y" * size + SMUGGLED)
-        data, closed = read_until_close(sock)
+    with RawClient(small_limit_gateway.url) as client:
+        client.send(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        client.send(b"y" * size + SMUGGLED)
+        data, closed = client.read_until_close()
     assert closed
     assert data.startswith(b"HTTP/1.1 413 ") and data.count(b"HTTP/1.1") == 1
     assert b"connection: close" in data.lower()
@@ -272,18 +272,20 @@ def test_over_limit_body_closes_the_connection(small_limit_gateway, upstream):
 def test_over_limit_declared_length_is_answered_before_the_body(small_limit_gateway, upstream):
     """A client that waits for 100 Continue (or just for an answer) gets the 413 without
     sending anything."""
-    with connect(small_limit_gateway.url) as sock:
-        sock.sendall(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: 100000000\r\n\r\n")
-        status, headers, body, _ = read_response(sock)
+    with RawClient(small_limit_gateway.url) as client:
+        client.send(b"POST /api/auth/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 100000000\r\n\r\n")
+        answer = client.read_response()
+        status, headers = answer.status, answer.fields
+    assert not answer.interim  # the first thing read is the 413 (the old reader's view)
     assert status == 413 and headers["connection"] == "close"
 
 
 def test_waitress_server_answers_huge_headers_with_json(gateway):
-    with connect(gateway.url) as sock:
+    with RawClient(gateway.url) as client:
         big = b"a" * 270000
-        sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-Big: " + big + b"\r\n\r\n")
-        data, closed = read_until_close(sock)
+        client.send(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\nX-Big: " + big + b"\r\n\r\n")
+        data, closed = client.read_until_close()
     assert closed and data.startswith((b"HTTP/1.0 431 ", b"HTTP/1.1 431 "))
     assert json_error(data.partition(b"\r\n\r\n")[2])["code"] == 431
 
@@ -294,9 +296,9 @@ def test_a_crashing_app_still_gets_json_and_a_clean_close():
 
     logging.getLogger("waitress").setLevel(logging.CRITICAL)
     with WaitressServer(app) as server:
-        with connect(server.url) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            data, closed = read_until_close(sock)
+        with RawClient(server.url) as client:
+            client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            data, closed = client.read_until_close()
     assert data.startswith(b"HTTP/1.1 500 ") and closed
     assert json_error(data.partition(b"\r\n\r\n")[2])["code"] == 500
 
@@ -361,9 +363,9 @@ def test_generated_framings_never_smuggle_a_request(monkeypatch):
                 upstream.requests.clear()
                 head = f"POST /api/auth/framed {version}\r\n" + "".join(
                     f"{name}: {value}\r\n" for name, value in headers)
-                with connect(gateway.url, timeout=5) as sock:
-                    sock.sendall(head.encode("latin-1") + b"\r\n" + body + SMUGGLED)
-                    data, _ = read_until_close(sock, timeout=2)
+                with RawClient(gateway.url, timeout=5) as client:
+                    client.send(head.encode("latin-1") + b"\r\n" + body + SMUGGLED)
+                    data, _ = client.read_until_close(timeout=2)
                 time.sleep(0.02)
                 targets = [target for _, target, _ in upstream.requests]
                 assert targets.count("/auth/framed") <= 1 and len(targets) <= 2, targets

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from meetinity_gateway.config import ConfigError
-from meetinity_gateway.server import parse_listen, read_settings
+from meetinity_gateway.config import ConfigError, parse_listen
+from meetinity_gateway.settings import read_settings
 from tests.servers import ROOT, SHIPPED_INI, TEST_JWT_SECRET, free_port
 
 

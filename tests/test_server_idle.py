@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.rawhttp import read_until_close
-from tests.servers import TEST_JWT_SECRET, GatewayProcess, session
+from tests.rawkit import RawClient
+from tests.servers import session
 
 IDLE = 500
 TRICKLING = 500
@@ -24,25 +24,9 @@ def _raise_own_fd_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-@pytest.fixture
-def served(upstream):
-    def start(**env):
-        env.setdefault("USER_SERVICE_URL", upstream.url)
-        env.setdefault("JWT_SECRET", TEST_JWT_SECRET)
-        env.setdefault("RATE_LIMIT_AUTH", "100000/minute")
-        process = GatewayProcess(env=env)
-        processes.append(process)
-        return process
-
-    processes = []
-    yield start
-    for process in processes:
-        process.stop()
-
-
-def test_normal_client_answered_while_1000_connections_idle_or_trickle(served):
+def test_normal_client_answered_while_1000_connections_idle_or_trickle(gateway_process):
     _raise_own_fd_limit(IDLE + TRICKLING + 256)
-    gateway = served()
+    gateway = gateway_process()
     sockets: list[socket.socket] = []
     stop = threading.Event()
 
@@ -82,8 +66,8 @@ def test_normal_client_answered_while_1000_connections_idle_or_trickle(served):
             sock.close()
 
 
-def test_headers_that_never_end_are_cut(served):
-    gateway = served(GATEWAY_HEADER_TIMEOUT="1")
+def test_headers_that_never_end_are_cut(gateway_process):
+    gateway = gateway_process(GATEWAY_HEADER_TIMEOUT="1")
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
         sock.sendall(b"GET /api/auth/x HTTP/1.1\r\nHost: a\r\n")
         started = time.monotonic()
@@ -105,10 +89,10 @@ def test_headers_that_never_end_are_cut(served):
         assert time.monotonic() - started < 6
 
 
-def test_idle_keep_alive_connections_are_closed_after_the_idle_timeout(served):
-    gateway = served(GATEWAY_IDLE_TIMEOUT="1")
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+def test_idle_keep_alive_connections_are_closed_after_the_idle_timeout(gateway_process):
+    gateway = gateway_process(GATEWAY_IDLE_TIMEOUT="1")
+    with RawClient(gateway.port) as client:
         started = time.monotonic()
-        data, closed = read_until_close(sock, timeout=8)
+        data, closed = client.read_until_close(timeout=8)
     assert closed and data == b""
     assert time.monotonic() - started < 6

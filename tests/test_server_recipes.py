@@ -1,4 +1,4 @@
-"""Every serving recipe of the README, run as written from the repository folder: it listens
+"""Every serving recipe of docs/serving.md, run as written from the repository folder: it listens
 where it should, proxies a call, writes the access log, logs its start-up line, writes every
 log line (its own server's included) as JSON, shows the same /status, and keeps the access
 line of a request that finished while it stopped."""
@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import wait_until, require_tool
 from tests.servers import ROOT, TEST_JWT_SECRET, free_port, session, wait_for_port
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and gunicorn")
@@ -117,7 +116,7 @@ def test_pserve_listens_where_the_ini_says(env, upstream):
     check(recipe, upstream)
 
 
-#: Every recipe of the README "Serving" section, as written (the listen address from the
+#: Every recipe of docs/serving.md, as written (the listen address from the
 #: environment, as an operator's unit file would set it).
 RECIPES = {
     "serve": lambda port: [tool("meetinity-gateway"), "serve"],
@@ -201,10 +200,8 @@ def test_a_request_finished_during_the_stop_is_logged(name, env, upstream):
         assert session().get(recipe.url + "/api/auth/first", timeout=20).status_code == 200
         caller = threading.Thread(target=slow)
         caller.start()
-        deadline = time.monotonic() + 10
-        while not any(r[1].startswith("/auth/slow") for r in upstream.requests):
-            assert time.monotonic() < deadline, "the slow request never reached the upstream"
-            time.sleep(0.05)
+        wait_until(lambda: any(r[1].startswith("/auth/slow") for r in upstream.requests), 10,
+                   "the slow request reaching the upstream")
         recipe.process.send_signal(signal.SIGTERM)  # while the slow request is in flight
         caller.join(20)
     finally:

@@ -6,17 +6,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from tests.conftest import STRICT
-from tests.rawhttp import connect
+from tests.rawkit import RawClient, RawConnection, RawRequest, ScriptedUpstream
 from tests.servers import (ROOT, SHIPPED_INI, TEST_JWT_SECRET, auth_headers, free_port, session,
                            wait_for_port)
 from tests.upstream import pattern, pattern_digest
@@ -118,39 +116,27 @@ def test_end_to_end_under_each_server(serve_with, upstream, name):
     assert response.json() == {"body_length": SIZE, "body_sha256": pattern_digest(SIZE)}
 
 
-class EventUpstream:
+class EventUpstream(ScriptedUpstream):
     """Answers every request with ten server-sent events, 200 ms apart, chunked; records
     when each was written."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        super().__init__(self.events)
         self.sent: list[float] = []
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        self.start()
 
-    def serve(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(10)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for index in range(10):
-                event = b"data: event %d\n\n" % index
-                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-                self.sent.append(time.monotonic())
-                time.sleep(0.2)
-            conn.sendall(b"0\r\n\r\n")
+    def events(self, request: RawRequest, conn: RawConnection) -> None:
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                  b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for index in range(10):
+            event = b"data: event %d\n\n" % index
+            conn.send(b"%x\r\n%s\r\n" % (len(event), event))
+            self.sent.append(time.monotonic())
+            conn.pause(0.2)
+        conn.send(b"0\r\n\r\n")
 
     def close(self) -> None:
-        self.sock.close()
-        self.thread.join(5)
+        self.stop()
 
 
 @pytest.mark.parametrize("name", SERVERS)
@@ -159,12 +145,12 @@ def test_events_reach_the_client_piece_by_piece(serve_with, name):
     try:
         gateway = serve_with(name, USER_SERVICE_URL=events.url)
         received: dict[int, float] = {}
-        with connect(gateway.url, timeout=10) as sock:
-            sock.sendall(b"GET /api/auth/events HTTP/1.1\r\nHost: a\r\n"
-                         b"Accept: text/event-stream\r\n\r\n")
+        with RawClient(gateway.url, timeout=10) as client:
+            client.send(b"GET /api/auth/events HTTP/1.1\r\nHost: a\r\n"
+                        b"Accept: text/event-stream\r\n\r\n")
             data = b""
             while len(received) < 10:
-                piece = sock.recv(65536)
+                piece = client.sock.recv(65536)
                 assert piece, f"closed after {len(received)} events"
                 now = time.monotonic()
                 data += piece

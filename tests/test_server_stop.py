@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.rawhttp import connect, read_response
+from tests.rawkit import RawClient
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32",
                                 reason="sends POSIX signals to the child process")
@@ -42,14 +42,15 @@ def access_lines(stderr: str) -> list[dict]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_finishes_in_flight_requests_and_logs_them(served, signum):
     gateway = served(GATEWAY_DRAIN_SECONDS="15")
-    kept_alive = connect(gateway.url)
-    slow = connect(gateway.url)
+    kept_alive = RawClient(gateway.url)
+    slow = RawClient(gateway.url)
     try:
-        kept_alive.sendall(b"GET /api/auth/first HTTP/1.1\r\nHost: a\r\n\r\n")
-        status, headers, _, _ = read_response(kept_alive)
+        kept_alive.send(b"GET /api/auth/first HTTP/1.1\r\nHost: a\r\n\r\n")
+        answer = kept_alive.read_response()
+        status, headers = answer.status, answer.fields
         assert status == 200 and headers.get("connection") != "close"
 
-        slow.sendall(b"GET /api/auth/slow?seconds=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        slow.send(b"GET /api/auth/slow?seconds=2 HTTP/1.1\r\nHost: a\r\n\r\n")
         time.sleep(0.3)  # the request is in flight
         gateway.process.send_signal(signum)
         time.sleep(0.5)
@@ -58,11 +59,14 @@ def test_stop_signal_finishes_in_flight_requests_and_logs_them(served, signum):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
         # ... but a kept-alive connection's next request is answered, and told to close.
-        kept_alive.sendall(b"GET /api/auth/second HTTP/1.1\r\nHost: a\r\n\r\n")
-        status, headers, _, _ = read_response(kept_alive)
+        kept_alive.send(b"GET /api/auth/second HTTP/1.1\r\nHost: a\r\n\r\n")
+        answer = kept_alive.read_response()
+        status, headers = answer.status, answer.fields
         assert status == 200 and headers["connection"] == "close"
 
-        status, headers, body, _ = read_response(slow, timeout=15)
+        slow.settimeout(15)
+        answer = slow.read_response()
+        status, headers, body = answer.status, answer.fields, answer.body
         assert status == 200 and headers["connection"] == "close"
         assert json.loads(body) == {"slow": True}
         gateway.process.wait(15)
@@ -77,9 +81,9 @@ def test_stop_signal_finishes_in_flight_requests_and_logs_them(served, signum):
 
 def test_drain_deadline_cuts_what_is_left_and_exits(served):
     gateway = served(GATEWAY_DRAIN_SECONDS="1")
-    slow = connect(gateway.url)
+    slow = RawClient(gateway.url)
     try:
-        slow.sendall(b"GET /api/auth/slow?seconds=30 HTTP/1.1\r\nHost: a\r\n\r\n")
+        slow.send(b"GET /api/auth/slow?seconds=30 HTTP/1.1\r\nHost: a\r\n\r\n")
         time.sleep(0.3)
         started = time.monotonic()
         gateway.process.terminate()
@@ -97,15 +101,15 @@ def test_a_second_stop_signal_cuts_at_once_and_says_so_truthfully(served):
     """The second signal cut a request after half a second: the log said "after 20 s", the
     access line said 200 for a client that got nothing, and the exit status was 0."""
     gateway = served(GATEWAY_DRAIN_SECONDS="20")
-    slow = connect(gateway.url)
+    slow = RawClient(gateway.url)
     try:
-        slow.sendall(b"GET /api/auth/slow?seconds=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        slow.send(b"GET /api/auth/slow?seconds=2 HTTP/1.1\r\nHost: a\r\n\r\n")
         time.sleep(0.3)  # the request is in flight
         gateway.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         gateway.process.send_signal(signal.SIGTERM)
         gateway.process.wait(15)
-        assert slow.recv(65536) == b""  # the client got nothing
+        assert slow.sock.recv(65536) == b""  # the client got nothing
     finally:
         slow.close()
     stderr = gateway.stderr()

@@ -25,6 +25,7 @@ from meetinity_gateway.proxy.upstream import (
     parse_failure_statuses,
     parse_targets,
 )
+from tests.conftest import wait_until
 from tests.servers import (
     ROOT,
     SHIPPED_INI,
@@ -34,15 +35,6 @@ from tests.servers import (
     wait_for_port,
 )
 from tests.upstream import Upstream
-
-
-def wait_until(condition, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def served_by(response) -> str:
@@ -454,13 +446,6 @@ def test_concurrency_cap_refuses_at_once_and_counts():
     assert pool.in_flight == 0 and [row["outstanding"] for row in pool.snapshot()] == [0, 0]
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.005)
-
-
 def test_over_the_cap_a_request_waits_and_gets_the_next_slot():
     pool, _ = clocked_pool("http://127.0.0.1:1", max_in_flight=1, queue_size=2,
                            queue_timeout=30)
@@ -472,7 +457,7 @@ def test_over_the_cap_a_request_waits_and_gets_the_next_slot():
 
     waiter = threading.Thread(target=take, daemon=True)
     waiter.start()
-    wait_for(lambda: pool.waiting == 1)
+    wait_until(lambda: pool.waiting == 1)
     assert results == [] and pool.in_flight == 1
     pool.done(first)  # handed over: the waiter has it, counted once
     waiter.join(10)
@@ -498,14 +483,14 @@ def test_slots_are_handed_over_first_come_first_served_and_never_lost():
     for number in range(3):
         threads.append(threading.Thread(target=take, args=(number,), daemon=True))
         threads[-1].start()
-        wait_for(lambda: pool.waiting == number + 1)
+        wait_until(lambda: pool.waiting == number + 1)
     # A newcomer while three wait: the queue is full, refused at once.
     with pytest.raises(UpstreamBusy) as info:
         pool.acquire()
     assert info.value.reason == "queue_full" and pool.rejected_by["queue_full"] == 1
     for step in range(3):
         pool.done(holders[step])
-        wait_for(lambda: len(order) == step + 1)
+        wait_until(lambda: len(order) == step + 1)
         assert pool.in_flight == 2  # one out, one in: the cap is never exceeded
     for thread in threads:
         thread.join(10)

@@ -2,28 +2,20 @@
 service cannot starve the others.
 
 A real waitress serves a gateway (observe, errors, router) in front of loopback upstreams
-that misbehave on command (:mod:`tests.faults`: answer 503, hang, reset, refuse).
+that misbehave on command (:class:`tests.upstream.Upstream` with a ``mode``: answer 503,
+hang, reset, stall; a free port refuses).
 """
 from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.faults import FaultyUpstream, GatewayUnderTest, refusing_port
-from tests.servers import session
-
-
-def wait_until(condition, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
+from tests.conftest import wait_until
+from tests.servers import GatewayUnderTest, free_port, session
+from tests.upstream import Upstream
 
 
 @pytest.fixture
@@ -42,10 +34,10 @@ def gateways(tmp_path):
 
 @pytest.fixture
 def faulty():
-    servers: list[FaultyUpstream] = []
+    servers: list[Upstream] = []
 
-    def start(mode: str = "ok", port: int = 0) -> FaultyUpstream:
-        server = FaultyUpstream(port=port, mode=mode).start()
+    def start(mode: str = "ok", port: int = 0) -> Upstream:
+        server = Upstream(port=port, mode=mode).start()
         servers.append(server)
         return server
 
@@ -143,7 +135,7 @@ def test_every_target_ejected_is_still_routed_to(gateways, faulty):
 
 
 def test_a_refusing_only_target_serves_again_as_soon_as_it_is_back(gateways, faulty):
-    port = refusing_port()
+    port = free_port()  # nothing listens there: connections are refused
     gateway = gateways({"svc": f"http://127.0.0.1:{port}"}, max_fails=1, eject_time=60)
     for method in ("GET", "POST", "GET"):
         assert get(gateway.url + "/svc/echo", method, data=b"x").status_code == 502

@@ -21,6 +21,23 @@ anything else       echo: method, path, query, headers, body length and SHA-256,
                     ``upstream`` (this server's URL) as JSON
 ==================  ===========================================================================
 
+A ``mode`` other than ``"ok"`` makes it misbehave on every request but ``HEAD`` (``/health``
+included: a broken service is broken everywhere):
+
+==============  ============================================================================
+``"503"`` …     any status code: answers it, with ``{"service_error": code}``
+``"hang"``      reads the request, then never answers until :meth:`Upstream.release` (or
+                ``hang_limit`` seconds), and closes the connection without a word; ``hung``
+                counts the requests hanging
+``"reset"``     reads the request, then resets the connection (RST, no answer)
+``"stall"``     answers 200 with a ``Content-Length`` of 128 KiB, sends half of the body, and
+                the rest only after :meth:`Upstream.release` (a response in progress)
+==============  ============================================================================
+
+A *refusing* upstream is a stopped one (or a :func:`tests.servers.free_port` nothing listens
+on); ``Upstream(port=…)`` brings a service back on the same address. Byte-level misbehaviour
+(bad framing, interim answers, control characters) is :class:`tests.rawkit.ScriptedUpstream`'s.
+
 Every request is recorded in ``upstream.requests`` (method, raw target, headers) and every
 new connection counted in ``upstream.connections``. With ``idle_close=T``, a request arriving
 on a keep-alive connection idle for more than T seconds is dropped unanswered, the
@@ -40,8 +57,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from tests.rawkit import reset_on_close
+
 CHUNK = 64 * 1024
 _BLOCK = bytes(range(256)) * (CHUNK // 256)
+_HALF = 64 * 1024  # half the body a "stall" answer sends
 
 
 def pattern(size: int):
@@ -84,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         return super().parse_request()
 
     def _dispatch(self):
+        if self.server.owner.mode != "ok":
+            return self._misbehave(self.server.owner)
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         self.server.owner.record(self.command, self.path, list(self.headers.items()))
@@ -101,6 +123,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", "1234")
         self.end_headers()
+
+    def _misbehave(self, owner: "Upstream"):
+        owner.record(self.command, self.path, list(self.headers.items()))
+        self.body_summary()
+        mode = owner.mode
+        if mode in ("hang", "stall"):
+            if mode == "stall":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(2 * _HALF))
+                self.end_headers()
+                self.wfile.write(b"a" * _HALF)
+                self.wfile.flush()
+            owner.hanging(+1)
+            try:
+                owner.released.wait(owner.hang_limit)
+            finally:
+                owner.hanging(-1)
+            if mode == "stall":
+                self.wfile.write(b"b" * _HALF)
+                return None
+            self.close_connection = True
+            return None
+        if mode == "reset":
+            self.close_connection = True
+            reset_on_close(self.connection)
+            return None
+        code = int(mode)
+        return self.send_json({"service_error": code}, status=code)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -262,7 +313,8 @@ class Upstream:
     """A threaded loopback upstream; use as a context manager or call ``start``/``stop``."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 idle_close: float | None = None) -> None:
+                 idle_close: float | None = None, mode: str = "ok",
+                 hang_limit: float = 30.0) -> None:
         self._server = _Server((host, port), _Handler)
         self._server.owner = self
         self.host, self.port = self._server.server_address[:2]
@@ -270,6 +322,10 @@ class Upstream:
         self.health_status = 200
         self.dies = True
         self.idle_close = idle_close
+        self.mode = mode
+        self.hang_limit = hang_limit
+        self.released = threading.Event()
+        self.hung = 0  # requests hanging ("hang", "stall") right now
         self.connections = 0
         self.at_once = self.most_at_once = 0  # ``…/slow`` requests sleeping together
         self.requests: list[tuple[str, str, list[tuple[str, str]]]] = []
@@ -285,6 +341,19 @@ class Upstream:
             self.at_once += delta
             self.most_at_once = max(self.most_at_once, self.at_once)
 
+    def hanging(self, delta: int) -> None:
+        with self._lock:
+            self.hung += delta
+
+    def release(self) -> None:
+        """Let every hanging request go (each closes its connection unanswered)."""
+        self.released.set()
+
+    def paths(self, since: int = 0) -> list[str]:
+        """Request targets received, from the ``since``-th on."""
+        with self._lock:
+            return [target for _, target, _ in self.requests[since:]]
+
     def count_connection(self) -> None:
         with self._lock:
             self.connections += 1
@@ -296,6 +365,7 @@ class Upstream:
         return self
 
     def stop(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 

@@ -40,11 +40,11 @@ a token (browsers send them without credentials) — exactly the requests
 ``Access-Control-Request-Method``, no body, no method override. An ``OPTIONS`` lacking
 ``Origin``, carrying a body or ``X-HTTP-Method-Override`` still needs a token.
 
-JWKS keys are cached (:class:`JwksKeys`): the set is refetched after ``jwks_ttl`` seconds; an
-unknown ``kid`` triggers at most one refetch per ``jwks_cooldown`` seconds, whoever asks (a
-flood of random ``kid``\\ s costs one fetch per window, not one per request); concurrent
-refetches are collapsed into one behind a lock; while the key server is unreachable, cached
-keys keep working, even past their TTL.
+JWKS keys are cached (:class:`meetinity_gateway.jwks.JwksKeys`): the set is refetched after
+``jwks_ttl`` seconds; an unknown ``kid`` triggers at most one refetch per ``jwks_cooldown``
+seconds, whoever asks (a flood of random ``kid``\\ s costs one fetch per window, not one per
+request); concurrent refetches are collapsed into one behind a lock; while the key server is
+unreachable, cached keys keep working, even past their TTL.
 
 Use alone around any WSGI app::
 
@@ -110,23 +110,32 @@ https.
 """
 from __future__ import annotations
 
-import http.client
 import logging
 import math
 import re
-import threading
 import time
 import typing as t
 from urllib.parse import urlsplit
 
 import jwt
-from werkzeug.exceptions import HTTPException
 from jwt.algorithms import HMACAlgorithm, get_default_algorithms, has_crypto
 
-from meetinity_gateway.config import ConfigError, as_bool, as_list, as_str, cast_settings
+from meetinity_gateway.config import (
+    ConfigError,
+    as_bool,
+    as_list,
+    as_non_negative_float,
+    as_optional_list,
+    as_optional_str,
+    as_positive_float,
+    as_str,
+    cast_settings,
+)
 from meetinity_gateway.http11 import is_token
-from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY
-from meetinity_gateway.pathrules import build_map, parse_path
+from meetinity_gateway.jwks import JwksKeys, KeyRefused, KeysUnavailable
+from meetinity_gateway.keys import ADDED_HEADERS_KEY, AUTH_ERROR_KEY, CLAIMS_KEY
+from meetinity_gateway.logs import redact_uri
+from meetinity_gateway.pathrules import PathTable, parse_path
 from meetinity_gateway.paths import PrefixMatcher
 from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import GatewayError
@@ -138,16 +147,8 @@ __all__ = ["AuthMiddleware", "CLAIMS_KEY", "JwksKeys", "KeysUnavailable", "filte
 
 log = logging.getLogger("meetinity_gateway.auth")
 
-#: environ key holding the verified claims of the request's token.
-CLAIMS_KEY = "meetinity_gateway.claims"
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-# Asymmetric algorithm → the JWK key type (kty) its keys must have.
-_KEY_TYPES = {
-    **dict.fromkeys(["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"], "RSA"),
-    **dict.fromkeys(["ES256", "ES256K", "ES384", "ES512", "ES521"], "EC"),
-    "EdDSA": "OKP",
-}
 # Longer than any sane JWT; refusing early keeps a 64 KiB header from being base64-decoded.
 MAX_TOKEN_LENGTH = 16 * 1024
 # RFC 6750 b64token.
@@ -197,130 +198,6 @@ class Unauthorized(GatewayError):
             # Messages are fixed strings of ours (no quotes), never token content.
             challenge += f', error="invalid_token", error_description="{message}"'
         super().__init__(message, headers=[("WWW-Authenticate", challenge)])
-
-
-class KeysUnavailable(GatewayError):
-    """The key set could not be fetched and the token's key is not cached: 503."""
-
-    code = 503
-    message = "signing keys unavailable, try again later"
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(headers=[("Retry-After", str(retry_after))])
-        self.retry_after = retry_after
-
-
-class JwksKey(t.NamedTuple):
-    """One usable key of the set: its type, the algorithm it declares (if any), the key."""
-
-    kty: str
-    alg: str | None
-    key: t.Any
-
-
-class UnknownKey(Exception):
-    """The (freshly fetched or recently fetched) key set has no such ``kid``."""
-
-
-class JwksKeys:
-    """The signing keys of one JWKS URL, cached; PyJWT's ``PyJWKClient`` does the fetching.
-
-    PyJWKClient alone would refetch the whole set for every unknown ``kid`` (older versions)
-    and drop to an error when the server is down; here the policy is ours:
-
-    * a set is fresh for ``ttl`` seconds after a successful fetch;
-    * a fetch is *due* only if none was attempted in the last ``cooldown`` seconds, and is
-      made only when needed (the key is unknown or the set is stale);
-    * one lock collapses concurrent fetches: whoever waited for it finds the new set;
-    * a failed fetch keeps the previous keys (served even when stale) and makes unknown
-      ``kid``\\ s answer :class:`KeysUnavailable` until the cooldown is over.
-
-    ``fetches`` counts fetch attempts; ``clock`` (monotonic seconds) can be replaced.
-    """
-
-    def __init__(self, url: str, *, ttl: float = 300.0, cooldown: float = 30.0,
-                 timeout: float = 5.0) -> None:
-        # The client's own caching is off: the policy above replaces it (and its cooldown is
-        # bypassed without its cache, in the PyJWT versions that have one).
-        self._client = jwt.PyJWKClient(
-            url, cache_jwk_set=False, timeout=timeout,
-            headers={"User-Agent": "meetinity-gateway", "Accept": "application/json"},
-        )
-        self.url = url
-        self.ttl = ttl
-        self.cooldown = cooldown
-        self.clock: t.Callable[[], float] = time.monotonic
-        self.fetches = 0
-        self._lock = threading.Lock()
-        self._keys: dict[str, t.Any] = {}
-        self._fetched_at: float | None = None
-        self._attempted_at: float | None = None
-        self._failed = False
-
-    def _stale(self, now: float) -> bool:
-        return self._fetched_at is None or now - self._fetched_at >= self.ttl
-
-    def _due(self, now: float) -> bool:
-        return self._attempted_at is None or now - self._attempted_at >= self.cooldown
-
-    def _retry_after(self, now: float) -> int:
-        waited = now - (self._attempted_at or now)
-        return max(1, math.ceil(self.cooldown - waited))
-
-    def _fetch(self) -> None:
-        self.fetches += 1
-        self._attempted_at = self.clock()
-        try:
-            data = self._client.fetch_data()
-            if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-                raise ValueError("the response is not a JSON Web Key Set")
-        except (jwt.PyJWTError, ValueError, OSError, http.client.HTTPException) as exc:
-            # Older PyJWT lets some of these through unwrapped; all mean "no key set now".
-            self._failed = True
-            log.warning("cannot fetch signing keys from %s: %s", self.url, exc)
-            return
-        keys = {}
-        for entry in data["keys"]:
-            # Symmetric ("oct") keys from a URL are never used: HMAC takes the secret.
-            if (not isinstance(entry, dict) or not isinstance(entry.get("kid"), str)
-                    or entry.get("use", "sig") != "sig"
-                    or entry.get("kty") not in ("RSA", "EC", "OKP")):
-                continue
-            try:
-                key = jwt.PyJWK(entry).key
-            except (jwt.PyJWTError, ValueError, TypeError):
-                log.warning("ignoring unusable key %r from %s", entry["kid"], self.url)
-                continue
-            alg = entry.get("alg")
-            keys[entry["kid"]] = JwksKey(entry["kty"], alg if isinstance(alg, str) else None,
-                                         key)
-        self._keys = keys
-        self._fetched_at = self._attempted_at
-        self._failed = False
-        log.info("fetched %d signing keys from %s", len(keys), self.url)
-
-    def get(self, kid: str) -> t.Any:
-        """The :class:`JwksKey` for ``kid``.
-
-        Raises :class:`UnknownKey`, or :class:`KeysUnavailable` when the last fetch failed.
-        """
-        now = self.clock()
-        key = self._keys.get(kid)
-        if key is not None and (not self._stale(now) or not self._due(now)):
-            return key
-        # Unknown, or stale with a refresh due: through the lock, so that a request arriving
-        # while a fetch is in flight waits for its result instead of giving up.
-        with self._lock:
-            # Re-check under the lock: the thread we waited for may have just fetched.
-            now = self.clock()
-            if self._due(now) and (kid not in self._keys or self._stale(now)):
-                self._fetch()
-            key = self._keys.get(kid)
-        if key is not None:
-            return key
-        if self._failed:
-            raise KeysUnavailable(self._retry_after(self.clock()))
-        raise UnknownKey(kid)
 
 
 def _claim_header_value(value: t.Any) -> str | None:
@@ -400,6 +277,9 @@ def _is_loopback(host: str) -> bool:
 class AuthMiddleware:
     """Bearer JWT verification on protected prefixes (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "auth"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -433,9 +313,8 @@ class AuthMiddleware:
             templates = [parse_path(item) for item in self.public_text]
         except ValueError as exc:
             raise ConfigError(str(exc), key="public") from None
-        self._public = build_map(
-            rule for template in templates for rule in template.rules(template.text, None)
-        ).bind("gateway", "/") if templates else None
+        # Two public templates for the same paths lead to the same answer: no tie to refuse.
+        self._public = PathTable(templates, refuse_ties=False)
 
         self.algorithms = self._check_algorithms(list(algorithms))
         hmac_allowed = sorted(self.algorithms & HMAC_ALGORITHMS)
@@ -551,6 +430,29 @@ class AuthMiddleware:
 
     # -- the request ------------------------------------------------------------------------
 
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``); never the secret."""
+        keys = []
+        if self._secret is not None:
+            keys.append("a shared HMAC secret")
+        if self.jwks is not None:
+            keys.append(f"the key set at {redact_uri(self.jwks.url)}")
+        identity = ", ".join(f"{claim}={header}" for claim, header
+                             in self.identity_headers.items()) or "none"
+        return [
+            f"token needed below: {', '.join(self._matcher.prefixes) or 'nothing'}",
+            f"public: {', '.join(self.public_text) or 'none'}",
+            f"algorithms: {', '.join(sorted(self.algorithms))}; keys: {' and '.join(keys)}",
+            f"issuer: {self.issuer or 'any'}; audience: "
+            + (", ".join(self.audience) if self.audience else "none (a token with aud is "
+               "refused)"),
+            f"required claims: {', '.join(self.required_claims) or 'none'}; leeway "
+            f"{self.leeway:g}s",
+            f"identity headers: {identity}",
+            "preflights: " + ("pass without a token" if self.allow_preflights
+                              else "need a token like any request"),
+        ]
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         # Forged identities go first, on every request, whatever happens next.
         for _, environ_key in self._identity_keys:
@@ -608,13 +510,8 @@ class AuthMiddleware:
 
     def public_rule(self, path: str) -> str | None:
         """The ``public`` template that lets ``path`` through without a token, if any."""
-        if self._public is None:
-            return None
-        try:
-            endpoint, _ = self._public.match(path, "GET")
-        except HTTPException:
-            return None
-        return endpoint
+        found = self._public.find(path, "GET")
+        return found[0].text if found is not None else None
 
     def policy_for(self, path: str, method: str = "GET") -> str:
         """This layer's part of a route's policy, for ``check`` and ``/status``."""
@@ -641,7 +538,7 @@ class AuthMiddleware:
         # The token names its algorithm; only the configured list decides what is accepted.
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise self._unauthorized("algorithm not allowed")
-        key = self._key_for(alg, header.get("kid"), header)
+        key = self._key_for(alg, header.get("kid"))
 
         try:
             claims = jwt.decode(
@@ -663,23 +560,14 @@ class AuthMiddleware:
         self._verified.put(token, claims, alg, header.get("kid"), key)
         return claims
 
-    def _key_for(self, alg: str, kid: t.Any, header: dict[str, t.Any] | None = None) -> t.Any:
+    def _key_for(self, alg: str, kid: t.Any) -> t.Any:
         if alg in HMAC_ALGORITHMS:
             return self._secret
-        return self._public_key(alg, header if header is not None else {"kid": kid})
-
-    def _public_key(self, alg: str, header: dict[str, t.Any]) -> t.Any:
-        kid = header.get("kid")
-        if not kid or not isinstance(kid, str):
-            raise self._unauthorized("token has no key id (kid)")
         assert self.jwks is not None  # __init__ guarantees it for asymmetric algorithms
         try:
-            jwk = self.jwks.get(kid)
-        except UnknownKey:
-            raise self._unauthorized("unknown signing key") from None
-        if jwk.kty != _KEY_TYPES[alg] or (jwk.alg and jwk.alg != alg):
-            raise self._unauthorized("signing key does not match the algorithm")
-        return jwk.key
+            return self.jwks.signing_key(alg, kid)
+        except KeyRefused as refused:
+            raise self._unauthorized(str(refused)) from None
 
     def _reason(self, exc: Exception) -> str:
         """A fixed, token-free message for a PyJWT error."""
@@ -714,31 +602,6 @@ _REASONS = (
 
 # -- ini ------------------------------------------------------------------------------------
 
-def _optional_str(value: str) -> str | None:
-    return value.strip() or None
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not (number >= 0 and math.isfinite(number)):
-        raise ValueError("expected a number of seconds of at least 0")
-    return number
-
-
-def _positive_seconds(value: str) -> float:
-    number = _seconds(value)
-    if number <= 0:
-        raise ValueError("expected a positive number of seconds")
-    return number
-
-
-def _optional_list(value: str) -> list[str] | None:
-    return as_list(value) or None
-
-
 def _claim_headers(value: str) -> dict[str, str]:
     """``sub=X-User-ID, email=X-User-Email`` → ``{"sub": "X-User-ID", …}``."""
     mapping = {}
@@ -756,13 +619,13 @@ _PARAMS = {
     "public": as_list,
     "secret": as_str,
     "algorithms": as_list,
-    "jwks_url": _optional_str,
-    "jwks_ttl": _positive_seconds,
-    "jwks_cooldown": _seconds,
-    "jwks_timeout": _positive_seconds,
-    "issuer": _optional_str,
-    "audience": _optional_list,
-    "leeway": _seconds,
+    "jwks_url": as_optional_str,
+    "jwks_ttl": as_positive_float,
+    "jwks_cooldown": as_non_negative_float,
+    "jwks_timeout": as_positive_float,
+    "issuer": as_optional_str,
+    "audience": as_optional_list,
+    "leeway": as_non_negative_float,
     # Not "require": PasteDeploy reads that key as a distribution to install.
     "required_claims": as_list,
     "identity_headers": _claim_headers,

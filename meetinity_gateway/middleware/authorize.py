@@ -2,10 +2,10 @@
 
 ``auth`` proves *who* is calling and puts the verified claims in
 ``environ["meetinity_gateway.claims"]``; this layer decides whether that caller may make
-*this* request. It runs right after ``auth`` and matches paths itself (its own Werkzeug
-``Map``, the same template syntax and most-specific-wins ordering as the router, see
-:mod:`meetinity_gateway.pathrules`): the router runs further in, so its match is not known
-yet. Usable alone around any WSGI app that sets the claims key.
+*this* request. It runs right after ``auth`` and matches paths itself (its own
+:class:`~meetinity_gateway.pathrules.PathTable`, the same template syntax, most-specific-wins
+ordering and refused ties as the router's): the router runs further in, so its match is not
+known yet. Usable alone around any WSGI app that sets the claims key.
 
 A rule names methods, a path template and a requirement::
 
@@ -93,11 +93,7 @@ import json
 import re
 import typing as t
 
-from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
-from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import RequestRedirect
-
-from meetinity_gateway.config import ConfigError, as_list, as_size, as_str, prepare
+from meetinity_gateway.config import ConfigError, as_list, as_size, as_str, prepare, split_named
 from meetinity_gateway.jsonbody import (
     BodyError,
     UnsupportedMediaType,
@@ -106,7 +102,7 @@ from meetinity_gateway.jsonbody import (
     read_request_body,
 )
 from meetinity_gateway.keys import AUTHZ_DENIED_KEY, CLAIMS_KEY
-from meetinity_gateway.pathrules import PathTemplate, build_map, parse_path
+from meetinity_gateway.pathrules import PathTable, PathTemplate, PathTie, parse_path
 from meetinity_gateway.preflight import METHOD_OVERRIDE_KEYS
 from meetinity_gateway.problems import BadGateway, BadRequest, GatewayError, error_response
 
@@ -247,6 +243,9 @@ def _as_text(value: t.Any) -> str | None:
 class AuthorizeMiddleware:
     """Rules over verified claims, per route and method (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "authorize"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -268,7 +267,8 @@ class AuthorizeMiddleware:
                               value=str(fields_limit))
         self.body_limit = body_limit
         self.fields_limit = fields_limit
-        self._filters, self._filter_adapter = _build_filters(fields)
+        self._filter_table = _build_filters(fields)
+        self._filters = self._filter_table.entries
         # A cheap first sort, so requests no filter can cover skip the path match: the
         # methods filters name (None: some filter takes every method) and the literal start
         # of their paths (up to the first parameter).
@@ -290,18 +290,11 @@ class AuthorizeMiddleware:
                 except ValueError as exc:
                     raise ConfigError(str(exc), key=f"rule.{name}", value=rule) from None
             self.rules.append(rule)
-        seen: dict[str, Rule] = {}
-        for rule in self.rules:
-            for other in seen.values():
-                same = other.template.base_signature == rule.template.base_signature
-                # A rule for some methods beside one for all of them is no tie: the rule
-                # naming the method wins (its rules go first in the map).
-                overlap = (other.methods is None and rule.methods is None) or bool(
-                    other.methods and rule.methods and other.methods & rule.methods)
-                if same and overlap:
-                    raise ConfigError(f"covers the same requests as rule {other.name}",
-                                      key=f"rule.{rule.name}", value=rule.text)
-            seen[rule.name] = rule
+        try:
+            self._table: PathTable[Rule] = PathTable(self.rules)
+        except PathTie as tie:
+            raise ConfigError(f"covers the same requests as rule {tie.other.name}",
+                              key=f"rule.{tie.entry.name}", value=tie.entry.text) from None
         try:
             self.default = parse_requirement(default)
         except ValueError as exc:
@@ -316,11 +309,6 @@ class AuthorizeMiddleware:
             raise ConfigError("expected a realm without quotes or backslashes", key="realm",
                               value=realm)
         self.realm = realm
-        rules_for_map = []
-        # Werkzeug keeps file order among equally specific rules: method rules go first.
-        for rule in sorted(self.rules, key=lambda r: r.methods is None):
-            rules_for_map.extend(rule.template.rules(rule, rule.methods))
-        self._adapter = build_map(rules_for_map).bind("gateway", "/")
 
     # -- introspection (check, configuration cross-checks) -------------------------------------
 
@@ -339,16 +327,15 @@ class AuthorizeMiddleware:
 
     def policy_for(self, path: str, method: str = "GET") -> str:
         """The rule deciding ``method path`` (or the default), for ``check`` and ``/status``."""
-        try:
-            rule, _ = self._adapter.match(path or "/", method)
-        except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+        found = self._table.find(path or "/", method)
+        if found is None:
             return f"default: {self.default_text}"
-        return rule.describe()
+        return found[0].describe()
 
     # -- decisions -------------------------------------------------------------------------------
 
-    def decide(self, path: str, method: str, claims: t.Any,
-               body: RequestJSON | None = None) -> tuple[Rule | None, bool]:
+    def decide(self, path: str, method: str, claims: t.Any, body: RequestJSON | None = None,
+               environ: WSGIEnvironment | None = None) -> tuple[Rule | None, bool]:
         """``(deciding rule or None for the default, allowed)``.
 
         Services often read ``/api/users//7/`` as ``/api/users/7`` (merged slashes, a
@@ -356,23 +343,24 @@ class AuthorizeMiddleware:
         normalized form, so no spelling of a path escapes the rule its plain form meets.
         ``body`` reads the JSON request body for ``CLAIM=body.FIELD`` conditions (without it
         they do not hold); it raises a :class:`GatewayError` for a body that cannot be read.
+        With ``environ``, the rule table's matches are kept there (see ``PathTable.lookup``).
         """
-        rule, allowed = self._decide(path, method, claims, body)
+        rule, allowed = self._decide(path, method, claims, body, environ)
         if not allowed or ("//" not in path and not path.endswith("/")) or path == "/":
             return rule, allowed  # refused already, or nothing a service would normalise
         normalized = _SLASHES.sub("/", path).rstrip("/") or "/"
         if normalized != path:
-            other, allowed = self._decide(normalized, method, claims, body)
+            other, allowed = self._decide(normalized, method, claims, body, environ)
             if not allowed:
                 rule = other
         return rule, allowed
 
-    def _decide(self, path: str, method: str, claims: t.Any,
-                body: RequestJSON | None = None) -> tuple[Rule | None, bool]:
-        try:
-            rule, values = self._adapter.match(path or "/", method)
-        except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
+    def _decide(self, path: str, method: str, claims: t.Any, body: RequestJSON | None = None,
+                environ: WSGIEnvironment | None = None) -> tuple[Rule | None, bool]:
+        found = self._table.find(path or "/", method, environ)
+        if found is None:
             return None, self._satisfied(self.default, claims, {}, body)
+        rule, values = found
         return rule, self._satisfied(rule.requirement, claims, values, body)
 
     def _satisfied(self, requirement: Requirement, claims: t.Any, values,
@@ -421,11 +409,9 @@ class AuthorizeMiddleware:
         for candidate in candidates:
             if not candidate.startswith(self._filter_starts):
                 continue
-            try:
-                match = self._filter_adapter.match(candidate, method)
+            match = self._filter_table.find(candidate, method, environ)
+            if match is not None:
                 break
-            except (WerkzeugNotFound, WerkzeugMethodNotAllowed, RequestRedirect):
-                continue
         if match is None:
             return self.app(environ, start_response)
         item, values = match
@@ -505,12 +491,13 @@ class AuthorizeMiddleware:
         try:
             # A framework behind may honour X-HTTP-Method-Override: the request must be
             # allowed as the method it claims to be, too.
-            rule, allowed = self.decide(path, method, claims, body)
+            rule, allowed = self.decide(path, method, claims, body, environ)
             if allowed:
                 for key in METHOD_OVERRIDE_KEYS:
                     value = environ.get(key)
                     if value and value.strip():
-                        rule, allowed = self.decide(path, value.strip().upper(), claims, body)
+                        rule, allowed = self.decide(path, value.strip().upper(), claims, body,
+                                                    environ)
                         if not allowed:
                             break
         except GatewayError as exc:
@@ -684,7 +671,7 @@ def parse_field_filter(name: str, spec: str) -> FieldFilter:
                        spec.strip())
 
 
-def _build_filters(items):
+def _build_filters(items) -> PathTable[FieldFilter]:
     filters: list[FieldFilter] = []
     pairs = items.items() if isinstance(items, t.Mapping) else ((f.name, f) for f in items)
     for name, item in pairs:
@@ -693,19 +680,12 @@ def _build_filters(items):
                 item = parse_field_filter(name, item)
             except ValueError as exc:
                 raise ConfigError(str(exc), key=f"fields.{name}", value=item) from None
-        for other in filters:
-            overlap = (other.methods is None and item.methods is None) or bool(
-                other.methods and item.methods and other.methods & item.methods)
-            if other.template.base_signature == item.template.base_signature and overlap:
-                raise ConfigError(f"covers the same requests as fields.{other.name}",
-                                  key=f"fields.{item.name}", value=item.text)
         filters.append(item)
-    if not filters:
-        return filters, None
-    rules = []
-    for item in sorted(filters, key=lambda f: f.methods is None):
-        rules.extend(item.template.rules(item, item.methods))
-    return filters, build_map(rules).bind("gateway", "/")
+    try:
+        return PathTable(filters)
+    except PathTie as tie:
+        raise ConfigError(f"covers the same requests as fields.{tie.other.name}",
+                          key=f"fields.{tie.entry.name}", value=tie.entry.text) from None
 
 
 class _Chained:
@@ -747,17 +727,12 @@ def filter_factory(global_conf, **local_conf):
     file, the key and the value.
     """
     file = global_conf.get("__file__")
-    values = prepare(local_conf, global_conf)
-    rules: dict[str, str] = {}
-    fields: dict[str, str] = {}
+    named, values = split_named(prepare(local_conf, global_conf), "rule", "fields")
+    rules = named["rule"]
+    fields = named["fields"]
     kwargs: dict[str, t.Any] = {"fields": fields}
     for key, value in values.items():
-        kind, _, name = key.partition(".")
-        if kind == "rule" and name:
-            rules[name] = value
-        elif kind == "fields" and name:
-            fields[name] = value
-        elif key in _PARAMS:
+        if key in _PARAMS:
             try:
                 kwargs[key] = _PARAMS[key](value)
             except ValueError as exc:

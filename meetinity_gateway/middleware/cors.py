@@ -93,6 +93,7 @@ from meetinity_gateway.config import (
     as_bool,
     as_list,
     as_non_negative_int,
+    as_optional_list,
     cast_settings,
 )
 from meetinity_gateway.http11 import is_token
@@ -265,6 +266,9 @@ def _emitted(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 class CorsMiddleware:
     """Allow-listed CORS with preflights answered in place (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "cors"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -278,6 +282,7 @@ class CorsMiddleware:
     ) -> None:
         self.app = app
         origin_list = _as_items(origins)
+        self.origin_list = tuple(o.strip() for o in origin_list if o.strip())
         try:
             self.origins = OriginMatcher(origin_list)
         except ValueError as exc:
@@ -390,6 +395,20 @@ class CorsMiddleware:
         start_response("204 No Content", headers)
         return []
 
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``)."""
+        headers = ("as the preflight asks" if self.allow_headers is None
+                   else ", ".join(self.allow_headers) or "none")
+        return [f"origins: {', '.join(self.origin_list) or 'none'}",
+                f"credentials: {'allowed' if self.allow_credentials else 'no'}",
+                f"methods: {', '.join(self.allow_methods)}", f"request headers: {headers}",
+                f"exposed headers: {', '.join(self.expose_headers)}",
+                f"preflight cached: {self.max_age}s"]
+
+    def policy_for(self, path: str, method: str = "GET") -> None:
+        """No say per path: the same CORS answer on every path."""
+        return None
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         origin = environ.get("HTTP_ORIGIN")
         if looks_like_preflight(environ):
@@ -433,17 +452,11 @@ class CorsMiddleware:
         return self.app(environ, start_with_cors)
 
 
-def _as_optional_list(value: str) -> list[str] | None:
-    """Empty → ``None`` (echo the requested headers); else a list."""
-    items = as_list(value)
-    return items or None
-
-
 _PARAMS = {
     "origins": as_list,
     "allow_credentials": as_bool,
     "allow_methods": as_list,
-    "allow_headers": _as_optional_list,
+    "allow_headers": as_optional_list,  # empty: echo the requested headers
     "expose_headers": as_list,
     "max_age": as_non_negative_int,
 }

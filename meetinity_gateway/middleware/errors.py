@@ -51,8 +51,8 @@ import typing as t
 from urllib.parse import unquote
 
 from meetinity_gateway.config import as_bool, as_str, cast_settings
+from meetinity_gateway.keys import REQUEST_ID_KEY
 from meetinity_gateway.problems import (
-    REQUEST_ID_KEY,
     ResponseAborted,
     assign_request_id,
     error_response,
@@ -158,6 +158,9 @@ class _GuardedBody:
 class ErrorMiddleware:
     """Request ids, path hygiene and the JSON 500 (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "errors"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -180,6 +183,17 @@ class ErrorMiddleware:
             environ.get("PATH_INFO"),
             extra={"request_id": environ.get(REQUEST_ID_KEY)},
         )
+
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``)."""
+        checks = ("dot-segments, encoded slashes and control characters refused (400)"
+                  if self.check_paths else "off")
+        return [f"request id header: {self.request_id_header}", f"path checks: {checks}",
+                "an exception from inside: the JSON 500"]
+
+    def policy_for(self, path: str, method: str = "GET") -> None:
+        """No say per path: every request gets the same edge."""
+        return None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         request_id = assign_request_id(environ, self._environ_key)

@@ -119,7 +119,11 @@ from meetinity_gateway.config import (
 from meetinity_gateway.keys import (
     AUTH_ERROR_KEY,
     AUTHZ_DENIED_KEY,
+    CLAIMS_KEY,
     CUT_KEY,
+    RATELIMIT_KEY,
+    REQUEST_ID_KEY,
+    ROUTE_KEY,
     TARGET_KEY,
     TRACE_ID_KEY,
     TRACE_KEY,
@@ -132,12 +136,7 @@ from meetinity_gateway.keys import (
 )
 from meetinity_gateway.logs import LOG_FORMATS, AccessRecord
 from meetinity_gateway.net import DEFAULT_ALLOW, client_address, client_allowed, parse_networks
-from meetinity_gateway.problems import (
-    REQUEST_ID_KEY,
-    assign_request_id,
-    error_response,
-    random_hex,
-)
+from meetinity_gateway.problems import assign_request_id, error_response, random_hex
 from meetinity_gateway.shared import shared
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -164,11 +163,6 @@ def _log_access(record: AccessRecord) -> None:
 
 
 DEFAULT_METRICS_ALLOW = DEFAULT_ALLOW
-# Keys other layers leave in the environ (documented by them; named here, not imported, so
-# this layer stays usable alone).
-_ROUTE_KEY = "meetinity_gateway.route"
-_RATELIMIT_KEY = "meetinity_gateway.ratelimit"
-_CLAIMS_KEY = "meetinity_gateway.claims"
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
                       "CONNECT"})
@@ -345,6 +339,9 @@ class _ObservedBody:
 class ObserveMiddleware:
     """Access log, metrics and trace context (see the module docstring)."""
 
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "observe"
+
     def __init__(
         self,
         app: WSGIApplication,
@@ -419,6 +416,22 @@ class ObserveMiddleware:
 
     # -- the request --------------------------------------------------------------------------
 
+    def describe(self) -> list[str]:
+        """Its settings, one line each (``check``, ``/status``)."""
+        networks = ", ".join(map(str, self.metrics_allow)) or "nobody"
+        return [
+            f"access log: {'json' if self._as_json else 'text'}, query strings "
+            + ("logged" if self.log_query else "left out"),
+            (f"metrics: {self.metrics_path} for {networks}" if self.metrics_path
+             else "metrics: not served"),
+            "trace context: " + ("W3C traceparent" if self.trace else "off")
+            + (", OpenTelemetry export" if self.tracing is not None else ""),
+        ]
+
+    def policy_for(self, path: str, method: str = "GET") -> None:
+        """No say per path: every request is logged, counted and traced."""
+        return None
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse):
         if self.metrics_path and environ.get("PATH_INFO") == self.metrics_path:
             return self._serve_metrics(environ, start_response)
@@ -489,14 +502,14 @@ class ObserveMiddleware:
 
     def _end_span(self, environ, exchange: _Exchange, status: int) -> None:
         """The server span's attributes (never a header, a token or a claim but ``sub``)."""
-        claims = environ.get(_CLAIMS_KEY)
+        claims = environ.get(CLAIMS_KEY)
         user = claims.get("sub") if isinstance(claims, dict) else None
-        decision = environ.get(_RATELIMIT_KEY)
+        decision = environ.get(RATELIMIT_KEY)
         attributes: dict[str, t.Any] = {
             "http.request.method": environ.get("REQUEST_METHOD"),
             "url.path": environ.get("PATH_INFO") or "/",
             "url.scheme": environ.get("wsgi.url_scheme"),
-            "http.route": environ.get(_ROUTE_KEY),
+            "http.route": environ.get(ROUTE_KEY),
             "client.address": client_address(environ, self.trusted_proxies),
             "gateway.request_id": environ.get(REQUEST_ID_KEY),
             "gateway.auth.error": environ.get(AUTH_ERROR_KEY),
@@ -515,7 +528,7 @@ class ObserveMiddleware:
     def _record(self, metrics: _Metrics, environ, status: int, duration: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
         labels = (
-            environ.get(_ROUTE_KEY) or "none",
+            environ.get(ROUTE_KEY) or "none",
             method if method in _METHODS else "OTHER",
             _STATUS_CLASSES.get(status // 100, "other"),
         )
@@ -549,7 +562,7 @@ class ObserveMiddleware:
             if rejected:
                 metrics.upstream_rejections.labels(upstream, rejected).inc()
         if status == 429:
-            decision = environ.get(_RATELIMIT_KEY)
+            decision = environ.get(RATELIMIT_KEY)
             if isinstance(decision, dict) and decision.get("allowed") is False:
                 metrics.ratelimit_rejections.labels(str(decision.get("rule"))).inc()
         auth_error = environ.get(AUTH_ERROR_KEY)
@@ -566,7 +579,7 @@ class ObserveMiddleware:
             pass
         if self.log_query and environ.get("QUERY_STRING"):
             path = f"{path}?{environ['QUERY_STRING']}"
-        claims = environ.get(_CLAIMS_KEY)
+        claims = environ.get(CLAIMS_KEY)
         user = claims.get("sub") if isinstance(claims, dict) else None
         upstream_ms = environ.get(UPSTREAM_MS_KEY)
         fields = {
@@ -578,7 +591,7 @@ class ObserveMiddleware:
             "duration_ms": round(duration * 1000.0, 3),
             "bytes_out": exchange.bytes_out,
             "client": client_address(environ, self.trusted_proxies),
-            "route": environ.get(_ROUTE_KEY),
+            "route": environ.get(ROUTE_KEY),
             "upstream": environ.get(UPSTREAM_KEY),
             "target": environ.get(TARGET_KEY),
             "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
@@ -611,7 +624,7 @@ class ObserveMiddleware:
         return client_allowed(environ, self.metrics_allow, self.trusted_proxies)
 
     def _serve_metrics(self, environ, start_response):
-        environ[_ROUTE_KEY] = _METRICS_ROUTE
+        environ[ROUTE_KEY] = _METRICS_ROUTE
         exchange = _Exchange(None)
         # Served outside the error edge, so the request id is given here, the same way.
         id_header = ("X-Request-ID", assign_request_id(environ))
@@ -624,7 +637,7 @@ class ObserveMiddleware:
         def endpoint(environ, start_response):
             if not self.allowed(environ):
                 # The same answer as for any path without a route: nothing to see here.
-                environ.pop(_ROUTE_KEY, None)
+                environ.pop(ROUTE_KEY, None)
                 return error_response(environ, start_response, 404,
                                       f"no route for {self.metrics_path}")
             if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):

@@ -34,7 +34,8 @@ its own count; a successful probe ends the failure (logged), counting goes back 
 ``on_error="open"`` counts each caller in this process' memory meanwhile, allowing
 ``limit // processes`` (at least 1) per window, so N processes together stay within the
 limit instead of letting everything through; ``on_error="closed"`` answers 503 with
-``Retry-After``. A warning is logged at most once per ``warn_interval``.
+``Retry-After``. A warning is logged at most once per ``warn_interval``. (The storage by URI,
+its breaker and the local shares live in :mod:`meetinity_gateway.ratestore`.)
 
 Every response of a limited path, allowed or not, carries the headers of
 draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Policy`` lists the rule's limits
@@ -126,36 +127,36 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import logging
 import math
 import re
-import threading
 import time
 import typing as t
-from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse_many
-from limits.errors import ConfigurationError
-from limits.storage import MemoryStorage, Storage, storage_from_string
+from limits.storage import Storage
 from limits.strategies import STRATEGIES, RateLimiter
 
 from meetinity_gateway.config import (
     ConfigError,
     as_bool,
     as_non_negative_int,
+    as_optional_str,
     as_positive_float,
     as_positive_int,
     as_str,
     cast_settings,
-    prepare,
+    expand,
+    split_named,
 )
+from meetinity_gateway.keys import CLAIMS_KEY, RATELIMIT_KEY
 from meetinity_gateway.logs import redact_uri as redact
 from meetinity_gateway.middleware import ratecount
 from meetinity_gateway.net import client_address
 from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
 from meetinity_gateway.preflight import is_preflight
 from meetinity_gateway.problems import error_response
+from meetinity_gateway.ratestore import StorageBreaker, open_storage, share_of
 from meetinity_gateway.shared import shared
 
 if t.TYPE_CHECKING:  # pragma: no cover
@@ -165,8 +166,6 @@ __all__ = ["RATELIMIT_KEY", "RateLimitMiddleware", "Rule", "filter_factory", "pa
 
 log = logging.getLogger("meetinity_gateway.ratelimit")
 
-#: environ key where the middleware leaves its decision for inner layers and logs.
-RATELIMIT_KEY = "meetinity_gateway.ratelimit"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RULE = re.compile(
@@ -182,9 +181,6 @@ _OWN_HEADERS = frozenset(
     {"ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining",
      "x-ratelimit-reset"}
 )
-# Set by the auth layer after verifying the token (named here: middlewares do not import
-# each other).
-_CLAIMS_KEY = "meetinity_gateway.claims"
 # Identifiers are joined with "/" by limits; the namespace keeps our keys apart from other
 # users of a shared Redis.
 _NAMESPACE = "meetinity_gateway"
@@ -284,11 +280,6 @@ def parse_key(spec: str) -> str | None:
     return match.group("claim")
 
 
-def share_of(item: RateLimitItem, processes: int) -> RateLimitItem:
-    """``item`` with its quota divided among ``processes`` (rounded down, at least 1)."""
-    return type(item)(max(1, item.amount // processes), item.multiples, item.namespace)
-
-
 class _Count:
     """Where one limit stands for one caller, after this request."""
 
@@ -310,70 +301,11 @@ class _Count:
         return (self.remaining, -self.reset_in) < (other.remaining, -other.reset_in)
 
 
-def _storage_options(uri: str, timeout: float) -> dict[str, t.Any]:
-    """Timeouts for the storage families that take them: a storage call never hangs."""
-    scheme = urlsplit(uri).scheme.lower()
-    family, _, variant = scheme.partition("+")
-    if family in ("redis", "rediss", "valkey", "valkeys"):
-        options: dict[str, t.Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        # One attempt per call. redis-py retries timeouts and connection errors by default
-        # (3 times with backoff in 6.x+, around the connect and again around the command),
-        # so a frozen server would cost several timeouts per request; the breaker in the
-        # middleware is the retry policy. A pooled connection the server has closed is
-        # still replaced when it is taken from the pool (redis-py checks it), so a restart
-        # costs no failure.
-        client = "valkey" if family.startswith("valkey") else "redis"
-        try:
-            retry = __import__(f"{client}.retry", fromlist=["Retry"])
-            backoff = __import__(f"{client}.backoff", fromlist=["NoBackoff"])
-        except ImportError:
-            return options  # limits reports the missing package itself
-        options["retry"] = retry.Retry(backoff.NoBackoff(), 0)
-        if variant == "sentinel":
-            # The sentinels are asked for the master at every new connection (that is how a
-            # failover is followed): a sentinel that hangs must not hang the request either.
-            options["sentinel_kwargs"] = {"socket_timeout": timeout,
-                                          "socket_connect_timeout": timeout}
-        return options
-    if family == "memcached":
-        return {"connect_timeout": timeout, "timeout": timeout}
-    return {}
-
-
-class _SweptMemoryStorage(MemoryStorage):
-    """limits' ``memory://`` storage, with expired counters swept once a second.
-
-    limits starts a new timer thread 10 ms after the previous sweep ended, from every hit:
-    under load that is a thread start (and a scan of every counter) every few requests, a
-    measurable share of the gateway's time. Counters are checked for expiry whenever they
-    are read, so sweeping less often frees memory a little later and changes no count.
-    (It replaces limits' private ``__schedule_expiry``; a test fails if limits renames it.)
-    """
-
-    sweep_interval = 1.0
-
-    def _MemoryStorage__schedule_expiry(self) -> None:
-        if not self.timer.is_alive():
-            self.timer = threading.Timer(self.sweep_interval,
-                                         self._MemoryStorage__expire_events)
-            self.timer.daemon = True
-            self.timer.start()
-
-
-# limits wraps the storage methods (incr, get, the sliding-window calls, ...) in an
-# exception translator again for every subclass, so each counter read here went through
-# nested wrappers (8 calls for one ``get``). The memory storage never raises what they
-# translate (it is created without wrap_exceptions, and the middleware catches every storage
-# exception itself): its methods are called directly.
-for _name in dir(_SweptMemoryStorage):
-    _method = getattr(_SweptMemoryStorage, _name, None)
-    if callable(_method) and getattr(_method, "__wrapped__", None) is not None:
-        setattr(_SweptMemoryStorage, _name, inspect.unwrap(_method))
-del _name, _method
-
-
 class RateLimitMiddleware:
     """Per-prefix rate limits on ``limits`` (see the module docstring)."""
+
+    #: What this layer is, for the pipeline model (meetinity_gateway.pipeline).
+    kind = "ratelimit"
 
     def __init__(
         self,
@@ -455,7 +387,7 @@ class RateLimitMiddleware:
         if storage is None:
             # A configuration reload keeps the counters (same URI and timeout: same storage).
             storage = shared("ratelimit-storage", (storage_uri, storage_timeout),
-                             lambda: self._open_storage(storage_uri, storage_timeout))
+                             lambda: open_storage(storage_uri, storage_timeout))
         try:
             self.limiter: RateLimiter = STRATEGIES[strategy](storage)
         except NotImplementedError:
@@ -464,7 +396,7 @@ class RateLimitMiddleware:
         # Counts this process alone while the shared storage is failing (on_error=open):
         # each process allows its share of every limit instead of everything.
         self.fallback: RateLimiter = STRATEGIES[strategy](
-            self._open_storage("memory://", storage_timeout))
+            open_storage("memory://", storage_timeout))
 
         self._build_matchers()
         self._policy_headers = {
@@ -489,18 +421,11 @@ class RateLimitMiddleware:
             )
             for rule in self._all_rules()
         }
-        # Circuit breaker around the storage. Healthy: every request counts there. After a
-        # failure: the storage is "failing"; requests apply on_error at once without touching
-        # it, except one probe at a time (holding _probe), at most every retry_interval; only
-        # a probe's success closes the breaker (a request that started before the failure and
-        # got through late says little about a storage answering some calls in time).
-        self._failing = False
-        self._failing_since = 0.0
-        self._retry_at = 0.0  # time.monotonic() before which no probe is sent
-        self._probe = threading.Lock()
-        self._next_warning = 0.0
-        self._suppressed = 0
-        self._warn_lock = threading.Lock()
+        policy = (f"open, each process allowing 1/{self.processes} of each limit"
+                  if self.on_error == "open" else "closed")
+        self._breaker = StorageBreaker(
+            redact(self.storage_uri) if self.storage_uri else "(custom)", policy=policy,
+            retry_interval=self.retry_interval, warn_interval=self.warn_interval)
 
     # -- setup --------------------------------------------------------------------------
 
@@ -519,27 +444,6 @@ class RateLimitMiddleware:
             names.add(rule.name)
             parsed.append(rule)
         return parsed
-
-    @staticmethod
-    def _open_storage(uri: str, timeout: float) -> Storage:
-        try:
-            if urlsplit(uri).scheme == "memory":
-                return _SweptMemoryStorage(uri)
-            storage = storage_from_string(uri, **_storage_options(uri, timeout))
-        except ConfigurationError as exc:
-            # limits' message names the missing package or the unknown scheme.
-            hint = ""
-            if urlsplit(uri).scheme.startswith(("redis", "rediss")):
-                hint = " (for redis:// install the extra: pip install meetinity_gateway[redis])"
-            raise ConfigError(str(exc).replace(uri, redact(uri)) + hint, key="storage_uri",
-                              value=redact(uri)) from None
-        except Exception as exc:  # a malformed URI fails in the backend's own parser
-            raise ConfigError(f"unusable storage URI ({type(exc).__name__})",
-                              key="storage_uri", value=redact(uri)) from None
-        if not isinstance(storage, Storage):
-            raise ConfigError("an async storage cannot serve a WSGI gateway",
-                              key="storage_uri", value=redact(uri))
-        return storage
 
     def _all_rules(self) -> list[Rule]:
         return self.rules + ([self.default] if self.default else [])
@@ -600,7 +504,7 @@ class RateLimitMiddleware:
         if self.claim is not None:
             # Only the auth layer writes this environ key, after verifying the token; request
             # headers can only ever become HTTP_* keys, so a client cannot forge it.
-            claims = environ.get(_CLAIMS_KEY)
+            claims = environ.get(CLAIMS_KEY)
             value = claims.get(self.claim) if isinstance(claims, dict) else None
             if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
                 digest = hashlib.sha256(str(value).encode("utf-8", "surrogatepass"))
@@ -665,50 +569,7 @@ class RateLimitMiddleware:
     def storage_failing(self) -> bool:
         """The storage failed and has not answered since: requests apply ``on_error`` (read
         by ``/health``, which then says degraded, or failing when ``on_error`` is closed)."""
-        return self._failing
-
-    def _storage_turn(self) -> tuple[bool, bool]:
-        """(may this request use the storage, is it the probe holding ``_probe``)."""
-        if not self._failing:
-            return True, False
-        if not self._probe.acquire(blocking=False):
-            return False, False  # another request is probing
-        # Checked under the lock: a probe that just failed has already moved _retry_at.
-        if time.monotonic() < self._retry_at:
-            self._probe.release()
-            return False, False
-        return True, True
-
-    def _storage_ok(self, probing: bool) -> None:
-        if probing and self._failing:
-            self._failing = False
-            log.info("rate limit storage %s answers again after %.1f s; counting there",
-                     self._uri_for_logs(), time.monotonic() - self._failing_since)
-
-    def _uri_for_logs(self) -> str:
-        return redact(self.storage_uri) if self.storage_uri else "(custom)"
-
-    def _storage_failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._retry_at = now + self.retry_interval
-        if not self._failing:
-            self._failing_since = now
-            self._failing = True
-        with self._warn_lock:
-            now = time.monotonic()
-            if now < self._next_warning:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next_warning = now + self.warn_interval
-        policy = (f"open, each process allowing 1/{self.processes} of each limit"
-                  if self.on_error == "open" else "closed")
-        log.warning(
-            "rate limit storage %s failed (%s: %s); failing %s; one request probes it every "
-            "%gs%s",
-            self._uri_for_logs(), type(exc).__name__, exc, policy, self.retry_interval,
-            f" ({suppressed} more failures since the last warning)" if suppressed else "",
-        )
+        return self._breaker.failing
 
     def _headers(self, rule: Rule, counts: list[_Count] | None) -> list[tuple[str, str]]:
         headers = [("RateLimit-Policy", self._policy_headers[rule.name])]
@@ -738,17 +599,17 @@ class RateLimitMiddleware:
         who = self.key_for(environ)
         counts: list[_Count] | None = None
         allowed = True
-        use_storage, probing = self._storage_turn()
+        use_storage, probing = self._breaker.turn()
         if use_storage:
             try:
                 allowed, counts = self._count(rule, who)
             except Exception as exc:  # any backend, any failure: on_error decides, never a 500
-                self._storage_failed(exc)
+                self._breaker.failed(exc)
             else:
-                self._storage_ok(probing)
+                self._breaker.succeeded(probing)
             finally:
                 if probing:
-                    self._probe.release()
+                    self._breaker.release()
         failed = counts is None
         if failed and self.on_error == "open":
             allowed, counts = self._count(rule, who, local=True)
@@ -790,7 +651,7 @@ _PARAMS = {
     "warn_interval": as_positive_float,
     "trusted_proxies": as_non_negative_int,
     "key": as_str,
-    "key_header": lambda value: value.strip() or None,
+    "key_header": as_optional_str,
     "namespace": as_str,
     "processes": as_positive_int,
     "legacy_headers": as_bool,
@@ -803,16 +664,20 @@ def filter_factory(global_conf, **local_conf):
     Keys: ``rule.NAME = [METHODS] PREFIX LIMITS`` and the settings in ``_PARAMS``.
     """
     file = global_conf.get("__file__")
-    rule_conf = {k: v for k, v in local_conf.items() if k.startswith("rule.")}
-    settings = {k: v for k, v in local_conf.items() if k not in rule_conf}
+    named, settings = split_named(local_conf, "rule")
     table = dict(_PARAMS)
     table["rule.NAME"] = as_str  # only so the "known keys" list mentions it
     kwargs = cast_settings(settings, table, global_conf)
     kwargs.pop("rule.NAME", None)
     rules: list[Rule] = []
-    for key, spec in prepare(rule_conf, global_conf).items():
+    for name, spec in named["rule"].items():
+        key = f"rule.{name}"
         try:
-            rules.append(parse_rule(key[len("rule."):], spec))
+            spec = expand(spec, key=key)
+        except ConfigError as exc:
+            raise exc.locate(file=file) from None
+        try:
+            rules.append(parse_rule(name, spec))
         except ValueError as exc:
             raise ConfigError(str(exc), file=file, key=key, value=spec) from None
     kwargs["rules"] = rules

@@ -76,6 +76,7 @@ import typing as t
 from urllib.parse import quote
 
 from meetinity_gateway.keys import (
+    REQUEST_ID_KEY,
     TARGET_KEY,
     TRACE_KEY,
     UPSTREAM_ATTEMPTS_KEY,
@@ -83,11 +84,11 @@ from meetinity_gateway.keys import (
     UPSTREAM_KEY,
     UPSTREAM_LIMIT_KEY,
     UPSTREAM_MS_KEY,
+    UPSTREAM_PATH_KEY,
     UPSTREAM_REJECTED_KEY,
 )
 from meetinity_gateway.logs import without_query
 from meetinity_gateway.problems import (
-    REQUEST_ID_KEY,
     BadGateway,
     BadRequest,
     GatewayError,
@@ -108,8 +109,6 @@ __all__ = ["IDEMPOTENT_METHODS", "ProxyApp", "UPSTREAM_PATH_KEY"]
 
 log = logging.getLogger("meetinity_gateway.proxy")
 
-#: environ key: the path to request from the upstream (set by the router's rewrite).
-UPSTREAM_PATH_KEY = "meetinity_gateway.upstream_path"
 
 #: Methods whose request may be sent twice (RFC 9110 §9.2.2) and so retried once sent.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -298,8 +297,7 @@ class ProxyApp:
             )
             self.pool = UpstreamPool(
                 specs, name=name or specs[0].host_header, pool_size=pool_size,
-                connect_timeout=connect_timeout, read_timeout=read_timeout,
-                chunk_size=chunk_size, **pool_options,
+                connect_timeout=connect_timeout, read_timeout=read_timeout, **pool_options,
             )
         self.name = name or self.pool.name
         self.timeout = (connect_timeout, read_timeout)

@@ -9,7 +9,7 @@ piece by piece; only a body read that way to its end counts as complete — and 
 connection back with :func:`release`.
 
 Why not urllib3's ``urlopen``: its retry, timeout and response wrappers cost about a third
-of a minimal pass-through's throughput (issue 15; see the README for the numbers), and none
+of a minimal pass-through's throughput (issue 15; the numbers are in bench/README.md), and none
 of them is needed: the proxy does its own retries and streaming.
 
 * **Connections.** ``socket.create_connection`` to the target's *address* with

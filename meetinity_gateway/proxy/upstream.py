@@ -119,8 +119,6 @@ Use alone::
 :param idle_timeout: seconds after which an idle keep-alive connection is not reused.
 :param connect_timeout: seconds to wait for a TCP connection.
 :param read_timeout: seconds to wait for each read.
-:param chunk_size: accepted for compatibility (request bodies are sent in the pieces the
-    proxy reads them in, at most its ``chunk_size``).
 :param ssl_context: the TLS settings of ``https`` targets (default
     ``ssl.create_default_context()``: certificates verified against the system's CAs, the
     configured host name checked and sent as SNI).
@@ -375,7 +373,7 @@ class Target:
     def __repr__(self) -> str:
         return f"Target({self.label!r})"
 
-    def state(self, now: float) -> str:
+    def state(self) -> str:
         """``healthy`` or ``ejected``."""
         return "ejected" if self.ejected else "healthy"
 
@@ -419,7 +417,6 @@ class UpstreamPool:
         idle_timeout: float = 4.0,
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
-        chunk_size: int = 64 * 1024,
         clock: t.Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -843,7 +840,7 @@ class UpstreamPool:
                 row = {
                     "target": target.label,
                     "weight": target.weight,
-                    "state": target.state(now),
+                    "state": target.state(),
                     "failures": target.fails,
                     "outstanding": target.outstanding,
                 }
