@@ -212,7 +212,7 @@ def test_a_reused_connection_still_times_out_with_each_requests_own_timeout():
             conn.pause(2)
         conn.send(response(body=request.path.encode()))
 
-    with RawUpstream(handler) as upstream:
+    with ScriptedUpstream(handler) as upstream:
         pool = _pool(upstream, read_timeout=5)
         try:
             assert _get(pool, "/a") == (200, b"/a")
@@ -232,7 +232,7 @@ def test_a_body_that_stalls_mid_stream_times_out():
         conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf-")
         conn.pause(2)
 
-    with RawUpstream(handler) as upstream:
+    with ScriptedUpstream(handler) as upstream:
         pool = _pool(upstream, read_timeout=0.3)
         try:
             answer = pool.request("GET", "/", {"Host": "x"})
@@ -253,7 +253,7 @@ def test_a_pooled_connection_the_upstream_closed_is_not_reused():
             conn.pause(0.1)
             conn.close()
 
-    with RawUpstream(handler) as upstream:
+    with ScriptedUpstream(handler) as upstream:
         pool = _pool(upstream)
         try:
             assert _get(pool, "/then-close") == (200, b"/then-close")
