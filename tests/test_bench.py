@@ -57,7 +57,7 @@ def test_passthrough_forwards_and_streams(upstream, client):
 
 def test_layers_tool_builds_every_variant(upstream):
     env = dict(os.environ, JWT_SECRET=TEST_JWT_SECRET, CORS_ORIGINS="https://app.example",
-               RATE_LIMIT_DEFAULT="1000000/minute", RATE_LIMIT_USERS="1000000/minute",
+               RATE_LIMIT_USERS="1000000/minute",
                USER_SERVICE_URL=upstream.url, LOG_LEVEL="WARNING")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "layers.py"), upstream.url,
