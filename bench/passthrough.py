@@ -7,7 +7,8 @@ path, query and body forwarded, the answer streamed back with hop-by-hop headers
 connection's: whatever the full gateway costs beyond these is the price of its layers and
 its client. Served with the same settings as the gateway (see ``bench/run.py``)::
 
-    python bench/passthrough.py urllib3|stdlib UPSTREAM_URL HOST:PORT THREADS [waitress|granian]
+    python bench/passthrough.py urllib3|stdlib|werkzeug UPSTREAM_URL HOST:PORT THREADS \
+        [waitress|granian]
 
 gunicorn imports ``passthrough:app`` (``--chdir bench``) built from ``PASSTHROUGH_CLIENT``,
 ``PASSTHROUGH_UPSTREAM`` and ``PASSTHROUGH_THREADS`` in the environment.
@@ -118,7 +119,17 @@ def make_stdlib_app(upstream: str, pool_size: int):
     return app
 
 
-MAKERS = {"urllib3": make_urllib3_app, "stdlib": make_stdlib_app}
+def make_werkzeug_app(upstream: str, pool_size: int):
+    """Werkzeug's own ``ProxyMiddleware`` bare: a new upstream connection per request."""
+    from werkzeug.exceptions import NotFound
+    from werkzeug.middleware.http_proxy import ProxyMiddleware
+
+    # Its prefixes are normalised to "/x/" ("/" would become "//"): the bench's one path.
+    return ProxyMiddleware(NotFound(), {"/users/": {"target": upstream}})
+
+
+MAKERS = {"urllib3": make_urllib3_app, "stdlib": make_stdlib_app,
+          "werkzeug": make_werkzeug_app}
 
 
 def from_environment():

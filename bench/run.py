@@ -84,8 +84,9 @@ class Services:
     def start(self, args, port, env=None, timeout: float = 20, **kw) -> subprocess.Popen:
         full_env = dict(os.environ)
         full_env.update(env or {})
-        process = subprocess.Popen(args, env=full_env, cwd=str(ROOT),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        kw.setdefault("cwd", str(ROOT))
+        process = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, **kw)
         self.processes.append(process)
         wait_port(port, process, timeout)
         return process
@@ -178,9 +179,11 @@ def wrk(url: str, duration: int, headers: dict[str, str]) -> dict:
 
 #: What the gateway rows run, printed by the bench and written into its report.
 SHIPPED_NOTE = ("Gateway rows run gateway.ini as shipped (bulkhead, queue, timeouts, "
-                "ejection, retries); only the rate budgets are lifted (RATE_LIMIT_DEFAULT, "
-                "RATE_LIMIT_AUTH, RATE_LIMIT_USERS = 100000000/minute), so one client may "
-                "send every request. A row whose answers are not all 2xx is FAILED.")
+                "ejection, retries, rate limits: the per-address default off, the per-user "
+                "rule on /api/users counting every request); only the budget of the rule the "
+                "bench's requests meet is lifted (RATE_LIMIT_USERS = 100000000/minute), so "
+                "one client may send every request. A row whose answers are not all 2xx is "
+                "FAILED.")
 
 
 def failed(result: dict) -> str:
@@ -293,7 +296,7 @@ def start_rows(services: Services, server: str, upstream: str, threads: int,
     """Start the three contenders on ``server``; their base URLs by kind."""
     py = sys.executable
     urls = {}
-    for client in ("urllib3", "stdlib"):
+    for client in ("urllib3", "stdlib") + (("werkzeug",) if server == "waitress" else ()):
         port = free_port()
         if server == "gunicorn":
             services.start(
@@ -313,6 +316,20 @@ def start_rows(services: Services, server: str, upstream: str, threads: int,
     urls["gateway"] = f"http://127.0.0.1:{port}"
     urls["gateway_pid"] = str(process.pid)
     return urls
+
+
+def gateway_environment(secret: str, threads: int) -> dict[str, str]:
+    """The gateway's environment for the bench: ``gateway.ini`` as shipped, only the rate
+    budgets lifted (see :data:`SHIPPED_NOTE`), ``threads`` server threads."""
+    return {
+        "JWT_SECRET": secret, "CORS_ORIGINS": ORIGIN,
+        # The per-user rule on /api/users counts every request and never refuses one: one
+        # token sends them all. Nothing else is changed (the per-address default ships off).
+        "RATE_LIMIT_USERS": "100000000/minute",
+        "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+        "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(threads),
+        "GATEWAY_WORKERS": "1", "RELOAD": "false",
+    }
 
 
 def layer_costs(upstream: str, token: str, env: dict[str, str]) -> dict:
@@ -358,15 +375,7 @@ def main() -> int:
     token = jwt.encode({"sub": 42, "email": "ada@example.com", "iat": now,
                         "exp": now + 3600}, secret, algorithm="HS256")
     gateway_headers = {"Authorization": f"Bearer {token}", "Origin": ORIGIN}
-    gateway_env = {
-        "JWT_SECRET": secret, "CORS_ORIGINS": ORIGIN,
-        # Every rate limit applies, none triggers: one token, one address, many requests.
-        "RATE_LIMIT_DEFAULT": "100000000/minute", "RATE_LIMIT_AUTH": "100000000/minute",
-        "RATE_LIMIT_USERS": "100000000/minute",
-        "MAX_BODY_SIZE": str(TRANSFER * 2), "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
-        "GATEWAY_CONFIG": str(ROOT / "gateway.ini"), "GATEWAY_THREADS": str(args.threads),
-        "GATEWAY_WORKERS": "1", "RELOAD": "false",
-    }
+    gateway_env = gateway_environment(secret, args.threads)
     # Everything else is gateway.ini as shipped: bulkhead, queue, timeouts, ejection, retries.
     print(SHIPPED_NOTE, flush=True)
     rows: list[tuple[str, str, str, dict]] = []  # (server, kind, label, wrk result)
@@ -409,6 +418,9 @@ def main() -> int:
             measure(server, "stdlib", f"minimal pass-through on {server}, stdlib http.client "
                     "(one kept-alive connection per thread)",
                     urls[server]["stdlib"] + "/users/42")
+            if "werkzeug" in urls[server]:
+                measure(server, "werkzeug", f"werkzeug ProxyMiddleware bare on {server} (a new "
+                        "upstream connection per request)", urls[server]["werkzeug"] + "/users/42")
             measure(server, "gateway", f"**gateway, full pipeline, {server}**",
                     urls[server]["gateway"] + SMALL_PATH, gateway_headers)
 
@@ -479,6 +491,11 @@ def main() -> int:
                      f"{ratios[server]:.2f} ({gateway:,.0f} / {stdlib:,.0f}; "
                      f"urllib3 pass-through: {gateway / pooled:.2f}) | "
                      f"{verdict(ratios[server] >= wanted) if wanted else ''} |")
+    werkzeug, gateway = rps("waitress", "werkzeug"), rps("waitress", "gateway")
+    if "waitress" in servers and werkzeug and gateway:
+        lines.append(f"| waitress: full pipeline ahead of werkzeug's bare ProxyMiddleware | "
+                     f"{gateway / werkzeug:.2f}× ({gateway:,.0f} / {werkzeug:,.0f}) | "
+                     f"{verdict(gateway > werkzeug)} |")
     added_p50 = gateway_fixed["p50"] - direct_fixed["p50"]
     added_p99 = gateway_fixed["p99"] - direct_fixed["p99"]
     lines.append(f"| added latency at {args.rate} req/s (waitress; quieter of 2 runs of 6 s "

@@ -25,11 +25,19 @@ all-methods one on the same paths), ties refused when the table is built, Werkze
 exceptions turned into a plain answer. A table may keep its answer for a request in the
 environ (``meetinity_gateway.path_matches``), so a later layer holding the same table reads
 it instead of matching again; without it, each layer matches by itself.
+
+A table also remembers its recent answers (:data:`MEMO_ENTRIES` of them, for paths up to
+:data:`MEMO_PATH` characters): the answer for a method and path never changes for a built
+table, and Werkzeug's matcher (a few µs, regular expressions per segment) was the largest
+share of the layers' own time. A path seen again costs one dictionary look-up; a table
+that has seen too many different paths forgets them all and starts again, so a client
+sending endless distinct paths costs a miss each (what matching cost before), never memory.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing as t
 import uuid
 
@@ -206,13 +214,21 @@ class PathTie(ValueError):
         self.other = other
 
 
+#: How many answers a :class:`PathTable` remembers, and for paths up to how many characters.
+MEMO_ENTRIES = 4096
+MEMO_PATH = 256
+
+_NO_VALUES: t.Mapping[str, t.Any] = types.MappingProxyType({})
+
+
 class PathMatch(t.NamedTuple):
     """A table's answer for a path and method: the entry and its match values (parameters,
-    and the rest below a prefix), or ``entry is None``; then ``allowed`` names the methods
-    some entry takes on that path (empty: no entry covers the path at all)."""
+    and the rest below a prefix; read-only, the answer may be remembered), or ``entry is
+    None``; then ``allowed`` names the methods some entry takes on that path (empty: no
+    entry covers the path at all)."""
 
     entry: t.Any
-    values: dict[str, t.Any]
+    values: t.Mapping[str, t.Any]
     allowed: tuple[str, ...] = ()
 
 
@@ -252,6 +268,7 @@ class PathTable(t.Generic[E]):
             rules.extend(_template(entry).rules(entry, _methods(entry)))
         # Matching needs no per-request binding: the gateway matches on the path alone.
         self._adapter = build_map(rules).bind("gateway", "/") if rules else None
+        self._memo: dict[tuple[str, str], PathMatch] = {}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -270,7 +287,14 @@ class PathTable(t.Generic[E]):
             kept = environ.get(PATH_MATCHES_KEY)
             if kept is not None and key in kept:
                 return kept[key]
-        found = self._match(path or "/", method)
+        found = self._memo.get((path, method))
+        if found is None:
+            found = self._match(path or "/", method)
+            if len(path) + len(method) <= MEMO_PATH:
+                memo = self._memo
+                if len(memo) >= MEMO_ENTRIES:
+                    memo.clear()
+                memo[(path, method)] = found
         if environ is not None:
             if kept is None:
                 kept = environ[PATH_MATCHES_KEY] = {}
@@ -278,21 +302,21 @@ class PathTable(t.Generic[E]):
         return found
 
     def find(self, path: str, method: str,
-             environ: WSGIEnvironment | None = None) -> tuple[E, dict[str, t.Any]] | None:
+             environ: WSGIEnvironment | None = None) -> tuple[E, t.Mapping[str, t.Any]] | None:
         """``(entry, values)`` for ``method path``, or ``None``."""
         found = self.lookup(path, method, environ)
         return None if found.entry is None else (found.entry, found.values)
 
     def _match(self, path: str, method: str) -> PathMatch:
         if self._adapter is None:
-            return PathMatch(None, {})
+            return PathMatch(None, _NO_VALUES)
         try:
             entry, values = self._adapter.match(path, method)
         except WerkzeugMethodNotAllowed as exc:
-            return PathMatch(None, {}, tuple(exc.valid_methods or ()))
+            return PathMatch(None, _NO_VALUES, tuple(exc.valid_methods or ()))
         except (WerkzeugNotFound, RequestRedirect):
-            return PathMatch(None, {})
-        return PathMatch(entry, values)
+            return PathMatch(None, _NO_VALUES)
+        return PathMatch(entry, types.MappingProxyType(values))
 
 
 def _ties(entry: t.Any, other: t.Any) -> bool:

@@ -57,7 +57,7 @@ def test_passthrough_forwards_and_streams(upstream, client):
 
 def test_layers_tool_builds_every_variant(upstream):
     env = dict(os.environ, JWT_SECRET=TEST_JWT_SECRET, CORS_ORIGINS="https://app.example",
-               RATE_LIMIT_DEFAULT="1000000/minute", RATE_LIMIT_USERS="1000000/minute",
+               RATE_LIMIT_USERS="1000000/minute",
                USER_SERVICE_URL=upstream.url, LOG_LEVEL="WARNING")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "layers.py"), upstream.url,
@@ -69,3 +69,40 @@ def test_layers_tool_builds_every_variant(upstream):
     assert set(result["layer_cost_us"]) == {"observe", "errors", "cors", "ratelimit", "auth",
                                             "authorize", "userlimit", "router", "proxy"}
     assert all(value > 0 for value in result["per_request_us"].values())
+
+
+def test_profile_tool_charges_samples_to_layers_and_thread_states():
+    import underload as under_load  # bench/underload.py (bench/ is on sys.path above)
+
+    assert under_load.__file__.endswith(os.path.join("bench", "underload.py"))
+    site = "/venv/lib/python3.11/site-packages"
+    gateway = "/src/meetinity_gateway"
+    worker = ["Thread.run (/usr/lib/python3.11/threading.py:982)",
+              f"handler_thread ({site}/waitress/task.py:84)",
+              f"RateLimitMiddleware.__call__ ({gateway}/middleware/ratelimit.py:742)",
+              f"Router.__call__ ({gateway}/routing.py:200)",
+              f"ConnectionPool.request ({gateway}/proxy/client.py:308)",
+              "SocketIO.readinto (/usr/lib/python3.11/socket.py:706)"]
+    # the innermost frame of a layer takes the sample; the standard library is its caller's
+    assert under_load.charge(worker) == "proxy"
+    assert under_load.charge(worker[:4] + ["dumps (/usr/lib/python3.11/json/__init__.py:238)"]
+                             ) == "router"
+    assert under_load.charge(worker[:3]) == "mw:ratelimit"
+    assert under_load.charge(["main (x.py:1)"]) == "other (no layer frame)"
+    assert under_load.thread_state(worker) == "worker: blocked in a socket call"
+    assert under_load.thread_state(
+        worker + ["sock_recv_into (libpython3.11.so.1.0)",
+                  "take_gil (libpython3.11.so.1.0)"]) == "worker: waiting for the GIL"
+    assert under_load.thread_state(
+        worker[:2] + ["Condition.wait (/usr/lib/python3.11/threading.py:320)",
+                      "sem_clockwait (libc.so.6)"]) == "worker: waiting on a lock/condition"
+    io_thread = [f"run ({gateway}/server.py:770)", f"loop ({site}/waitress/wasyncore.py:245)",
+                 f"poll2 ({site}/waitress/wasyncore.py:204)"]
+    assert under_load.thread_state(io_thread) == "I/O thread: in poll()"
+    assert under_load.thread_state(
+        io_thread[:2] + [f"GatewayChannel.readable ({gateway}/server.py:521)"]
+    ) == "I/O thread: running Python"
+    assert under_load.parse_variant("fast=/tmp/tree,GATEWAY_THREADS=4") == (
+        "fast", str(Path("/tmp/tree").resolve()), {"GATEWAY_THREADS": "4"})
+    assert under_load.parse_variant("t4=GATEWAY_THREADS=4") == (
+        "t4", None, {"GATEWAY_THREADS": "4"})

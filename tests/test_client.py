@@ -204,6 +204,67 @@ def test_refused_is_connect_failed_and_silence_a_read_timeout():
             pool.close()
 
 
+def test_a_reused_connection_still_times_out_with_each_requests_own_timeout():
+    # The timeout lives on the socket (the kernel's on plain TCP): a kept connection must
+    # still time out, and with the timeout of the request that uses it.
+    def handler(request, conn):
+        if request.path == "/slow":
+            conn.pause(2)
+        conn.send(response(body=request.path.encode()))
+
+    with ScriptedUpstream(handler) as upstream:
+        pool = _pool(upstream, read_timeout=5)
+        try:
+            assert _get(pool, "/a") == (200, b"/a")
+            assert _get(pool, "/b", read_timeout=3) == (200, b"/b")
+            with pytest.raises(ReadTimeout):
+                pool.request("GET", "/slow", {"Host": "x"}, read_timeout=0.3)
+            assert pool.idle == 0
+            assert _get(pool, "/c") == (200, b"/c")
+        finally:
+            pool.close()
+    first, second, slow, last = upstream.requests
+    assert first.conn == second.conn == slow.conn != last.conn
+
+
+def test_a_body_that_stalls_mid_stream_times_out():
+    def handler(request, conn):
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf-")
+        conn.pause(2)
+
+    with ScriptedUpstream(handler) as upstream:
+        pool = _pool(upstream, read_timeout=0.3)
+        try:
+            answer = pool.request("GET", "/", {"Host": "x"})
+            assert answer.read1(65536) == b"half-"
+            with pytest.raises(TimeoutError):
+                answer.read1(65536)
+            release(answer)
+            assert pool.idle == 0
+        finally:
+            pool.close()
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_reused():
+    # Checked when taken from the pool: a request sent on it could not be retried safely.
+    def handler(request, conn):
+        conn.send(response(body=request.path.encode()))
+        if request.path == "/then-close":
+            conn.pause(0.1)
+            conn.close()
+
+    with ScriptedUpstream(handler) as upstream:
+        pool = _pool(upstream)
+        try:
+            assert _get(pool, "/then-close") == (200, b"/then-close")
+            time.sleep(0.5)
+            assert _get(pool, "/next") == (200, b"/next")
+        finally:
+            pool.close()
+    first, second = upstream.requests
+    assert first.conn != second.conn
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="Linux leaves SYNs to a full backlog unanswered; others refuse")
 def test_no_handshake_within_connect_timeout_is_a_connect_timeout():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -36,7 +37,7 @@ from meetinity_gateway.middleware.observe import (
     new_traceparent,
     parse_traceparent,
 )
-from meetinity_gateway.problems import REQUEST_ID_KEY
+from meetinity_gateway.problems import REQUEST_ID_KEY, assign_request_id, random_hex
 from tests.conftest import wait_until
 from tests.test_errors import late_boom_app
 from tests.servers import (
@@ -275,6 +276,31 @@ VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 ])
 def test_parse_traceparent(value, trace_id):
     assert parse_traceparent(value) == trace_id
+
+
+def test_generated_request_ids_have_uuid_hex_shape_and_do_not_repeat():
+    ids = {assign_request_id({}) for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in ids)
+    assert all(len(random_hex(digits)) == digits for digits in (1, 8, 32, 48))  # zero-padded
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked workers are POSIX-only")
+def test_forked_workers_generate_different_ids():
+    # gunicorn forks its workers: each must draw its own ids, not replay its parent's.
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.write(writer, random_hex(32).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 64).decode()
+    os.close(reader)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(r"[0-9a-f]{32}", child)
+    assert child != random_hex(32)
 
 
 def test_new_traceparent_is_valid():

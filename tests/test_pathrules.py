@@ -120,3 +120,41 @@ def test_a_later_layer_holding_the_same_table_reads_the_match():
     calls.clear()
     assert TestApp(LintMiddleware(router)).get("/api/other").text == "rest"
     assert calls == ["/api/other"]
+
+
+@settings(max_examples=80, deadline=None, print_blob=True)
+@given(st.lists(_TEMPLATE, min_size=1, max_size=5, unique=True),
+       st.lists(_PATH, min_size=1, max_size=12), st.sampled_from(["GET", "POST"]),
+       st.integers(1, 4))
+def test_a_remembered_answer_is_the_answer(templates, paths, method, entries):
+    """The table's memory of answers never changes one, also once it is full and starts
+    again (a small memory here, to go round it often)."""
+    import meetinity_gateway.pathrules as module
+
+    try:
+        table = PathTable([entry(f"e{i}", text) for i, text in enumerate(templates)])
+    except PathTie:
+        return
+    fresh = PathTable(table.entries)
+    saved = module.MEMO_ENTRIES
+    module.MEMO_ENTRIES = entries
+    try:
+        for path in paths + paths[::-1] + paths:
+            assert table.lookup(path, method) == fresh._match(path, method)
+            assert len(table._memo) <= entries
+    finally:
+        module.MEMO_ENTRIES = saved
+
+
+def test_remembered_answers_are_read_only_and_long_paths_are_not_remembered():
+    import meetinity_gateway.pathrules as module
+
+    table = PathTable([entry("users", "/api/users/<int:id>/*")])
+    found = table.lookup("/api/users/7/photo", "GET")
+    assert found.values["id"] == 7
+    with pytest.raises(TypeError):
+        found.values["id"] = 8  # type: ignore[index]
+    assert table.lookup("/api/users/7/photo", "GET").values["id"] == 7
+    long_path = "/api/users/7/" + "x" * module.MEMO_PATH
+    assert table.lookup(long_path, "GET").entry.name == "users"
+    assert (long_path, "GET") not in table._memo

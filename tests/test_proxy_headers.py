@@ -146,3 +146,45 @@ def test_trusted_address():
     assert trusted_address("2001:DB8:0::1", 1) == "2001:db8::1"
     for bad in ("", "unknown", "1.2.3.4:80", "1.2.3.4\x00", "[::1]", None):
         assert trusted_address(bad, 1) is None
+
+
+_NAME_PIECES = st.sampled_from(["x", "real", "ip", "client", "forwarded", "for", "original",
+                                "url", "host", "connection", "via", "user", "id", "agent",
+                                "remote", "addr", "te", "port"])
+_NAMES = st.lists(_NAME_PIECES, min_size=1, max_size=4).map("-".join)
+
+
+@settings(max_examples=60, deadline=None, print_blob=True)
+@given(st.dictionaries(_NAMES, st.sampled_from(["203.0.113.9", "v", "198.51.100.1, 10.0.0.1"]),
+                       max_size=8),
+       st.integers(0, 2))
+def test_what_a_header_name_is_worked_out_once_and_always_the_same(client_headers, hops):
+    """The per-name facts are remembered; the headers sent upstream are the same cold
+    (nothing remembered) and warm, and as the address and path-override classes say."""
+    from meetinity_gateway.proxy import headers as module
+
+    environ = environ_with(client_headers)
+    module._facts.clear()
+    cold = forwarded(environ, hops)
+    warm = forwarded(environ, hops)
+    assert cold == warm
+    for name, value in client_headers.items():
+        if is_path_override_header(name):
+            assert name not in cold
+        elif is_address_header(name) and not hops:
+            assert cold.get(name) != value  # the gateway's own value, or nothing
+
+
+def test_the_names_remembered_are_bounded():
+    """A client inventing header names costs a miss each, never memory."""
+    from meetinity_gateway.proxy import headers as module
+
+    module._facts.clear()
+    for batch in range(3):
+        names = {f"X-Invented-{batch}-{i}": "v" for i in range(module._FACTS_ENTRIES)}
+        got = forwarded(environ_with(names))
+        assert all(got[name.lower()] == "v" for name in names)
+        assert len(module._facts) <= module._FACTS_ENTRIES
+    long_name = "X-" + "a" * 200
+    assert forwarded(environ_with({long_name: "v"}))[long_name.lower()] == "v"
+    assert "HTTP_" + long_name.upper().replace("-", "_") not in module._facts

@@ -615,3 +615,32 @@ def test_memory_storage_sweeps_once_a_second_with_limits_private_hook():
     assert storage.get("k") == 0  # expired on read, before any sweep
     middleware = RateLimitMiddleware(lambda e, s: [], rules=[])
     assert isinstance(middleware.limiter.storage, _SweptMemoryStorage)
+
+
+# -- one storage round trip per limit (ratecount) agrees with limits' hit + stats ------------
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_one_round_trip_hit_agrees_with_limits_hit_then_stats(backend, request):
+    from limits import parse
+    from limits.storage import storage_from_string
+    from limits.strategies import SlidingWindowCounterRateLimiter
+
+    from meetinity_gateway.middleware import ratecount
+
+    uri = "memory://"
+    if backend == "redis":
+        uri = request.getfixturevalue("redis_server").url
+    limiter = SlidingWindowCounterRateLimiter(storage_from_string(uri))
+    assert ratecount.supports(limiter)
+    item = parse("4/hour")
+    trail = []
+    for _ in range(7):
+        allowed, remaining, reset_in = ratecount.hit(limiter, item, "once")
+        reference = limiter.hit(item, "twice")
+        stats = limiter.get_window_stats(item, "twice")
+        trail.append((allowed, remaining, reference,
+                      max(0, int(stats.remaining)) if reference else 0))
+        assert 0 <= reset_in <= 2 * 3600 and (allowed or reset_in >= 1)
+    assert [(a, r) for a, r, _, _ in trail] == [(a, r) for _, _, a, r in trail]
+    assert [a for a, _, _, _ in trail] == [True] * 4 + [False] * 3
+    assert [r for _, r, _, _ in trail] == [3, 2, 1, 0, 0, 0, 0]

@@ -151,6 +151,7 @@ from meetinity_gateway.config import (
 )
 from meetinity_gateway.keys import CLAIMS_KEY, RATELIMIT_KEY
 from meetinity_gateway.logs import redact_uri as redact
+from meetinity_gateway.middleware import ratecount
 from meetinity_gateway.net import client_address
 from meetinity_gateway.paths import PrefixMatcher, normalize_prefix
 from meetinity_gateway.preflight import is_preflight
@@ -527,6 +528,8 @@ class RateLimitMiddleware:
             who = local_prefix + key
         else:
             limiter, items, who = self.limiter, rule.limits, shared_prefix + key
+        if ratecount.supports(limiter):  # one storage round trip per limit
+            return self._count_once(limiter, policies, items, who)
         allowed = True
         refused_at = None
         for index, item in enumerate(items):
@@ -541,6 +544,24 @@ class RateLimitMiddleware:
             reset_in = max(0, math.ceil(stats.reset_time - now))
             if index == refused_at:
                 reset_in = max(1, reset_in)
+            counts.append(_Count(item, policy, remaining, reset_in))
+        return allowed, counts
+
+    @staticmethod
+    def _count_once(limiter: RateLimiter, policies: list[str], items: t.Sequence[RateLimitItem],
+                    who: str) -> tuple[bool, list[_Count]]:
+        """:meth:`_count` with :mod:`ratecount`: each hit also says where its limit stands;
+        limits after a refusal are read, not hit."""
+        now = time.time()
+        allowed = True
+        counts = []
+        for policy, item in zip(policies, items):
+            if allowed:
+                allowed, remaining, reset_in = ratecount.hit(limiter, item, who)
+            else:
+                stats = limiter.get_window_stats(item, who)
+                remaining = max(0, int(stats.remaining))
+                reset_in = max(0, math.ceil(stats.reset_time - now))
             counts.append(_Count(item, policy, remaining, reset_in))
         return allowed, counts
 

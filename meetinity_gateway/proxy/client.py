@@ -45,6 +45,7 @@ import io
 import select
 import socket
 import ssl
+import struct
 import time
 import typing as t
 
@@ -82,6 +83,39 @@ class ConnectFailed(ConnectionError):
     """No connection (refused, unreachable, TLS handshake refused): nothing was sent."""
 
 
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # not on Windows
+
+
+class _SocketIO(socket.SocketIO):
+    """``SocketIO`` over a socket in blocking mode whose timeouts the kernel enforces
+    (``SO_RCVTIMEO``/``SO_SNDTIMEO``). CPython's own timeouts put the socket in non-blocking
+    mode: every request then costs two ``ioctl`` calls (switching modes to look for
+    leftover bytes and back) and a ``poll`` before each read, each one a release of the GIL
+    that under load hands the interpreter to another thread. Here a read is one ``recv``,
+    and the leftover check one ``recv`` with ``MSG_DONTWAIT`` (which on a CPython timeout
+    socket would still wait in ``poll``). Plain TCP on POSIX only; TLS and Windows keep
+    CPython's timeouts."""
+
+    dontwait = False
+
+    def readinto(self, b):  # type: ignore[override]
+        if self.dontwait:
+            return self._sock.recv_into(b, 0, _DONTWAIT)
+        try:
+            return self._sock.recv_into(b)
+        except BlockingIOError as exc:  # SO_RCVTIMEO expired
+            raise TimeoutError("timed out") from exc
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float | None) -> None:
+    """Receive and send timeouts enforced by the kernel (0 = never, as for ``None``)."""
+    seconds = seconds or 0.0
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 class _Reader(io.BufferedReader):
     """The connection's read buffer; it lives as long as the connection.
 
@@ -98,11 +132,17 @@ class _Reader(io.BufferedReader):
 class Connection:
     """One socket to a target, with its persistent read buffer."""
 
-    __slots__ = ("sock", "reader", "idle_since", "pool")
+    __slots__ = ("sock", "reader", "idle_since", "pool", "timeout", "raw")
 
     def __init__(self, sock: socket.socket, pool: ConnectionPool) -> None:
         self.sock = sock
-        self.reader = _Reader(socket.SocketIO(sock, "rb"), _BUFFER)
+        self.timeout: float | None = sock.gettimeout()
+        plain = bool(_DONTWAIT) and not isinstance(sock, ssl.SSLSocket)
+        self.raw = _SocketIO(sock, "rb") if plain else None
+        if self.raw is not None:
+            sock.settimeout(None)  # blocking; the kernel times out (see _SocketIO)
+            self.timeout = None
+        self.reader = _Reader(self.raw or socket.SocketIO(sock, "rb"), _BUFFER)
         self.idle_since = 0.0
         self.pool = pool
 
@@ -123,16 +163,33 @@ class Connection:
     def leftover(self) -> bool:
         """Are bytes waiting, in the buffer or on the socket, or has the peer closed?
         (Never blocks.)"""
-        sock = self.sock
+        raw = self.raw
         try:
-            sock.settimeout(0)
+            if raw is not None:
+                raw.dontwait = True
+            else:
+                self.sock.settimeout(0)
+                self.timeout = 0
             # Buffered bytes come back without a system call; else one non-blocking read.
             extra = self.reader.peek(1)
         except (BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError:
             return True
+        finally:
+            if raw is not None:
+                raw.dontwait = False
         return bool(extra)
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """The read (and send) timeout, changed only when it differs: each change is a
+        system call."""
+        if self.timeout != seconds:
+            if self.raw is not None:
+                _kernel_timeouts(self.sock, seconds)
+            else:
+                self.sock.settimeout(seconds)
+            self.timeout = seconds
 
 
 if hasattr(select, "poll"):
@@ -303,7 +360,7 @@ class ConnectionPool:
         cut = False
         try:
             sock = conn.sock
-            sock.settimeout(read_timeout)
+            conn.set_timeout(read_timeout)
             if body is None:
                 sock.sendall(data)
             elif isinstance(body, (bytes, bytearray)) and len(body) < 65536:
@@ -321,7 +378,7 @@ class ConnectionPool:
             response.begin()
             if cut:
                 response.will_close = True  # the body was not sent whole
-        except TimeoutError as exc:
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_SNDTIMEO
             conn.close()
             raise ReadTimeout(f"{self.address}:{self.port}: no answer within "
                               f"{read_timeout}s") from exc
