@@ -1,12 +1,13 @@
 """Benchmark the gateway against minimal pass-throughs measured in the same run.
 
-``python bench/run.py [--duration 8] [--threads 8] [--rate 300] [--skip-layers]``
+``python bench/run.py [--rounds 3] [--duration 5] [--threads 8] [--rate 300] [--skip-layers]``
 
 Installs nothing: it needs ``wrk`` (Debian package), the packages of
 ``requirements-dev.txt`` (granian, gunicorn, requests, PyJWT) and, optionally, nginx as the
 upstream (else ``bench/fastupstream.py``, asyncio). Everything listens on loopback, every
 row is measured in this run with ``wrk -t1 -c16`` on the bench's small JSON GET (a valid
-token, an allowed Origin):
+token, an allowed Origin), the throughput rows in interleaved rounds (medians reported, ratios
+taken round by round):
 
 * the minimal pass-through (``bench/passthrough.py``) on urllib3 and on stdlib
   ``http.client`` (one kept-alive connection per thread), and the gateway's full pipeline
@@ -19,7 +20,7 @@ token, an allowed Origin):
 * what each layer costs per request (``bench/layers.py``, in-process).
 
 Prints Markdown and writes it, and the raw numbers as JSON, to ``bench/results/`` (ignored
-by git; ``reference.md`` there is a committed run). About 3 minutes on 2 cores.
+by git; ``reference.md`` there is a committed run). About 5 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -186,6 +187,29 @@ SHIPPED_NOTE = ("Gateway rows run gateway.ini as shipped (bulkhead, queue, timeo
                 "FAILED.")
 
 
+def combined(results: list[dict]) -> dict:
+    """One row from its runs: medians of throughput and latency, every answer counted."""
+    return {
+        "rps": statistics.median(r["rps"] for r in results),
+        "p50": statistics.median(r["p50"] for r in results),
+        "p99": statistics.median(r["p99"] for r in results),
+        "requests": sum(r["requests"] for r in results),
+        "non2xx": sum(r["non2xx"] for r in results),
+        "errors": "; ".join(r["errors"] for r in results if r["errors"]),
+        "failed": any(r["failed"] for r in results),
+        "runs": [r["rps"] for r in results],
+    }
+
+
+def round_ratio(runs: dict, server: str, kind: str, reference: str) -> tuple[float, float, float]:
+    """``kind``'s throughput over ``reference``'s, round by round: median, min, max."""
+    def of(wanted):
+        return next(results for (s, k, _), results in runs.items() if (s, k) == (server, wanted))
+
+    ratios = [a["rps"] / b["rps"] for a, b in zip(of(kind), of(reference))]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def failed(result: dict) -> str:
     """How a wrk row failed: its non-2xx answers and socket errors, never a throughput."""
     return (f"FAILED: {result['non2xx']} of {result['requests']} answers not 2xx"
@@ -345,7 +369,9 @@ def layer_costs(upstream: str, token: str, env: dict[str, str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the throughput rows (medians reported)")
     parser.add_argument("--threads", type=int, default=8, help="server threads")
     parser.add_argument("--rate", type=int, default=300, help="fixed rate, requests/s")
     parser.add_argument("--servers", default=",".join(SERVERS),
@@ -379,6 +405,7 @@ def main() -> int:
     # Everything else is gateway.ini as shipped: bulkhead, queue, timeouts, ejection, retries.
     print(SHIPPED_NOTE, flush=True)
     rows: list[tuple[str, str, str, dict]] = []  # (server, kind, label, wrk result)
+    runs: dict[tuple[str, str, str], list[dict]] = {}  # each row's runs, round by round
     notes: list[str] = []
     results: dict = {"rows": [], "threads": args.threads, "duration": args.duration}
     try:
@@ -405,6 +432,7 @@ def main() -> int:
 
         direct = measure("-", "direct", "upstream direct", upstream + "/users/42")
         urls = {}
+        labels = {}
         for server in servers:
             urls[server] = start_rows(services, server, upstream, args.threads, gateway_env)
             check = requests.get(urls[server]["gateway"] + SMALL_PATH, headers=gateway_headers,
@@ -413,16 +441,34 @@ def main() -> int:
                     or check.headers.get("Access-Control-Allow-Origin") != ORIGIN):
                 raise RuntimeError(f"gateway on {server}: {check.status_code} "
                                    f"{check.text[:200]}")
-            measure(server, "urllib3", f"minimal pass-through on {server}, urllib3 pool",
-                    urls[server]["urllib3"] + "/users/42")
-            measure(server, "stdlib", f"minimal pass-through on {server}, stdlib http.client "
-                    "(one kept-alive connection per thread)",
-                    urls[server]["stdlib"] + "/users/42")
-            if "werkzeug" in urls[server]:
-                measure(server, "werkzeug", f"werkzeug ProxyMiddleware bare on {server} (a new "
-                        "upstream connection per request)", urls[server]["werkzeug"] + "/users/42")
-            measure(server, "gateway", f"**gateway, full pipeline, {server}**",
-                    urls[server]["gateway"] + SMALL_PATH, gateway_headers)
+            labels[server] = [
+                ("urllib3", f"minimal pass-through on {server}, urllib3 pool", "/users/42"),
+                ("stdlib", f"minimal pass-through on {server}, stdlib http.client (one "
+                 "kept-alive connection per thread)", "/users/42"),
+                *([("werkzeug", f"werkzeug ProxyMiddleware bare on {server} (a new upstream "
+                    "connection per request)", "/users/42")] if "werkzeug" in urls[server]
+                  else []),
+                ("gateway", f"**gateway, full pipeline, {server}**", SMALL_PATH),
+            ]
+        # Rounds: every row of every server once per round, the order reversed every other
+        # round, so that a neighbour's burst or the machine's drift lands on one run of
+        # every row, not on every run of one. A row's figures are the medians of its runs;
+        # a ratio is taken round by round (both rows measured minutes apart at most).
+        for number in range(args.rounds):
+            for server in servers:
+                kinds = labels[server] if number % 2 == 0 else labels[server][::-1]
+                for kind, label, path in kinds:
+                    result = wrk(urls[server][kind] + path, args.duration,
+                                 gateway_headers if kind == "gateway" else {})
+                    runs.setdefault((server, kind, label), []).append(result)
+                    print(f"round {number + 1}, {label}: "
+                          + (failed(result) if result["failed"]
+                             else f"{result['rps']:,.0f} req/s"), flush=True)
+        for (server, kind, label), results_of_row in runs.items():
+            row = combined(results_of_row)
+            rows.append((server, kind, label, row))
+            if row["failed"]:
+                notes.append(f"{label}: {failed(row)}")
 
         waitress_gateway = urls["waitress"]["gateway"]
         print(f"fixed rate {args.rate} req/s ...", flush=True)
@@ -463,17 +509,20 @@ def main() -> int:
         f"Machine: {machine()}.",
         f"Upstream: {upstream_kind}. Load: `wrk -t1 -c16 -d{args.duration}s`, small JSON GET "
         f"(a valid token, an allowed Origin); every server with {args.threads} threads, one "
-        "process. All rows in this run. " + SHIPPED_NOTE,
+        f"process. All rows in this run: {args.rounds} interleaved rounds (every row once a "
+        "round, the order reversed every other round); a row shows the medians of its runs, "
+        "a ratio the median [min–max] of the ratios taken round by round. " + SHIPPED_NOTE,
         "",
-        "| what | req/s | p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: |",
+        "| what | req/s | p50 ms | p99 ms | runs, req/s |",
+        "| --- | ---: | ---: | ---: | --- |",
     ]
     for _, _, label, result in rows:
+        each = ", ".join(f"{value:,.0f}" for value in result.get("runs", [result["rps"]]))
         if result["failed"]:
-            lines.append(f"| {label} | **{failed(result)}** | — | — |")
+            lines.append(f"| {label} | **{failed(result)}** | — | — | {each} |")
         else:
             lines.append(f"| {label} | {result['rps']:,.0f} | {result['p50']:.2f} | "
-                         f"{result['p99']:.2f} |")
+                         f"{result['p99']:.2f} | {each} |")
     lines += ["", "| target | measured | |", "| --- | --- | --- |"]
     targets = {"waitress": 0.80, "granian": 0.60, "gunicorn": None}
     ratios = {}
@@ -486,16 +535,19 @@ def main() -> int:
             lines.append(f"| {server}: full pipeline / stdlib pass-through{goal} | FAILED "
                          "(a row's answers were not all 2xx) | **not met** |")
             continue
-        ratios[server] = gateway / stdlib
+        ratio, low, high = round_ratio(runs, server, "gateway", "stdlib")
+        ratios[server] = ratio
         lines.append(f"| {server}: full pipeline / stdlib pass-through{goal} | "
-                     f"{ratios[server]:.2f} ({gateway:,.0f} / {stdlib:,.0f}; "
-                     f"urllib3 pass-through: {gateway / pooled:.2f}) | "
-                     f"{verdict(ratios[server] >= wanted) if wanted else ''} |")
+                     f"{ratio:.2f} [{low:.2f}–{high:.2f}] (medians {gateway:,.0f} / "
+                     f"{stdlib:,.0f}; urllib3 pass-through: "
+                     f"{round_ratio(runs, server, 'gateway', 'urllib3')[0]:.2f}) | "
+                     f"{verdict(ratio >= wanted) if wanted else ''} |")
     werkzeug, gateway = rps("waitress", "werkzeug"), rps("waitress", "gateway")
     if "waitress" in servers and werkzeug and gateway:
+        ratio, low, high = round_ratio(runs, "waitress", "gateway", "werkzeug")
         lines.append(f"| waitress: full pipeline ahead of werkzeug's bare ProxyMiddleware | "
-                     f"{gateway / werkzeug:.2f}× ({gateway:,.0f} / {werkzeug:,.0f}) | "
-                     f"{verdict(gateway > werkzeug)} |")
+                     f"{ratio:.2f}× [{low:.2f}–{high:.2f}] (medians {gateway:,.0f} / "
+                     f"{werkzeug:,.0f}) | {verdict(ratio > 1)} |")
     added_p50 = gateway_fixed["p50"] - direct_fixed["p50"]
     added_p99 = gateway_fixed["p99"] - direct_fixed["p99"]
     lines.append(f"| added latency at {args.rate} req/s (waitress; quieter of 2 runs of 6 s "
