@@ -63,11 +63,18 @@ def redact_uri(uri: str) -> str:
         return "(unparsable URI)"
 
 
+_second: tuple[int, str] = (-1, "")  # the last second rendered (one per second, not per line)
+
+
 def iso_time(timestamp: float) -> str:
     """``2024-05-01T12:00:00.123Z`` (UTC, milliseconds)."""
+    global _second
     seconds = int(timestamp)
     millis = int((timestamp - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    last = _second
+    if last[0] != seconds:
+        last = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{millis:03d}Z"
 
 
 class AccessRecord:
@@ -140,6 +147,12 @@ class BufferedStreamHandler(logging.StreamHandler):
     One write (and one flush) per request was a good share of the gateway's per-request cost
     under load: each is a system call that hands the GIL to another thread. A line waits at
     most ``interval`` seconds; a process killed outright (SIGKILL) loses at most that much.
+
+    A record is formatted by the thread that logs it, outside any lock; the lock taken per
+    record only appends the line. (``logging.Handler.handle`` would hold the handler's lock
+    while formatting, and the writer holds it across the write: under load every request
+    thread then queued on it, a futex round trip each.) Writes are ordered by their own
+    lock, which no request thread waits for.
     """
 
     def __init__(self, stream: t.TextIO | None = None, interval: float = 0.2,
@@ -149,6 +162,8 @@ class BufferedStreamHandler(logging.StreamHandler):
         self.max_bytes = max_bytes
         self._pending: list[str] = []
         self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._flusher = threading.Thread(target=self._flush_periodically,
@@ -161,13 +176,22 @@ class BufferedStreamHandler(logging.StreamHandler):
             self._wake.clear()
             self.flush()
 
+    def handle(self, record: logging.LogRecord) -> t.Any:
+        # As logging.Handler.handle, without holding the handler's lock around emit().
+        passed = self.filter(record)
+        if isinstance(passed, logging.LogRecord):  # Python 3.12+: a filter may replace it
+            record = passed
+        if passed:
+            self.emit(record)
+        return passed
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
         except Exception:
             self.handleError(record)
             return
-        with self.lock:
+        with self._pending_lock:
             self._pending.append(line)
             self._pending_bytes += len(line)
             urgent = record.levelno >= logging.WARNING or self._pending_bytes >= self.max_bytes
@@ -175,10 +199,11 @@ class BufferedStreamHandler(logging.StreamHandler):
             self.flush()
 
     def flush(self) -> None:
-        with self.lock:
-            if not self._pending:
-                return
-            text, self._pending, self._pending_bytes = "".join(self._pending), [], 0
+        with self._write_lock:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                text, self._pending, self._pending_bytes = "".join(self._pending), [], 0
             try:
                 self.stream.write(text)
                 self.stream.flush()

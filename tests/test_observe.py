@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -242,6 +244,61 @@ def test_buffered_handler_flushes_on_its_own():
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+class _SlowStream(io.StringIO):
+    """A stream whose writes take a while (a pipe a reader drains slowly)."""
+
+    def write(self, text: str) -> int:
+        time.sleep(0.002)
+        return super().write(text)
+
+
+def test_buffered_handler_keeps_every_line_whole_and_in_order_across_threads():
+    """Lines are formatted outside the handler's lock and written in batches: from 8 threads
+    logging at once, every line arrives once, whole, each thread's lines in order; a filter
+    still drops, a formatter that fails costs its own line only."""
+    stream = _SlowStream()
+    handler = BufferedStreamHandler(stream, interval=0.01, max_bytes=512)
+    handler.setFormatter(logging.Formatter("%(threadName)s %(message)s"))
+    handler.addFilter(lambda record: "drop" not in str(record.msg))
+    logger = logging.getLogger("meetinity_gateway.test.threads")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    errors = []
+    handler.handleError = lambda record: errors.append(record)  # type: ignore[method-assign]
+
+    def work(name: str) -> None:
+        for number in range(300):
+            logger.info("%s-%03d", name, number)
+        logger.info("drop me")
+        logger.info("%d", "not a number")  # the formatter fails: handleError, nothing else
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",), name=f"t{i}") for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        handler.flush()
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 8 * 300
+        for i in range(8):
+            mine = [line.split(" ")[1] for line in lines if line.startswith(f"t{i} ")]
+            assert mine == [f"t{i}-{number:03d}" for number in range(300)]
+        assert len(errors) == 8
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_iso_time_renders_every_second_it_is_given():
+    from meetinity_gateway.logs import iso_time
+
+    assert iso_time(0.5) == "1970-01-01T00:00:00.500Z"
+    assert iso_time(86400 * 365 + 0.25) == "1971-01-01T00:00:00.250Z"
+    assert iso_time(0.999) == "1970-01-01T00:00:00.999Z"  # back to an earlier second
 
 
 def test_configure_logging_rejects_bad_values():
