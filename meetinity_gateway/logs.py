@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -29,6 +30,7 @@ __all__ = [
     "JsonFormatter",
     "configure_logging",
     "iso_time",
+    "make_record",
     "without_query",
 ]
 
@@ -77,6 +79,59 @@ def iso_time(timestamp: float) -> str:
     return f"{last[1]}.{millis:03d}Z"
 
 
+# json.dumps with any option builds a new encoder per call: one, built once.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+# -- log records without LogRecord.__init__'s per-record work --------------------------------
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: a forked worker logs its own process id
+    os.register_at_fork(after_in_child=_forked)
+
+_templates: dict[tuple[str, int, str, str | None], tuple[int, dict[str, t.Any]]] = {}
+
+
+def make_record(name: str, level: int, msg: t.Any, pathname: str,
+                func: str | None = None) -> logging.LogRecord:
+    """The record ``Logger.makeRecord`` would make for ``msg`` (no arguments, no exception,
+    ``lineno`` 0), with the fields that are the same for every record of a process (level
+    name, file and module, process id and name) worked out once, not per record: the access
+    log writes one record per request, and ``LogRecord.__init__`` took a path apart and
+    asked the kernel for the process id each time. An application's own record factory
+    (``logging.setLogRecordFactory``) is used as it is."""
+    factory = logging.getLogRecordFactory()
+    if factory is not logging.LogRecord:
+        return factory(name, level, pathname, 0, msg, None, None, func)
+    key = (name, level, pathname, func)
+    pid, template = _templates.get(key) or (None, {})
+    if pid != _pid:  # first use, or a forked child
+        template = {k: v for k, v in vars(
+            logging.LogRecord(name, level, pathname, 0, "", None, None, func)).items()
+            if k not in ("msg", "created", "msecs", "relativeCreated", "thread", "threadName")}
+        _templates[key] = (_pid, template)
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(template)
+    now = time.time()
+    fields["msg"] = msg
+    fields["created"] = now
+    fields["msecs"] = int((now - int(now)) * 1000) + 0.0
+    fields["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    if logging.logThreads:
+        fields["thread"] = threading.get_ident()
+        fields["threadName"] = threading.current_thread().name
+    else:  # pragma: no cover
+        fields["thread"] = fields["threadName"] = None
+    return record
+
+
 class AccessRecord:
     """One request's access fields, rendered on demand (see the module docstring).
 
@@ -97,7 +152,7 @@ class AccessRecord:
         return values
 
     def to_json(self) -> str:
-        return json.dumps(self._values(), separators=(",", ":"))
+        return _compact_json(self._values())
 
     def to_text(self) -> str:
         parts = []

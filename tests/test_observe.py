@@ -909,3 +909,51 @@ def test_retried_attempts_counted_per_target(gateway_factory, upstream, log_line
                     labels(upstream="user_service", target=live))] == 4
     assert samples[("gateway_upstream_failures_total", labels(
         upstream="user_service", target=dead, reason="unavailable"))] == len(retried)
+
+
+def test_a_made_record_has_every_field_logging_gives_it():
+    """make_record (the access log's records) gives what Logger.makeRecord gives, and an
+    application's record factory is used as it is."""
+    from meetinity_gateway.logs import make_record
+
+    logger = logging.getLogger("meetinity_gateway.test.records")
+    for _ in range(2):  # the first builds the per-process template, the second uses it
+        made = make_record(logger.name, logging.INFO, "hello", __file__)
+        usual = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "hello", None, None)
+        assert set(vars(made)) == set(vars(usual))
+        for name in set(vars(usual)) - {"created", "msecs", "relativeCreated"}:
+            assert getattr(made, name) == getattr(usual, name), name
+        assert abs(made.created - usual.created) < 1
+        assert made.getMessage() == "hello" and made.process == os.getpid()
+
+    class Mine(logging.LogRecord):
+        pass
+
+    previous = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(Mine)
+    try:
+        assert type(make_record(logger.name, logging.INFO, "x", __file__)) is Mine
+    finally:
+        logging.setLogRecordFactory(previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only (Windows: no fork)")
+def test_a_forked_worker_logs_its_own_process_id():
+    from meetinity_gateway.logs import make_record
+
+    make_record("meetinity_gateway.test.fork", logging.INFO, "parent", __file__)
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            record = make_record("meetinity_gateway.test.fork", logging.INFO, "child", __file__)
+            os.write(writing, f"{record.process} {os.getpid()}".encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    try:
+        logged, actual = os.read(reading, 100).decode().split()
+    finally:
+        os.close(reading)
+        os.waitpid(child, 0)
+    assert logged == actual != str(os.getpid())
