@@ -200,15 +200,19 @@ def main() -> int:
 
     from meetinity_gateway.logs import configure_logging
 
-    # As the server logs (the access line is part of observe's cost), to stderr.
+    # As the server logs (the access line is part of observe's cost), to where the bench's
+    # servers write theirs (os.devnull).
     configure_logging(os.environ.get("LOG_LEVEL") or "INFO",
-                      os.environ.get("LOG_FORMAT") or "json")
-    logging.getLogger("meetinity_gateway").setLevel(logging.WARNING)  # startup lines only
+                      os.environ.get("LOG_FORMAT") or "json",
+                      stream=open(os.devnull, "w", encoding="utf-8"), force=True)
+    quiet = logging.getLogger("meetinity_gateway")
+    quiet.setLevel(logging.WARNING)  # no start-up lines for the variants built here...
     config = Path(args.config)
     template = make_environ(args.token, args.origin)
     extra = auth_environ(config, template)
     variants = ["full", "stubbed", *LAYERS, "router"]
     apps = {name: build(config, name, template, extra) for name in variants}
+    quiet.setLevel(logging.NOTSET)  # ...but the access log of every request, as served
     for name, app in apps.items():
         status = call(app, template)
         if status != 200:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -29,6 +30,7 @@ __all__ = [
     "JsonFormatter",
     "configure_logging",
     "iso_time",
+    "make_record",
     "without_query",
 ]
 
@@ -63,11 +65,71 @@ def redact_uri(uri: str) -> str:
         return "(unparsable URI)"
 
 
+_second: tuple[int, str] = (-1, "")  # the last second rendered (one per second, not per line)
+
+
 def iso_time(timestamp: float) -> str:
     """``2024-05-01T12:00:00.123Z`` (UTC, milliseconds)."""
+    global _second
     seconds = int(timestamp)
     millis = int((timestamp - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    last = _second
+    if last[0] != seconds:
+        last = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{millis:03d}Z"
+
+
+# json.dumps with any option builds a new encoder per call: one, built once.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+# -- log records without LogRecord.__init__'s per-record work --------------------------------
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: a forked worker logs its own process id
+    os.register_at_fork(after_in_child=_forked)
+
+_templates: dict[tuple[str, int, str, str | None], tuple[int, dict[str, t.Any]]] = {}
+
+
+def make_record(name: str, level: int, msg: t.Any, pathname: str,
+                func: str | None = None) -> logging.LogRecord:
+    """The record ``Logger.makeRecord`` would make for ``msg`` (no arguments, no exception,
+    ``lineno`` 0), with the fields that are the same for every record of a process (level
+    name, file and module, process id and name) worked out once, not per record: the access
+    log writes one record per request, and ``LogRecord.__init__`` took a path apart and
+    asked the kernel for the process id each time. An application's own record factory
+    (``logging.setLogRecordFactory``) is used as it is."""
+    factory = logging.getLogRecordFactory()
+    if factory is not logging.LogRecord:
+        return factory(name, level, pathname, 0, msg, None, None, func)
+    key = (name, level, pathname, func)
+    pid, template = _templates.get(key) or (None, {})
+    if pid != _pid:  # first use, or a forked child
+        template = {k: v for k, v in vars(
+            logging.LogRecord(name, level, pathname, 0, "", None, None, func)).items()
+            if k not in ("msg", "created", "msecs", "relativeCreated", "thread", "threadName")}
+        _templates[key] = (_pid, template)
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(template)
+    now = time.time()
+    fields["msg"] = msg
+    fields["created"] = now
+    fields["msecs"] = int((now - int(now)) * 1000) + 0.0
+    fields["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    if logging.logThreads:
+        fields["thread"] = threading.get_ident()
+        fields["threadName"] = threading.current_thread().name
+    else:  # pragma: no cover
+        fields["thread"] = fields["threadName"] = None
+    return record
 
 
 class AccessRecord:
@@ -90,7 +152,7 @@ class AccessRecord:
         return values
 
     def to_json(self) -> str:
-        return json.dumps(self._values(), separators=(",", ":"))
+        return _compact_json(self._values())
 
     def to_text(self) -> str:
         parts = []
@@ -140,6 +202,12 @@ class BufferedStreamHandler(logging.StreamHandler):
     One write (and one flush) per request was a good share of the gateway's per-request cost
     under load: each is a system call that hands the GIL to another thread. A line waits at
     most ``interval`` seconds; a process killed outright (SIGKILL) loses at most that much.
+
+    A record is formatted by the thread that logs it, outside any lock; the lock taken per
+    record only appends the line. (``logging.Handler.handle`` would hold the handler's lock
+    while formatting, and the writer holds it across the write: under load every request
+    thread then queued on it, a futex round trip each.) Writes are ordered by their own
+    lock, which no request thread waits for.
     """
 
     def __init__(self, stream: t.TextIO | None = None, interval: float = 0.2,
@@ -149,6 +217,8 @@ class BufferedStreamHandler(logging.StreamHandler):
         self.max_bytes = max_bytes
         self._pending: list[str] = []
         self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._flusher = threading.Thread(target=self._flush_periodically,
@@ -161,13 +231,22 @@ class BufferedStreamHandler(logging.StreamHandler):
             self._wake.clear()
             self.flush()
 
+    def handle(self, record: logging.LogRecord) -> t.Any:
+        # As logging.Handler.handle, without holding the handler's lock around emit().
+        passed = self.filter(record)
+        if isinstance(passed, logging.LogRecord):  # Python 3.12+: a filter may replace it
+            record = passed
+        if passed:
+            self.emit(record)
+        return passed
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
         except Exception:
             self.handleError(record)
             return
-        with self.lock:
+        with self._pending_lock:
             self._pending.append(line)
             self._pending_bytes += len(line)
             urgent = record.levelno >= logging.WARNING or self._pending_bytes >= self.max_bytes
@@ -175,10 +254,11 @@ class BufferedStreamHandler(logging.StreamHandler):
             self.flush()
 
     def flush(self) -> None:
-        with self.lock:
-            if not self._pending:
-                return
-            text, self._pending, self._pending_bytes = "".join(self._pending), [], 0
+        with self._write_lock:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                text, self._pending, self._pending_bytes = "".join(self._pending), [], 0
             try:
                 self.stream.write(text)
                 self.stream.flush()

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -242,6 +244,61 @@ def test_buffered_handler_flushes_on_its_own():
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+class _SlowStream(io.StringIO):
+    """A stream whose writes take a while (a pipe a reader drains slowly)."""
+
+    def write(self, text: str) -> int:
+        time.sleep(0.002)
+        return super().write(text)
+
+
+def test_buffered_handler_keeps_every_line_whole_and_in_order_across_threads():
+    """Lines are formatted outside the handler's lock and written in batches: from 8 threads
+    logging at once, every line arrives once, whole, each thread's lines in order; a filter
+    still drops, a formatter that fails costs its own line only."""
+    stream = _SlowStream()
+    handler = BufferedStreamHandler(stream, interval=0.01, max_bytes=512)
+    handler.setFormatter(logging.Formatter("%(threadName)s %(message)s"))
+    handler.addFilter(lambda record: "drop" not in str(record.msg))
+    logger = logging.getLogger("meetinity_gateway.test.threads")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    errors = []
+    handler.handleError = lambda record: errors.append(record)  # type: ignore[method-assign]
+
+    def work(name: str) -> None:
+        for number in range(300):
+            logger.info("%s-%03d", name, number)
+        logger.info("drop me")
+        logger.info("%d", "not a number")  # the formatter fails: handleError, nothing else
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",), name=f"t{i}") for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        handler.flush()
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 8 * 300
+        for i in range(8):
+            mine = [line.split(" ")[1] for line in lines if line.startswith(f"t{i} ")]
+            assert mine == [f"t{i}-{number:03d}" for number in range(300)]
+        assert len(errors) == 8
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_iso_time_renders_every_second_it_is_given():
+    from meetinity_gateway.logs import iso_time
+
+    assert iso_time(0.5) == "1970-01-01T00:00:00.500Z"
+    assert iso_time(86400 * 365 + 0.25) == "1971-01-01T00:00:00.250Z"
+    assert iso_time(0.999) == "1970-01-01T00:00:00.999Z"  # back to an earlier second
 
 
 def test_configure_logging_rejects_bad_values():
@@ -852,3 +909,51 @@ def test_retried_attempts_counted_per_target(gateway_factory, upstream, log_line
                     labels(upstream="user_service", target=live))] == 4
     assert samples[("gateway_upstream_failures_total", labels(
         upstream="user_service", target=dead, reason="unavailable"))] == len(retried)
+
+
+def test_a_made_record_has_every_field_logging_gives_it():
+    """make_record (the access log's records) gives what Logger.makeRecord gives, and an
+    application's record factory is used as it is."""
+    from meetinity_gateway.logs import make_record
+
+    logger = logging.getLogger("meetinity_gateway.test.records")
+    for _ in range(2):  # the first builds the per-process template, the second uses it
+        made = make_record(logger.name, logging.INFO, "hello", __file__)
+        usual = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "hello", None, None)
+        assert set(vars(made)) == set(vars(usual))
+        for name in set(vars(usual)) - {"created", "msecs", "relativeCreated"}:
+            assert getattr(made, name) == getattr(usual, name), name
+        assert abs(made.created - usual.created) < 1
+        assert made.getMessage() == "hello" and made.process == os.getpid()
+
+    class Mine(logging.LogRecord):
+        pass
+
+    previous = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(Mine)
+    try:
+        assert type(make_record(logger.name, logging.INFO, "x", __file__)) is Mine
+    finally:
+        logging.setLogRecordFactory(previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only (Windows: no fork)")
+def test_a_forked_worker_logs_its_own_process_id():
+    from meetinity_gateway.logs import make_record
+
+    make_record("meetinity_gateway.test.fork", logging.INFO, "parent", __file__)
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            record = make_record("meetinity_gateway.test.fork", logging.INFO, "child", __file__)
+            os.write(writing, f"{record.process} {os.getpid()}".encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    try:
+        logged, actual = os.read(reading, 100).decode().split()
+    finally:
+        os.close(reading)
+        os.waitpid(child, 0)
+    assert logged == actual != str(os.getpid())
