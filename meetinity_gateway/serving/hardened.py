@@ -58,7 +58,6 @@ import socket
 import sys
 import time
 import typing as t
-import uuid
 
 from waitress.buffers import OverflowableBuffer
 from waitress.channel import ClientDisconnected, HTTPChannel
@@ -74,7 +73,7 @@ from waitress.utilities import (
 
 from meetinity_gateway import http11
 from meetinity_gateway.config import ConfigError
-from meetinity_gateway.problems import error_body, status_line
+from meetinity_gateway.problems import error_body, random_hex, status_line
 from meetinity_gateway.settings import DEFAULT_LISTEN, DEFAULT_THREADS, DEFAULTS
 
 # The logger's name is the one operators filter on since the server was one module.
@@ -303,7 +302,7 @@ class JsonErrorTask(ErrorTask):
                     (400, "malformed request"),
                 )
         code, message = refusal
-        request_id = uuid.uuid4().hex
+        request_id = random_hex(32)  # the shape of every request id (problems.random_hex)
         log.info("refused a request from %s: %s (%d, request_id=%s)",
                  self.channel.addr[0] if self.channel.addr else "?", message, code, request_id,
                  extra={"request_id": request_id})
