@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,12 @@ class RedisServer:
         self.executable = executable
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        # Its working directory is its own: a replica writes the master's snapshot to disk
+        # (dump.rdb) even with --save "", which must not land in the caller's folder.
+        self._home = None
+        if "--dir" not in args:
+            self._home = tempfile.TemporaryDirectory(prefix="redis-")
+            args = ("--dir", self._home.name, *args)
         self.process = subprocess.Popen(
             [executable, *([str(config)] if config else []), "--port", str(self.port),
              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args],
@@ -55,6 +62,9 @@ class RedisServer:
             self.process.wait(5)
         if self.process.stderr:
             self.process.stderr.close()
+        if self._home is not None:
+            self._home.cleanup()
+            self._home = None
 
     def __enter__(self) -> "RedisServer":
         return self
