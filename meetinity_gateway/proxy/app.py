@@ -46,7 +46,7 @@ Use alone::
     app = ProxyApp("http://127.0.0.1:5001 weight=2, http://127.0.0.1:5002", read_timeout=10)
 
 :param base_url: the targets, ``http://host:port[/base] [weight=N], …`` (see
-    :func:`~meetinity_gateway.proxy.upstream.parse_targets`), or a ready ``UpstreamPool``.
+    :func:`~meetinity_gateway.proxy.targets.parse_targets`), or a ready ``UpstreamPool``.
 :param connect_timeout: seconds to wait for the TCP connection (→ 504 after).
 :param read_timeout: seconds to wait for each read from the upstream (→ 504 after).
 :param max_body_size: largest request body accepted, in bytes (→ 413 above).
@@ -99,7 +99,8 @@ from meetinity_gateway.problems import (
 )
 from meetinity_gateway.proxy.client import ConnectFailed, ConnectTimeout, release
 from meetinity_gateway.proxy.headers import request_headers, response_headers
-from meetinity_gateway.proxy.upstream import Target, UpstreamBusy, UpstreamPool, parse_targets
+from meetinity_gateway.proxy.targets import parse_targets
+from meetinity_gateway.proxy.upstream import Target, UpstreamBusy, UpstreamPool
 from meetinity_gateway.proxy.wire import InvalidUpstreamResponse
 
 if t.TYPE_CHECKING:  # pragma: no cover

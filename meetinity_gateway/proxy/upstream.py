@@ -1,18 +1,10 @@
-"""Upstream pools: targets, balancing, outlier ejection, a concurrency cap, active checks, DNS.
+"""Upstream pools: balancing, outlier ejection, a concurrency cap, active checks, DNS refresh.
 
-An :class:`UpstreamPool` is the set of *targets* behind one upstream name. It is written in
-one string (one ini value, or ``USER_SERVICE_URL``)::
+An :class:`UpstreamPool` is the set of *targets* behind one upstream name: one per address
+of each configured URL, written and resolved as :mod:`meetinity_gateway.proxy.targets` says.
+Targets whose address stays keep their state when the names are resolved again; when a
+lookup fails, the last addresses stay.
 
-    http://10.0.0.5:5001, http://10.0.0.6:5001 weight=3, http://users.internal:5001
-
-* **Targets.** Comma- (or newline-) separated base URLs, each with an optional
-  ``weight=N`` (default 1). A target given by host name is resolved with ``resolver``
-  (default: the system's ``getaddrinfo``) and every A/AAAA address becomes a target of its
-  own, re-resolved every ``dns_interval`` seconds, so DNS-based discovery (Docker or
-  Kubernetes service names, round-robin DNS) follows changes without a restart. The
-  connection goes to the address, the ``Host`` header (and TLS SNI) stay the configured
-  name. ``dns_interval = 0`` connects by name instead (the OS resolves at each new
-  connection; one target per URL).
 * **Balancing.** ``round_robin`` (smooth weighted round-robin, the default) or
   ``least_outstanding`` (fewest requests in flight per unit of weight).
 * **Outlier ejection** (passive health, after Envoy's outlier detection). ``max_fails``
@@ -86,7 +78,8 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
 
 Use alone::
 
-    from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
+    from meetinity_gateway.proxy.targets import parse_targets
+    from meetinity_gateway.proxy.upstream import UpstreamPool
     pool = UpstreamPool(parse_targets("http://a:5001 weight=2, http://b:5001"), name="users")
     target = pool.acquire()          # may raise UpstreamBusy
     began = pool.clock()
@@ -94,7 +87,7 @@ Use alone::
          # pool.answered(target, status, since=began), at the end pool.done(target,
          # holding=False); or pool.record(target, False, since=began), pool.done(target)
 
-:param specs: the targets (see :func:`parse_targets`).
+:param specs: the targets (see :func:`~meetinity_gateway.proxy.targets.parse_targets`).
 :param name: the upstream's name, for logs and errors.
 :param balance: ``round_robin`` or ``least_outstanding``.
 :param max_fails: consecutive failures that eject a target.
@@ -114,7 +107,8 @@ Use alone::
 :param health_path: the path probed on each target.
 :param health_timeout: seconds allowed to one probe.
 :param dns_interval: seconds between re-resolutions of host names (0: connect by name).
-:param resolver: ``resolve(host, port) -> list of IP strings``; the system's by default.
+:param resolver: a :data:`~meetinity_gateway.proxy.targets.Resolver`; the system's by
+    default.
 :param pool_size: keep-alive connections kept per target.
 :param idle_timeout: seconds after which an idle keep-alive connection is not reused.
 :param connect_timeout: seconds to wait for a TCP connection.
@@ -124,39 +118,29 @@ Use alone::
     configured host name checked and sent as SNI).
 :param clock: the clock of the health state (``time.monotonic``); the ``since`` values
     given to :meth:`~UpstreamPool.record` and :meth:`~UpstreamPool.answered` come from it.
-
-Security note: targets are trusted infrastructure. A resolver that returns addresses from
-an untrusted source can send user traffic (with its credentials) anywhere.
 """
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
-import re
-import socket
 import ssl
 import threading
 import time
 import typing as t
 import weakref
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from meetinity_gateway.problems import ServiceUnavailable
 from meetinity_gateway.proxy.client import ConnectionPool, read_body
+from meetinity_gateway.proxy.targets import Resolver, TargetSpec, system_resolver
 
 __all__ = [
     "BALANCERS",
     "Target",
-    "TargetSpec",
     "UpstreamBusy",
     "UpstreamPool",
     "default_max_in_flight",
     "default_queue_size",
     "parse_failure_statuses",
-    "parse_targets",
-    "system_resolver",
 ]
 
 log = logging.getLogger("meetinity_gateway.upstream")
@@ -166,8 +150,6 @@ BALANCERS = ("round_robin", "least_outstanding")
 _MAX_BACKOFF_FACTOR = 8
 #: Bounds of the background thread's sleep between two rounds of work (seconds).
 _MIN_WAIT, _MAX_WAIT = 0.02, 30.0
-
-Resolver = t.Callable[[str, int], t.List[str]]
 
 
 #: Why :meth:`UpstreamPool.acquire` refused: too many waiting, waited too long, or the
@@ -240,88 +222,6 @@ def parse_failure_statuses(value: str | t.Iterable[int | str]) -> frozenset[int]
             raise ValueError(f"{code}: only 5xx answers can count as a target's failure")
         codes.add(code)
     return frozenset(codes)
-
-
-# -- target specs ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """One configured target: a base URL and its weight."""
-
-    url: str
-    scheme: str
-    host: str
-    port: int
-    base_path: str
-    weight: int
-    #: The ``Host`` header value: the URL's host[:port] as written.
-    host_header: str
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
-
-_WEIGHT = re.compile(r"^weight=(\d+)$")
-
-
-def parse_target(item: str) -> TargetSpec:
-    """``URL [weight=N]``; raises ValueError with the reason."""
-    words = item.split()
-    if not words:
-        raise ValueError("empty target")
-    url, options = words[0], words[1:]
-    weight = 1
-    for option in options:
-        match = _WEIGHT.match(option)
-        if not match:
-            raise ValueError(f"target {url!r}: unknown option {option!r} (expected weight=N)")
-        weight = int(match.group(1))
-        if not 1 <= weight <= 1000:
-            raise ValueError(f"target {url!r}: weight must be between 1 and 1000")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"upstream URL {url!r} must be http(s)://host[:port][/path]")
-    if parts.query or parts.fragment:
-        raise ValueError(f"upstream URL {url!r} must not have a query or fragment")
-    if parts.username or parts.password:
-        raise ValueError(f"upstream URL {url!r} must not hold credentials")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ValueError(f"upstream URL {url!r} has a bad port") from None
-    return TargetSpec(
-        url=url.rstrip("/"),
-        scheme=parts.scheme,
-        host=parts.hostname,
-        port=port,
-        base_path=parts.path.rstrip("/"),
-        weight=weight,
-        host_header=parts.netloc,
-    )
-
-
-def parse_targets(spec: str) -> list[TargetSpec]:
-    """``URL [weight=N], URL [weight=N], …`` (commas or newlines); raises ValueError."""
-    items = [item.strip() for item in re.split(r"[,\n]", spec) if item.strip()]
-    if not items:
-        raise ValueError("no target: expected URL [weight=N], URL [weight=N], …")
-    specs = [parse_target(item) for item in items]
-    if len({(s.scheme, s.host, s.port, s.base_path) for s in specs}) != len(specs):
-        raise ValueError("the same target is listed twice (use weight=N instead)")
-    return specs
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """Every address of ``host`` (A and AAAA), in the resolver's order, without repeats."""
-    seen: dict[str, None] = {}
-    for *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        seen.setdefault(sockaddr[0], None)
-    return list(seen)
 
 
 # -- targets ---------------------------------------------------------------------------------
