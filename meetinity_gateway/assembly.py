@@ -53,12 +53,8 @@ from meetinity_gateway.pipeline import (
     upstream_list,
 )
 from meetinity_gateway.proxy.app import ProxyApp
-from meetinity_gateway.proxy.upstream import (
-    BALANCERS,
-    default_max_in_flight,
-    default_queue_size,
-    parse_failure_statuses,
-)
+from meetinity_gateway.proxy.bulkhead import default_max_in_flight, default_queue_size
+from meetinity_gateway.proxy.upstream import BALANCERS, parse_failure_statuses
 from meetinity_gateway.routing import Route, Router, parse_route
 from meetinity_gateway.settings import DEFAULT_THREADS
 from meetinity_gateway.shared import shared
@@ -124,7 +120,8 @@ _APP_PARAMS = {
     "trusted_proxies": as_non_negative_int,
     "pool_size": as_positive_int,
     "health_timeout": as_positive_float,
-    # Upstream pools (meetinity_gateway.proxy.upstream) and retries (proxy.app).
+    # Upstream pools (meetinity_gateway.proxy.upstream, proxy.bulkhead) and retries
+    # (proxy.app).
     "balance": _as_balance,
     "max_fails": as_positive_int,
     "eject_time": as_positive_float,

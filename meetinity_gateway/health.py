@@ -45,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from meetinity_gateway.net import DEFAULT_ALLOW, client_allowed, parse_networks
 from meetinity_gateway.pipeline import described
-from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
+from meetinity_gateway.proxy.targets import parse_targets
+from meetinity_gateway.proxy.upstream import UpstreamPool
 
 if t.TYPE_CHECKING:  # pragma: no cover
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

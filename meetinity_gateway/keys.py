@@ -42,7 +42,7 @@ UPSTREAM_KEY = "meetinity_gateway.upstream"
 #: proxy with ``UPSTREAM_KEY``.
 UPSTREAM_LIMIT_KEY = "meetinity_gateway.upstream_max_in_flight"
 #: Why the proxy refused the request without calling the upstream at its ``max_in_flight``
-#: cap (``queue_full``, ``queue_timeout`` or ``stalled``: see proxy.upstream.BUSY_REASONS),
+#: cap (``queue_full``, ``queue_timeout`` or ``stalled``: see proxy.bulkhead.BUSY_REASONS),
 #: set by the proxy.
 UPSTREAM_REJECTED_KEY = "meetinity_gateway.upstream_rejected"
 #: The upstream target actually called (``host:port``), set by the proxy.

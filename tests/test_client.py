@@ -24,7 +24,8 @@ from meetinity_gateway.proxy.client import (
     ReadTimeout,
     release,
 )
-from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
+from meetinity_gateway.proxy.targets import parse_targets
+from meetinity_gateway.proxy.upstream import UpstreamPool
 from tests.rawkit import ScriptedUpstream, response
 from tests.servers import WaitressServer
 

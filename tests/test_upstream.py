@@ -18,13 +18,9 @@ import pytest
 from meetinity_gateway.assembly import load_pipeline
 from meetinity_gateway.config import ConfigError
 from meetinity_gateway.proxy.app import ProxyApp
-from meetinity_gateway.proxy.upstream import (
-    UpstreamBusy,
-    UpstreamPool,
-    default_max_in_flight,
-    parse_failure_statuses,
-    parse_targets,
-)
+from meetinity_gateway.proxy.bulkhead import UpstreamBusy, default_max_in_flight
+from meetinity_gateway.proxy.targets import parse_targets
+from meetinity_gateway.proxy.upstream import UpstreamPool, parse_failure_statuses
 from tests.conftest import wait_until
 from tests.servers import (
     ROOT,

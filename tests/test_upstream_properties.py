@@ -19,7 +19,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from meetinity_gateway.proxy.upstream import UpstreamBusy, UpstreamPool, parse_targets
+from meetinity_gateway.proxy.bulkhead import UpstreamBusy
+from meetinity_gateway.proxy.targets import parse_targets
+from meetinity_gateway.proxy.upstream import UpstreamPool
 
 STATUSES = st.sampled_from([200, 204, 404, 500, 502, 503, 504])
 

@@ -280,7 +280,8 @@ def test_every_upstream_pool_reads_with_the_guarded_response():
     import threading
 
     from meetinity_gateway.proxy.client import ConnectionPool, release
-    from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
+    from meetinity_gateway.proxy.targets import parse_targets
+    from meetinity_gateway.proxy.upstream import UpstreamPool
 
     pool = UpstreamPool(parse_targets("http://127.0.0.1:9, https://127.0.0.1:10"))
     try:

@@ -20,7 +20,7 @@ client :mod:`meetinity_gateway.proxy.client`):
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
   request body over ``max_body_size`` a JSON 413, a request over the upstream's
   ``max_in_flight`` cap (counted until the response head arrives) that cannot wait for a
-  slot (``queue_size``, ``queue_timeout``: see :mod:`~meetinity_gateway.proxy.upstream`)
+  slot (``queue_size``, ``queue_timeout``: see :mod:`~meetinity_gateway.proxy.bulkhead`)
   a JSON 503 with ``Retry-After`` (a retry never waits) — responses, never exceptions
   (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
@@ -46,7 +46,7 @@ Use alone::
     app = ProxyApp("http://127.0.0.1:5001 weight=2, http://127.0.0.1:5002", read_timeout=10)
 
 :param base_url: the targets, ``http://host:port[/base] [weight=N], …`` (see
-    :func:`~meetinity_gateway.proxy.upstream.parse_targets`), or a ready ``UpstreamPool``.
+    :func:`~meetinity_gateway.proxy.targets.parse_targets`), or a ready ``UpstreamPool``.
 :param connect_timeout: seconds to wait for the TCP connection (→ 504 after).
 :param read_timeout: seconds to wait for each read from the upstream (→ 504 after).
 :param max_body_size: largest request body accepted, in bytes (→ 413 above).
@@ -97,9 +97,11 @@ from meetinity_gateway.problems import (
     ResponseAborted,
     error_response,
 )
+from meetinity_gateway.proxy.bulkhead import UpstreamBusy
 from meetinity_gateway.proxy.client import ConnectFailed, ConnectTimeout, release
 from meetinity_gateway.proxy.headers import request_headers, response_headers
-from meetinity_gateway.proxy.upstream import Target, UpstreamBusy, UpstreamPool, parse_targets
+from meetinity_gateway.proxy.targets import parse_targets
+from meetinity_gateway.proxy.upstream import Target, UpstreamPool
 from meetinity_gateway.proxy.wire import InvalidUpstreamResponse
 
 if t.TYPE_CHECKING:  # pragma: no cover

@@ -1,18 +1,10 @@
-"""Upstream pools: targets, balancing, outlier ejection, a concurrency cap, active checks, DNS.
+"""Upstream pools: balancing, outlier ejection, a concurrency cap, active checks, DNS refresh.
 
-An :class:`UpstreamPool` is the set of *targets* behind one upstream name. It is written in
-one string (one ini value, or ``USER_SERVICE_URL``)::
+An :class:`UpstreamPool` is the set of *targets* behind one upstream name: one per address
+of each configured URL, written and resolved as :mod:`meetinity_gateway.proxy.targets` says.
+Targets whose address stays keep their state when the names are resolved again; when a
+lookup fails, the last addresses stay.
 
-    http://10.0.0.5:5001, http://10.0.0.6:5001 weight=3, http://users.internal:5001
-
-* **Targets.** Comma- (or newline-) separated base URLs, each with an optional
-  ``weight=N`` (default 1). A target given by host name is resolved with ``resolver``
-  (default: the system's ``getaddrinfo``) and every A/AAAA address becomes a target of its
-  own, re-resolved every ``dns_interval`` seconds, so DNS-based discovery (Docker or
-  Kubernetes service names, round-robin DNS) follows changes without a restart. The
-  connection goes to the address, the ``Host`` header (and TLS SNI) stay the configured
-  name. ``dns_interval = 0`` connects by name instead (the OS resolves at each new
-  connection; one target per URL).
 * **Balancing.** ``round_robin`` (smooth weighted round-robin, the default) or
   ``least_outstanding`` (fewest requests in flight per unit of weight).
 * **Outlier ejection** (passive health, after Envoy's outlier detection). ``max_fails``
@@ -44,31 +36,12 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
     With ``eject_recheck = 0`` it is re-admitted when its ejection time ends. A success of
     a real request (panic routing) re-admits at once.
 
-* **Concurrency cap (bulkhead) with a short queue.** With ``max_in_flight = N``, at most N
-  requests are *waiting on the upstream* (from :meth:`UpstreamPool.acquire` until its
-  response head arrived, :meth:`UpstreamPool.responded`, or the attempt failed). A response
-  body then streams outside the cap, at the client's pace: slow readers or long streams
-  (server-sent events) of a healthy service never take its slots (the server's send timeout
-  bounds slow readers; a body that stalls mid-way, its ``read_timeout``). A request over the cap
-  *waits* for a slot, first come first served, like Envoy's pending requests or nginx'
-  ``upstream queue``: at most ``queue_size`` wait, each at most ``queue_timeout`` seconds.
-  A burst against a service that answers is therefore queued for the milliseconds a slot
-  takes to free, and served. :class:`UpstreamBusy` (a JSON 503 with ``Retry-After``) is
-  raised, with its ``reason``, only when
-
-  - ``queue_full``: ``queue_size`` requests are waiting already;
-  - ``queue_timeout``: the request waited ``queue_timeout`` and no slot freed;
-  - ``stalled``: a request timed out waiting and no request to the upstream has finished
-    since. The upstream is not making progress (it hangs), so further requests are refused
-    at once instead of each waiting ``queue_timeout``: a hung service holds ``max_in_flight``
-    threads plus, once per stall, ``queue_size`` threads for ``queue_timeout``. The next
-    request that finishes (an answer, or a read timeout) ends the stall.
-
-  Waiters hold server threads too: set ``max_in_flight + queue_size`` to at most the
-  server's threads (see :func:`default_max_in_flight` and :func:`default_queue_size`), so
-  that a service that never answers holds at most ``max_in_flight`` threads for long, and
-  the others and ``/health/live`` keep theirs. ``rejected`` counts the refusals, and
-  ``rejected_by`` by reason.
+* **Concurrency cap (bulkhead) with a short queue.** ``max_in_flight``, ``queue_size`` and
+  ``queue_timeout`` are those of the pool's :class:`~meetinity_gateway.proxy.bulkhead.Bulkhead`
+  (its module says what they do and when :class:`~meetinity_gateway.proxy.bulkhead.UpstreamBusy`
+  is raised). :meth:`UpstreamPool.acquire` takes a slot and picks the target under one lock;
+  :meth:`UpstreamPool.responded` gives the slot back when the response head arrived,
+  :meth:`UpstreamPool.done` when the attempt failed before.
 * **Active health.** With ``health_interval > 0`` the background thread sends
   ``GET <target><health_path>`` to every target at that interval; the results feed the same
   state (a 2xx re-admits an ejected target whose ejection time is over, anything else counts
@@ -86,15 +59,16 @@ one string (one ini value, or ``USER_SERVICE_URL``)::
 
 Use alone::
 
-    from meetinity_gateway.proxy.upstream import UpstreamPool, parse_targets
+    from meetinity_gateway.proxy.targets import parse_targets
+    from meetinity_gateway.proxy.upstream import UpstreamPool
     pool = UpstreamPool(parse_targets("http://a:5001 weight=2, http://b:5001"), name="users")
-    target = pool.acquire()          # may raise UpstreamBusy
+    target = pool.acquire()          # may raise proxy.bulkhead.UpstreamBusy
     began = pool.clock()
     ...  # target.pool.request(...), then pool.responded() and
          # pool.answered(target, status, since=began), at the end pool.done(target,
          # holding=False); or pool.record(target, False, since=began), pool.done(target)
 
-:param specs: the targets (see :func:`parse_targets`).
+:param specs: the targets (see :func:`~meetinity_gateway.proxy.targets.parse_targets`).
 :param name: the upstream's name, for logs and errors.
 :param balance: ``round_robin`` or ``least_outstanding``.
 :param max_fails: consecutive failures that eject a target.
@@ -106,15 +80,15 @@ Use alone::
     eject); at least one target may always be ejected.
 :param eject_recheck: seconds between active checks of a target whose ejection time is
     over, until it answers (0: re-admit without asking when the time is over).
-:param max_in_flight: requests in flight to this upstream at most (``None``: no cap).
-:param queue_size: requests that may wait for a slot when ``max_in_flight`` are in flight
-    (0: none, refused at once).
-:param queue_timeout: seconds a request waits for a slot before it is refused (0: no wait).
+:param max_in_flight: requests in flight to this upstream at most (``None``: no cap);
+    ``queue_size`` and ``queue_timeout``: its queue (see
+    :class:`~meetinity_gateway.proxy.bulkhead.Bulkhead`).
 :param health_interval: seconds between active ``GET /health`` rounds (0: off).
 :param health_path: the path probed on each target.
 :param health_timeout: seconds allowed to one probe.
 :param dns_interval: seconds between re-resolutions of host names (0: connect by name).
-:param resolver: ``resolve(host, port) -> list of IP strings``; the system's by default.
+:param resolver: a :data:`~meetinity_gateway.proxy.targets.Resolver`; the system's by
+    default.
 :param pool_size: keep-alive connections kept per target.
 :param idle_timeout: seconds after which an idle keep-alive connection is not reused.
 :param connect_timeout: seconds to wait for a TCP connection.
@@ -124,39 +98,26 @@ Use alone::
     configured host name checked and sent as SNI).
 :param clock: the clock of the health state (``time.monotonic``); the ``since`` values
     given to :meth:`~UpstreamPool.record` and :meth:`~UpstreamPool.answered` come from it.
-
-Security note: targets are trusted infrastructure. A resolver that returns addresses from
-an untrusted source can send user traffic (with its credentials) anywhere.
 """
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
-import re
-import socket
 import ssl
 import threading
 import time
 import typing as t
 import weakref
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from meetinity_gateway.problems import ServiceUnavailable
+from meetinity_gateway.proxy.bulkhead import Bulkhead
 from meetinity_gateway.proxy.client import ConnectionPool, read_body
+from meetinity_gateway.proxy.targets import Resolver, TargetSpec, system_resolver
 
 __all__ = [
     "BALANCERS",
     "Target",
-    "TargetSpec",
-    "UpstreamBusy",
     "UpstreamPool",
-    "default_max_in_flight",
-    "default_queue_size",
     "parse_failure_statuses",
-    "parse_targets",
-    "system_resolver",
 ]
 
 log = logging.getLogger("meetinity_gateway.upstream")
@@ -166,56 +127,6 @@ BALANCERS = ("round_robin", "least_outstanding")
 _MAX_BACKOFF_FACTOR = 8
 #: Bounds of the background thread's sleep between two rounds of work (seconds).
 _MIN_WAIT, _MAX_WAIT = 0.02, 30.0
-
-Resolver = t.Callable[[str, int], t.List[str]]
-
-
-#: Why :meth:`UpstreamPool.acquire` refused: too many waiting, waited too long, or the
-#: upstream has finished nothing since a request timed out waiting (see the docstring).
-BUSY_REASONS = ("queue_full", "queue_timeout", "stalled")
-
-
-class UpstreamBusy(ServiceUnavailable):
-    """The upstream is at its ``max_in_flight`` cap and the request could not wait for a
-    slot (``reason``, one of :data:`BUSY_REASONS`): 503 with ``Retry-After``."""
-
-    _WHY = {
-        "queue_full": "and {queue} requests waiting",
-        "queue_timeout": "and no slot freed within {timeout:g} s",
-        "stalled": "and none finished lately",
-    }
-
-    def __init__(self, upstream: str, limit: int, reason: str = "queue_full",
-                 retry_after: int = 1, *, queue: int = 0, timeout: float = 0.0) -> None:
-        why = self._WHY[reason].format(queue=queue, timeout=timeout)
-        super().__init__(
-            f"upstream {upstream} is busy ({limit} requests in flight {why}), "
-            "try again later",
-            headers=[("Retry-After", str(retry_after))],
-        )
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-def default_max_in_flight(threads: int) -> int:
-    """The default cap per upstream for a server with ``threads`` worker threads.
-
-    ``threads - max(2, threads // 4)``, at least 1: two threads (a quarter of them on big
-    servers) stay free for the other upstreams and ``/health/live`` however slow one
-    upstream is. 8 threads -> 6, 4 -> 2, 16 -> 12, 32 -> 24; with 1 or 2 threads, 1.
-    """
-    if threads < 1:
-        raise ValueError("threads must be at least 1")
-    return max(1, threads - max(2, threads // 4))
-
-
-def default_queue_size(threads: int, max_in_flight: int | None) -> int:
-    """The default number of requests that may wait for a slot of one upstream: the threads
-    the cap leaves, ``threads - max_in_flight`` (at least 1), so that a burst against one
-    healthy upstream can use every thread (8 threads, cap 6 -> 2). 0 without a cap."""
-    if max_in_flight is None:
-        return 0
-    return max(1, threads - max_in_flight)
 
 
 def parse_failure_statuses(value: str | t.Iterable[int | str]) -> frozenset[int]:
@@ -240,88 +151,6 @@ def parse_failure_statuses(value: str | t.Iterable[int | str]) -> frozenset[int]
             raise ValueError(f"{code}: only 5xx answers can count as a target's failure")
         codes.add(code)
     return frozenset(codes)
-
-
-# -- target specs ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """One configured target: a base URL and its weight."""
-
-    url: str
-    scheme: str
-    host: str
-    port: int
-    base_path: str
-    weight: int
-    #: The ``Host`` header value: the URL's host[:port] as written.
-    host_header: str
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
-
-_WEIGHT = re.compile(r"^weight=(\d+)$")
-
-
-def parse_target(item: str) -> TargetSpec:
-    """``URL [weight=N]``; raises ValueError with the reason."""
-    words = item.split()
-    if not words:
-        raise ValueError("empty target")
-    url, options = words[0], words[1:]
-    weight = 1
-    for option in options:
-        match = _WEIGHT.match(option)
-        if not match:
-            raise ValueError(f"target {url!r}: unknown option {option!r} (expected weight=N)")
-        weight = int(match.group(1))
-        if not 1 <= weight <= 1000:
-            raise ValueError(f"target {url!r}: weight must be between 1 and 1000")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"upstream URL {url!r} must be http(s)://host[:port][/path]")
-    if parts.query or parts.fragment:
-        raise ValueError(f"upstream URL {url!r} must not have a query or fragment")
-    if parts.username or parts.password:
-        raise ValueError(f"upstream URL {url!r} must not hold credentials")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ValueError(f"upstream URL {url!r} has a bad port") from None
-    return TargetSpec(
-        url=url.rstrip("/"),
-        scheme=parts.scheme,
-        host=parts.hostname,
-        port=port,
-        base_path=parts.path.rstrip("/"),
-        weight=weight,
-        host_header=parts.netloc,
-    )
-
-
-def parse_targets(spec: str) -> list[TargetSpec]:
-    """``URL [weight=N], URL [weight=N], …`` (commas or newlines); raises ValueError."""
-    items = [item.strip() for item in re.split(r"[,\n]", spec) if item.strip()]
-    if not items:
-        raise ValueError("no target: expected URL [weight=N], URL [weight=N], …")
-    specs = [parse_target(item) for item in items]
-    if len({(s.scheme, s.host, s.port, s.base_path) for s in specs}) != len(specs):
-        raise ValueError("the same target is listed twice (use weight=N instead)")
-    return specs
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """Every address of ``host`` (A and AAAA), in the resolver's order, without repeats."""
-    seen: dict[str, None] = {}
-    for *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        seen.setdefault(sockaddr[0], None)
-    return list(seen)
 
 
 # -- targets ---------------------------------------------------------------------------------
@@ -378,17 +207,6 @@ class Target:
         return "ejected" if self.ejected else "healthy"
 
 
-class _Waiter:
-    """A request waiting for a slot: ``granted`` once a finishing request handed its slot
-    over, ``ready`` (on the pool's lock) signalled then."""
-
-    __slots__ = ("ready", "granted")
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self.ready = threading.Condition(lock)
-        self.granted = False
-
-
 # -- the pool --------------------------------------------------------------------------------
 
 class UpstreamPool:
@@ -427,10 +245,10 @@ class UpstreamPool:
         for label, value in (("max_fails", max_fails), ("pool_size", pool_size)):
             if value < 1:
                 raise ValueError(f"{label} must be at least 1")
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1 (None: no cap)")
-        if queue_size < 0 or queue_timeout < 0:
-            raise ValueError("queue_size and queue_timeout must be 0 (no queue) or positive")
+        self._lock = threading.Lock()
+        #: The concurrency cap and its queue; it works under the pool's lock.
+        self.bulkhead = Bulkhead(self._lock, name=name, max_in_flight=max_in_flight,
+                                 queue_size=queue_size, queue_timeout=queue_timeout)
         if not 0 <= max_eject_percent <= 100:
             raise ValueError("max_eject_percent must be between 0 and 100")
         for label, value in (("eject_time", eject_time), ("idle_timeout", idle_timeout),
@@ -449,18 +267,12 @@ class UpstreamPool:
         self.failure_statuses = parse_failure_statuses(failure_statuses)
         self.max_eject_percent = max_eject_percent
         self.eject_recheck = eject_recheck
-        self.max_in_flight = max_in_flight
-        self.queue_size = queue_size if queue_timeout > 0 else 0
-        self.queue_timeout = queue_timeout if queue_size > 0 else 0.0
         self.health_interval = health_interval
         self.health_path = health_path
         self.health_timeout = health_timeout
         self.dns_interval = dns_interval
         self.resolver = resolver or system_resolver
         self.clock = clock
-        #: Requests refused by the concurrency cap since the pool was made, and by reason.
-        self.rejected = 0
-        self.rejected_by: dict[str, int] = dict.fromkeys(BUSY_REASONS, 0)
         self._pool_kwargs = {
             "maxsize": pool_size,
             "idle_timeout": idle_timeout,
@@ -468,12 +280,7 @@ class UpstreamPool:
             "read_timeout": read_timeout,
             "ssl_context": ssl_context,
         }
-        self._lock = threading.Lock()
         self._rotation = 0
-        self._in_flight = 0
-        #: Requests waiting for a slot, longest first.
-        self._queue: collections.deque[_Waiter] = collections.deque()
-        self._stalled = False  # a waiter timed out and nothing finished since
         self._panic = False
         self._stop = threading.Event()
         self._targets: tuple[Target, ...] = ()
@@ -493,15 +300,39 @@ class UpstreamPool:
     def targets(self) -> tuple[Target, ...]:
         return self._targets
 
+    # The bulkhead's settings and counters, as the pool's (see proxy.bulkhead).
+
+    @property
+    def max_in_flight(self) -> int | None:
+        return self.bulkhead.max_in_flight
+
+    @property
+    def queue_size(self) -> int:
+        return self.bulkhead.queue_size
+
+    @property
+    def queue_timeout(self) -> float:
+        return self.bulkhead.queue_timeout
+
     @property
     def in_flight(self) -> int:
         """Requests holding a slot: acquired, and neither answered nor done."""
-        return self._in_flight
+        return self.bulkhead.in_flight
 
     @property
     def waiting(self) -> int:
         """Requests waiting for a slot."""
-        return len(self._queue)
+        return self.bulkhead.waiting
+
+    @property
+    def rejected(self) -> int:
+        """Requests refused by the concurrency cap since the pool was made."""
+        return self.bulkhead.rejected
+
+    @property
+    def rejected_by(self) -> dict[str, int]:
+        """The refusals by reason (:data:`~meetinity_gateway.proxy.bulkhead.BUSY_REASONS`)."""
+        return self.bulkhead.rejected_by
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -546,16 +377,13 @@ class UpstreamPool:
         """A target for one request attempt (counted in flight until :meth:`done`).
 
         ``None`` when only ``exclude``\\ d targets are left. When ``max_in_flight`` requests
-        are in flight already, waits for a slot (unless ``wait`` is false) as the module
-        docstring says, or raises :class:`UpstreamBusy`; never refuses because of
+        are in flight already, waits for a slot (unless ``wait`` is false) as
+        :mod:`~meetinity_gateway.proxy.bulkhead` says, or raises
+        :class:`~meetinity_gateway.proxy.bulkhead.UpstreamBusy`; never refuses because of
         ejections: when every target is ejected, all of them are candidates (panic routing).
         """
         with self._lock:
-            counted = False
-            if self.max_in_flight is not None and (
-                    self._in_flight >= self.max_in_flight or self._queue):
-                self._wait_for_slot(wait)
-                counted = True
+            self.bulkhead.take(wait)
             now = self.clock()
             targets = self._targets
             count = len(targets)
@@ -590,14 +418,11 @@ class UpstreamPool:
                 ):
                     best = target
             if best is None:
-                if counted:
-                    self._release()
+                self.bulkhead.release()
                 return None
             if round_robin:
                 best.current -= total
             best.outstanding += 1
-            if not counted:
-                self._in_flight += 1
             return best
 
     def _out(self, target: Target, now: float) -> bool:
@@ -610,41 +435,11 @@ class UpstreamPool:
             return False
         return True
 
-    def _wait_for_slot(self, wait: bool) -> None:
-        """Wait (under the lock) until a finishing request hands its slot over, or raise
-        :class:`UpstreamBusy`. The slot comes already counted in flight."""
-        if not wait or self._stalled or len(self._queue) >= self.queue_size:
-            self._refuse("stalled" if self._stalled and wait else "queue_full")
-        waiter = _Waiter(self._lock)
-        self._queue.append(waiter)
-        if not waiter.ready.wait_for(lambda: waiter.granted, self.queue_timeout):
-            self._queue.remove(waiter)
-            self._stalled = True
-            self._refuse("queue_timeout")
-
-    def _refuse(self, reason: str) -> t.NoReturn:
-        self.rejected += 1
-        self.rejected_by[reason] += 1
-        raise UpstreamBusy(self.name, t.cast(int, self.max_in_flight), reason,
-                           queue=len(self._queue), timeout=self.queue_timeout)
-
-    def _release(self) -> None:
-        """A slot is free (under the lock): handed to the longest waiter, if any. Handing
-        it over (rather than freeing it) keeps a newcomer from taking it first, so a waiter
-        is never starved by the threads that keep finishing and coming back."""
-        self._stalled = False  # the upstream finished one: it is making progress
-        if self._queue:
-            waiter = self._queue.popleft()
-            waiter.granted = True
-            waiter.ready.notify()
-        else:
-            self._in_flight -= 1
-
     def responded(self) -> None:
         """An attempt got its response head: its slot is free (the caller passes
         ``holding=False`` to :meth:`done` later)."""
         with self._lock:
-            self._release()
+            self.bulkhead.release()
 
     def done(self, target: Target, holding: bool = True) -> None:
         """The request on ``target`` is over (its response body closed, or it failed);
@@ -652,7 +447,7 @@ class UpstreamPool:
         with self._lock:
             target.outstanding -= 1
             if holding:
-                self._release()
+                self.bulkhead.release()
 
     # -- outcomes ------------------------------------------------------------------------------
 
