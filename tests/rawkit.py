@@ -17,6 +17,8 @@ character, a body cut short, a second response after the first), so they talk ov
   response (:func:`response`), an interim 1xx first, control characters, bad or
   close-delimited framing, a body trickled or cut, a hang (:meth:`~RawConnection.pause`),
   a reset (:meth:`~RawConnection.reset`, RST) or a close (:meth:`~RawConnection.close`, FIN).
+  :attr:`~ScriptedUpstream.forwarded` is what it received without the gateway's own health
+  probes (the re-checks of an ejected target, :attr:`RawRequest.gateway_probe`).
 
 Every socket has a timeout; a read timeout or a reset counts as the end of the stream.
 """
@@ -32,9 +34,9 @@ import typing as t
 from dataclasses import dataclass, field
 
 __all__ = [
-    "RawClient", "RawConnection", "RawRequest", "RawResponse", "ScriptedUpstream",
-    "exchange", "get", "json_error", "json_response", "request_bytes", "reset_on_close",
-    "response",
+    "GATEWAY_PROBE_PATH", "RawClient", "RawConnection", "RawRequest", "RawResponse",
+    "ScriptedUpstream", "exchange", "get", "json_error", "json_response", "request_bytes",
+    "reset_on_close", "response",
 ]
 
 TIMEOUT = 10.0
@@ -431,6 +433,28 @@ class RawRequest:
     def path(self) -> str:
         return self.target.split("?", 1)[0]
 
+    @property
+    def gateway_probe(self) -> bool:
+        """Is this the gateway's own health probe rather than a request it forwarded?
+
+        ``UpstreamPool.ask`` (the background re-check of an ejected target, active health
+        checks, ``/health``'s per-target detail) sends exactly ``GET <health_path>`` with
+        ``Host`` and ``User-Agent: meetinity-gateway``, no other field and no body. A
+        forwarded request always carries the gateway's ``Via``, ``X-Forwarded-For`` and
+        ``X-Request-ID``, and the gateway invents no ``User-Agent`` for it: the two cannot
+        be mistaken for each other (tests/test_proxy_hostile.py checks both against the
+        real gateway).
+        """
+        names = sorted(name.lower() for name, _ in self.headers)
+        return (self.method == "GET" and self.target == GATEWAY_PROBE_PATH
+                and names == ["host", "user-agent"]
+                and self.header("User-Agent") == ["meetinity-gateway"] and not self.body)
+
+
+#: The path of the gateway's health probes on a target without a base path: the pools'
+#: ``health_path``, which the shipped gateway.ini leaves at its default.
+GATEWAY_PROBE_PATH = "/health"
+
 
 class RawConnection:
     """The upstream's side of one connection, for the script to answer on."""
@@ -505,8 +529,9 @@ class ScriptedUpstream:
 
     ``script(request, conn)`` is called for every request, in turn on each kept-alive
     connection; it may be replaced between requests, :meth:`reset` puts back the one given
-    at construction. ``requests`` lists every request received, ``connections`` counts the
-    accepted connections, ``errors`` holds what a script raised. A context manager.
+    at construction. ``requests`` lists every request received (the gateway's own health
+    probes too: :attr:`forwarded` leaves them out), ``connections`` counts the accepted
+    connections, ``errors`` holds what a script raised. A context manager.
     """
 
     def __init__(self, script: Script = echo_target, host: str = "127.0.0.1") -> None:
@@ -530,6 +555,13 @@ class ScriptedUpstream:
     def start(self) -> ScriptedUpstream:
         self._acceptor.start()
         return self
+
+    @property
+    def forwarded(self) -> list[RawRequest]:
+        """``requests`` without the gateway's own health probes
+        (:attr:`RawRequest.gateway_probe`): what the clients' requests became."""
+        with self._lock:
+            return [request for request in self.requests if not request.gateway_probe]
 
     def since(self, count: int) -> list[RawRequest]:
         """The requests received from the ``count``-th on."""

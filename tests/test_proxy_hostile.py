@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meetinity_gateway.proxy.wire import MAX_INTERIM
 from tests.conftest import wait_until
-from tests.rawkit import ScriptedUpstream, get, response
+from tests.rawkit import ScriptedUpstream, exchange, get, response
 from tests.servers import free_port, make_token, session
 
 # -- scripts: what the upstream answers, by the last segment of the request path ---------------
@@ -185,9 +185,13 @@ def raw():
 
 @pytest.fixture
 def front(gateway_factory, raw):
-    """The shipped gateway in front of the raw upstream (retries on, as shipped; no
-    ejection, so that many hostile answers in a row still reach the upstream)."""
-    return gateway_factory(USER_SERVICE_URL=raw.url, UPSTREAM_MAX_FAILS="1000")
+    """The shipped gateway in front of the raw upstream, retries and outlier ejection as
+    shipped. Three hostile answers in a row eject the one target; panic routing (every
+    target ejected) still sends it every request, and the first answered one re-admits it.
+    Once its ejection time is over (10 s), the gateway's background re-check asks it
+    ``GET /health`` too: a request no client sent, so the counts below are of
+    ``raw.forwarded``, which leaves those probes out (RawRequest.gateway_probe)."""
+    return gateway_factory(USER_SERVICE_URL=raw.url)
 
 
 def assert_json_502(answer, message: str | None = None) -> dict:
@@ -206,8 +210,23 @@ def assert_next_client_gets_its_own_answer(front, raw, first_requests: int = 1) 
     answer = get(front.url, "/api/auth/plain?who=B")
     assert answer.status == 200 and answer.complete, answer
     assert answer.body == b"answer:/auth/plain?who=B"
-    assert len(raw.requests) == first_requests + 1
-    assert raw.requests[-1].target == "/auth/plain?who=B"
+    forwarded = raw.forwarded
+    assert len(forwarded) == first_requests + 1
+    assert forwarded[-1].target == "/auth/plain?who=B"
+
+
+def test_forwarded_leaves_out_exactly_the_gateways_own_probes(front, raw):
+    # The gateway's /health asks each target through UpstreamPool.ask, the very request the
+    # background re-check of an ejected target sends.
+    assert get(front.url, "/health").status == 200
+    # A client's request, even one that names the gateway as its User-Agent, is forwarded
+    # with the gateway's Via, X-Forwarded-For and X-Request-ID: never taken for a probe.
+    answer = get(front.url, "/api/auth/health", [("User-Agent", "meetinity-gateway")])
+    assert answer.status == 200
+    probe, forwarded = raw.requests
+    assert probe.gateway_probe and probe.target == "/health", probe
+    assert not forwarded.gateway_probe and forwarded.target == "/auth/health", forwarded
+    assert raw.forwarded == [forwarded]
 
 
 # -- issue 11.1: interim responses ----------------------------------------------------------
@@ -222,9 +241,9 @@ def test_interim_responses_are_read_past_and_the_connection_stays_exact(front, r
         assert answer.status == 200 and answer.complete
         assert answer.body == b"answer:/auth/" + script.encode() + b"?who=A"
         assert not answer.header("Link") and not answer.header("X-Hint")
-        assert_next_client_gets_its_own_answer(front, raw, len(raw.requests))
+        assert_next_client_gets_its_own_answer(front, raw, len(raw.forwarded))
     # The answers were read to their end, so all four requests shared one connection.
-    assert {request.conn for request in raw.requests} == {1}
+    assert {request.conn for request in raw.forwarded} == {1}
 
 
 @pytest.mark.parametrize("script, message", [
@@ -240,13 +259,14 @@ def test_unrequested_101_and_broken_interim_are_json_502_on_a_closed_connection(
     answer = get(front.url, f"/api/auth/{script}", method="POST", body=b"{}")
     assert_json_502(answer, message)
     assert_next_client_gets_its_own_answer(front, raw)
-    assert raw.requests[0].conn != raw.requests[1].conn  # the first one was not reused
+    first, second = raw.forwarded
+    assert first.conn != second.conn  # the first one was not reused
 
 
 def test_idempotent_request_is_not_sent_twice_to_one_target(front, raw):
     # A GET may be retried on *another* target; with a single one, nothing is sent twice.
     assert_json_502(get(front.url, "/api/auth/switching"))
-    assert len(raw.requests) == 1
+    assert len(raw.forwarded) == 1
 
 
 # -- issue 11.1: a connection is reused only after a response read to its exact end ---------
@@ -275,9 +295,10 @@ def test_no_answer_leaks_to_the_next_client(front, raw, script, method, reused):
     for _ in range(3):
         after = get(front.url, "/api/auth/plain?who=B")
         assert after.body == b"answer:/auth/plain?who=B", after
-    assert len(raw.requests) == 4
+    forwarded = raw.forwarded
+    assert len(forwarded) == 4
     if reused is False:
-        assert raw.requests[0].conn != raw.requests[1].conn
+        assert forwarded[0].conn != forwarded[1].conn
 
 
 def test_client_leaving_mid_body_closes_the_upstream_connection(front, raw):
@@ -287,7 +308,7 @@ def test_client_leaving_mid_body_closes_the_upstream_connection(front, raw):
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     time.sleep(1.5)  # the gateway notices on its next write, after the upstream's pause
     assert_next_client_gets_its_own_answer(front, raw)
-    assert raw.requests[1].conn != raw.requests[0].conn
+    assert raw.forwarded[1].conn != raw.forwarded[0].conn
 
 
 # -- issue 11.6: upstream header bytes --------------------------------------------------------
@@ -625,9 +646,87 @@ def test_gateway_keeps_answering_while_upstreams_misbehave(front, raw):
         elif name != "reset_mid_body":
             assert answer.complete and b"secret" not in answer.body, name
     assert session().get(front.url + "/health/live").status_code == 200
-    assert_next_client_gets_its_own_answer(front, raw, len(raw.requests))
+    assert_next_client_gets_its_own_answer(front, raw, len(raw.forwarded))
 
 
 def test_nothing_listening_still_502(gateway_factory):
     gateway = gateway_factory(USER_SERVICE_URL=f"http://127.0.0.1:{free_port()}")
     assert_json_502(get(gateway.url, "/api/auth/x"), "unavailable")
+
+
+# -- a broken upload is the client's failure, never the target's ------------------------------
+
+class _BrokenUpload:
+    """``wsgi.input`` as a server that streams the upload (gunicorn) hands it over: the first
+    bytes, then ``read`` raises what the server made of the rest (gunicorn raises
+    ``InvalidChunkSize``, an OSError, for a malformed chunk and ``NoMoreData`` for a body
+    cut short; a client too slow to send, a timeout)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.started = False
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.started:
+            self.started = True
+            return b'{"name": '
+        raise self.error
+
+
+@pytest.mark.parametrize("method, framing", [
+    ("POST", "chunked"),  # streamed on, chunked
+    ("POST", "length"),   # streamed on (never retried, so not kept)
+    ("PUT", "length"),    # small and idempotent: read whole first, to be replayable
+])
+def test_a_broken_upload_is_a_400_and_no_failure_of_the_target(raw, method, framing):
+    from werkzeug.test import create_environ
+
+    from meetinity_gateway.proxy.app import ProxyApp
+
+    app = ProxyApp(raw.url)  # the pool's own defaults: three failures in a row eject
+    try:
+        # Three in a row: before, each one was the target's failure (a 502 or a 504) and
+        # the third ejected it, though the target never even received a whole request.
+        for error in (OSError("No more data"), TimeoutError("timed out"),
+                      ValueError("Invalid chunk size: b'zz'")):
+            environ = create_environ("/upload", method=method)
+            environ["wsgi.input"] = _BrokenUpload(error)
+            if framing == "chunked":
+                environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+                environ["wsgi.input_terminated"] = True
+                environ.pop("CONTENT_LENGTH", None)
+            else:
+                environ["CONTENT_LENGTH"] = "64"
+            started = []
+            body = b"".join(app(environ, lambda status, headers: started.append(status)))
+            assert started == ["400 Bad Request"], (error, started, body)
+            assert json.loads(body)["error"]["message"] == "the request body could not be read"
+        [row] = app.pool.snapshot()
+        assert row["state"] == "healthy" and row["failures"] == 0, row
+    finally:
+        app.close()
+    assert not raw.forwarded  # no whole request reached the target
+
+
+def test_broken_uploads_under_gunicorn_do_not_eject_the_service(raw):
+    # The same through a real gunicorn, which streams chunked uploads to the application.
+    from tests.test_server_smoke import Served, require_server
+
+    require_server("gunicorn")
+    served = Served("gunicorn", {"USER_SERVICE_URL": raw.url,
+                                 "RATE_LIMIT_AUTH": "100000/minute"})
+    try:
+        head = (b"POST /api/auth/login HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):  # max_fails as shipped
+            answer = exchange(served.port, head + b"2\r\n{}\r\nzz\r\n{}\r\n0\r\n\r\n",
+                              method="POST")
+            assert answer is not None and answer.status == 400, answer
+            assert answer.json()["error"]["message"] == "the request body could not be read"
+        health = get(served.url, "/health")
+        [row] = health.json()["targets"]["user_service"]
+        assert row["state"] == "healthy" and row["failures"] == 0, row
+        assert health.json()["status"] == "ok"
+        assert_next_client_gets_its_own_answer(served, raw, 0)
+    finally:
+        served.stop()

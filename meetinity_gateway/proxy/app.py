@@ -18,10 +18,12 @@ client :mod:`meetinity_gateway.proxy.client`):
   most ``replay_size`` bytes, buffered) are; a POST or PATCH that reached a target never is.
   At most ``retries`` extra attempts, none started after ``retry_budget`` seconds;
 * a refused or unreachable upstream is a JSON 502, a connect or read timeout a JSON 504, a
-  request body over ``max_body_size`` a JSON 413, a request over the upstream's
-  ``max_in_flight`` cap (counted until the response head arrives) that cannot wait for a
-  slot (``queue_size``, ``queue_timeout``: see :mod:`~meetinity_gateway.proxy.bulkhead`)
-  a JSON 503 with ``Retry-After`` (a retry never waits) — responses, never exceptions
+  request body over ``max_body_size`` a JSON 413, one the server fails to read (cut short,
+  a malformed chunk) a JSON 400 that is never the target's failure, a request over the
+  upstream's ``max_in_flight`` cap (counted until the response head arrives) that cannot
+  wait for a slot (``queue_size``, ``queue_timeout``: see
+  :mod:`~meetinity_gateway.proxy.bulkhead`) a JSON 503 with ``Retry-After`` (a retry never
+  waits) — responses, never exceptions
   (every target ejected is no error: the pool then routes to all of them);
 * the returned iterable's ``close()`` hands the connection back to its pool (or closes it
   when the body was not read to its end).
@@ -144,7 +146,7 @@ class _RequestBody:
             return b""
         if size is None or size < 0 or size > self._remaining:
             size = min(self._remaining, self._chunk_size)
-        data = self._stream.read(size)
+        data = _read_client(self._stream, size)
         self._remaining -= len(data)
         if not data:
             # The client went away before sending the announced body.
@@ -173,7 +175,7 @@ class _UnsizedBody:
     def __iter__(self):
         seen = 0
         while True:
-            chunk = self._stream.read(self._chunk_size)
+            chunk = _read_client(self._stream, self._chunk_size)
             if not chunk:
                 return
             seen += len(chunk)
@@ -184,6 +186,24 @@ class _UnsizedBody:
 
 class _ClientDisconnected(BadRequest):
     message = "request body ended before its Content-Length"
+
+
+class _UnreadableBody(BadRequest):
+    message = "the request body could not be read"
+
+
+def _read_client(stream: t.BinaryIO, size: int) -> bytes:
+    """``stream.read(size)`` from the server's ``wsgi.input``. What that raises is the
+    client's doing, never the target's: servers that stream a chunked upload (gunicorn)
+    raise from ``read`` for a malformed chunk or a body cut short. A 400 then, and
+    :meth:`ProxyApp.forward` does not count it toward the target's ejection (as any other
+    exception there would: three such uploads ejected the service)."""
+    try:
+        return stream.read(size)
+    except GatewayError:
+        raise
+    except Exception as exc:
+        raise _UnreadableBody() from exc
 
 
 class _UpstreamBody:
