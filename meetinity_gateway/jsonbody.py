@@ -111,7 +111,12 @@ def _read_exactly(stream: t.Any, size: int, short_ok: bool = False) -> bytes:
     chunks: list[bytes] = []
     remaining = size
     while remaining > 0 and stream is not None:
-        chunk = stream.read(min(remaining, 65536))
+        try:
+            chunk = stream.read(min(remaining, 65536))
+        except GatewayError:
+            raise
+        except Exception as exc:  # gunicorn raises for a malformed or cut chunked upload
+            raise BadRequest("the request body could not be read") from exc
         if not chunk:
             break
         chunks.append(chunk)

@@ -140,6 +140,36 @@ def test_a_short_body_is_400():
     assert info.value.code == 400
 
 
+class _BrokenUpload(io.RawIOBase):
+    """A ``wsgi.input`` that fails mid-read, as gunicorn's does for a malformed chunk
+    (``InvalidChunkSize``) or an upload cut short (``NoMoreData``)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.served = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size=-1):
+        if not self.served:
+            self.served = True
+            return b'{"user'
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [ValueError("Invalid chunk size: b'zz'"),
+                                   IOError("No more data"), TimeoutError("timed out")])
+@pytest.mark.parametrize("framing", [{"CONTENT_LENGTH": "40"},
+                                     {"wsgi.input_terminated": True}])
+def test_an_upload_the_server_cannot_read_is_400_not_500(error, framing):
+    environ = {"wsgi.input": _BrokenUpload(error), **framing}
+    with pytest.raises(Exception) as info:
+        read_request_body(environ, 64)
+    assert info.value.code == 400, info.value
+    assert "could not be read" in info.value.message
+
+
 def test_an_admin_alternative_never_reads_the_body():
     app, seen = client(ADMIN)
     response = post(app, "/api/events/5/bookmark", b"not json at all", content_type="text/plain")
