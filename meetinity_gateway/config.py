@@ -30,6 +30,7 @@ from dotenv import dotenv_values
 __all__ = [
     "ConfigError",
     "as_bool",
+    "as_cpu_affinity",
     "as_list",
     "as_listen",
     "as_non_negative_float",
@@ -366,6 +367,27 @@ def parse_listen(value: str) -> list[tuple[str, int]]:
     if not out:
         raise ValueError("expected HOST:PORT")
     return out
+
+
+def as_cpu_affinity(value: str) -> str | frozenset[int]:
+    """``auto``, ``off`` (also ``none``/``false``/``no``) or a CPU list such as ``0,2-3``
+    (``[server:main] cpu_affinity``: :mod:`meetinity_gateway.serving.affinity`)."""
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("off", "none", "false", "no"):
+        return "off"
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or len(part) > 16:
+            raise ValueError("expected auto, off or CPU numbers such as 0 or 0,2-3")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first or last - first > 4096:
+            raise ValueError(f"{part}: a range goes from the lower CPU to the higher one")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
 
 
 def as_listen(value: str) -> str:

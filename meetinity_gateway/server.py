@@ -25,6 +25,7 @@ import typing as t
 from pathlib import Path
 
 from meetinity_gateway.config import ConfigError, parse_listen
+from meetinity_gateway.serving import affinity
 from meetinity_gateway.serving.hardened import build, create_server
 from meetinity_gateway.serving.launchers import (
     bind_strings,
@@ -70,8 +71,10 @@ def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -
     if name == "waitress":
         server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
                        file=file)
+        affinity.apply(settings["cpu_affinity"], name)  # the server's threads exist now
         announce(pipeline, where=listening_on(server), server=name)
         return 1 if run(server, drain_seconds=settings["drain_seconds"]) else 0
+    affinity.apply(settings["cpu_affinity"], name)  # only says so when a list was given
     if config is None:
         raise ConfigError(f"server {name!r} needs the ini file's path")
     check_shared_state(pipeline, settings, file)
@@ -110,6 +113,7 @@ def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
     pipeline = adopt(wsgi_app, file)
     server = build(wsgi_app, settings, file=file,
                    max_body_size=max_body_size_of(file) if file else None)
+    affinity.apply(settings["cpu_affinity"], "waitress")
     announce(pipeline, where=listening_on(server), server="waitress")  # pserve prints its own
     cut = run(server, drain_seconds=settings["drain_seconds"])
     logging.shutdown()

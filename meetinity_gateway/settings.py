@@ -20,6 +20,7 @@ import typing as t
 
 from meetinity_gateway.config import (
     ConfigError,
+    as_cpu_affinity,
     as_listen,
     as_non_negative_float,
     as_non_negative_int,
@@ -61,6 +62,7 @@ SETTINGS: dict[str, t.Callable[[str], t.Any]] = {
     "recv_bytes": as_positive_int,
     "max_request_header_size": as_size,
     "cleanup_interval": as_non_negative_int,
+    "cpu_affinity": as_cpu_affinity,
 }
 
 #: Defaults of the hardened server (waitress' own in comments).
@@ -92,6 +94,8 @@ DEFAULTS: dict[str, t.Any] = {
     "max_request_header_size": 256 * 1024,  # waitress default
     # waitress: 30 s between idle sweeps; 1 s makes channel_timeout accurate.
     "cleanup_interval": 1,
+    # not in waitress: every thread of the process on one CPU (serving/affinity.py).
+    "cpu_affinity": "auto",
 }
 
 
