@@ -10,6 +10,9 @@ its client. Served with the same settings as the gateway (see ``bench/run.py``):
     python bench/passthrough.py urllib3|stdlib|werkzeug UPSTREAM_URL HOST:PORT THREADS \
         [waitress|granian]
 
+``PASSTHROUGH_CPU_AFFINITY=auto`` pins the waitress pass-through to one CPU the way the
+gateway pins itself (``cpu_affinity``), for a row measured under the same conditions.
+
 gunicorn imports ``passthrough:app`` (``--chdir bench``) built from ``PASSTHROUGH_CLIENT``,
 ``PASSTHROUGH_UPSTREAM`` and ``PASSTHROUGH_THREADS`` in the environment.
 """
@@ -171,7 +174,14 @@ def main() -> None:
     from meetinity_gateway.cli import create_server
 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as the gateway does
-    create_server(MAKERS[client](upstream, threads), listen=listen, threads=threads).run()
+    server = create_server(MAKERS[client](upstream, threads), listen=listen, threads=threads)
+    pinned = os.environ.get("PASSTHROUGH_CPU_AFFINITY")
+    if pinned:  # the gateway's own pin (serving/affinity.py), for a like-for-like row
+        from meetinity_gateway.config import as_cpu_affinity
+        from meetinity_gateway.serving import affinity
+
+        affinity.apply(as_cpu_affinity(pinned), "waitress")
+    server.run()
 
 
 if __name__ == "__main__":

@@ -320,9 +320,15 @@ def start_rows(services: Services, server: str, upstream: str, threads: int,
     """Start the three contenders on ``server``; their base URLs by kind."""
     py = sys.executable
     urls = {}
-    for client in ("urllib3", "stdlib") + (("werkzeug",) if server == "waitress" else ()):
+    clients = ("urllib3", "stdlib") + (("werkzeug", "stdlib_pinned") if server == "waitress"
+                                       else ())
+    for client in clients:
         port = free_port()
-        if server == "gunicorn":
+        if client == "stdlib_pinned":  # pinned to one CPU as the gateway pins itself
+            services.start([py, str(BENCH / "passthrough.py"), "stdlib", upstream,
+                            f"127.0.0.1:{port}", str(threads), server], port,
+                           env={"PASSTHROUGH_CPU_AFFINITY": "auto"})
+        elif server == "gunicorn":
             services.start(
                 [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread",
                  "--threads", str(threads), "-b", f"127.0.0.1:{port}", "--log-level",
@@ -448,6 +454,9 @@ def main() -> int:
                 *([("werkzeug", f"werkzeug ProxyMiddleware bare on {server} (a new upstream "
                     "connection per request)", "/users/42")] if "werkzeug" in urls[server]
                   else []),
+                *([("stdlib_pinned", f"minimal pass-through on {server}, stdlib http.client, "
+                    "on one CPU as the gateway puts itself (cpu_affinity = auto)",
+                    "/users/42")] if "stdlib_pinned" in urls[server] else []),
                 ("gateway", f"**gateway, full pipeline, {server}**", SMALL_PATH),
             ]
         # Rounds: every row of every server once per round, the order reversed every other
@@ -542,6 +551,12 @@ def main() -> int:
                      f"{stdlib:,.0f}; urllib3 pass-through: "
                      f"{round_ratio(runs, server, 'gateway', 'urllib3')[0]:.2f}) | "
                      f"{verdict(ratio >= wanted) if wanted else ''} |")
+    pinned, gateway = rps("waitress", "stdlib_pinned"), rps("waitress", "gateway")
+    if "waitress" in servers and pinned and gateway:
+        ratio, low, high = round_ratio(runs, "waitress", "gateway", "stdlib_pinned")
+        lines.append(f"| waitress: full pipeline / stdlib pass-through both on one CPU "
+                     f"(reported: the same conditions) | {ratio:.2f} [{low:.2f}–{high:.2f}] "
+                     f"(medians {gateway:,.0f} / {pinned:,.0f}) | |")
     werkzeug, gateway = rps("waitress", "werkzeug"), rps("waitress", "gateway")
     if "waitress" in servers and werkzeug and gateway:
         ratio, low, high = round_ratio(runs, "waitress", "gateway", "werkzeug")

@@ -71,10 +71,9 @@ def serve(pipeline, settings: t.Mapping[str, t.Any], *, config=None, app=None) -
     if name == "waitress":
         server = build(app or pipeline.app, settings, max_body_size=pipeline.max_body_size,
                        file=file)
-        affinity.apply(settings["cpu_affinity"], name)  # the server's threads exist now
+        affinity.apply(settings["cpu_affinity"])  # the server's threads exist now
         announce(pipeline, where=listening_on(server), server=name)
         return 1 if run(server, drain_seconds=settings["drain_seconds"]) else 0
-    affinity.apply(settings["cpu_affinity"], name)  # only says so when a list was given
     if config is None:
         raise ConfigError(f"server {name!r} needs the ini file's path")
     check_shared_state(pipeline, settings, file)
@@ -113,7 +112,7 @@ def serve_paste(wsgi_app, global_conf, **local_conf) -> int:
     pipeline = adopt(wsgi_app, file)
     server = build(wsgi_app, settings, file=file,
                    max_body_size=max_body_size_of(file) if file else None)
-    affinity.apply(settings["cpu_affinity"], "waitress")
+    affinity.apply(settings["cpu_affinity"])
     announce(pipeline, where=listening_on(server), server="waitress")  # pserve prints its own
     cut = run(server, drain_seconds=settings["drain_seconds"])
     logging.shutdown()

@@ -1,4 +1,4 @@
-"""``[server:main] cpu_affinity``: every thread of the waitress process on one CPU.
+"""``[server:main] cpu_affinity``: every thread of a serving process on one CPU.
 
 The setting's grammar (a property test), the choice of CPU, pinning every thread of a real
 process, and the shipped gateway under ``meetinity-gateway serve`` read back from
@@ -21,7 +21,7 @@ from meetinity_gateway.config import as_cpu_affinity
 from meetinity_gateway.serving import affinity
 from meetinity_gateway.settings import DEFAULTS, server_settings
 from tests.conftest import wait_until
-from tests.servers import TEST_JWT_SECRET, GatewayProcess, session
+from tests.servers import TEST_JWT_SECRET, GatewayProcess, free_port, session, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 linux_only = pytest.mark.skipif(
@@ -92,25 +92,22 @@ def test_the_server_section_defaults_to_auto_and_names_a_bad_value():
 
 def test_auto_picks_one_allowed_cpu_by_pid_so_that_processes_spread():
     allowed = frozenset({1, 4, 6})
-    picked = [affinity.choose("auto", allowed, "waitress", pid) for pid in range(6)]
+    picked = [affinity.choose("auto", allowed, pid) for pid in range(6)]
     assert all(len(cpus) == 1 and cpus <= allowed for cpus in picked)
     assert set().union(*picked) == allowed  # consecutive pids cover every allowed CPU
 
 
-@pytest.mark.parametrize("setting, allowed, server", [
-    ("auto", frozenset({0}), "waitress"),      # one CPU: nothing to gain
-    ("auto", None, "waitress"),                # the platform cannot say
-    ("off", frozenset({0, 1}), "waitress"),
-    ("auto", frozenset({0, 1}), "granian"),    # its I/O runs outside the GIL
-    ("auto", frozenset({0, 1}), "gunicorn"),
-    (frozenset({1}), frozenset({0, 1}), "granian"),
+@pytest.mark.parametrize("setting, allowed", [
+    ("auto", frozenset({0})),      # one CPU: nothing to gain
+    ("auto", None),                # the platform cannot say
+    ("off", frozenset({0, 1})),
 ])
-def test_no_pin_where_it_buys_nothing_or_is_not_asked_for(setting, allowed, server):
-    assert affinity.choose(setting, allowed, server, 12345) is None
+def test_no_pin_where_it_buys_nothing_or_is_not_asked_for(setting, allowed):
+    assert affinity.choose(setting, allowed, 12345) is None
 
 
-def test_a_cpu_list_is_taken_as_written_under_waitress():
-    assert affinity.choose(frozenset({2, 3}), frozenset({0, 1}), "waitress", 7) == {2, 3}
+def test_a_cpu_list_is_taken_as_written():
+    assert affinity.choose(frozenset({2, 3}), frozenset({0, 1}), 7) == {2, 3}
 
 
 # -- pinning a real process ------------------------------------------------------------------
@@ -145,7 +142,7 @@ def test_every_thread_of_a_process_is_pinned_and_later_threads_inherit_it():
 def test_a_pin_the_system_refuses_is_a_warning_and_nothing_changes(caplog):
     before = os.sched_getaffinity(0)
     with caplog.at_level("WARNING", logger="meetinity_gateway.server"):
-        assert affinity.apply(frozenset({4095}), "waitress") is None
+        assert affinity.apply(frozenset({4095})) is None
     assert os.sched_getaffinity(0) == before
     assert "could not pin the server to CPU 4095" in caplog.text
 
@@ -198,3 +195,83 @@ def test_a_bad_cpu_affinity_stops_serve_with_a_configuration_error():
     assert done.returncode == 2, done.stderr
     assert "configuration error" in done.stderr and "cpu_affinity" in done.stderr
     assert "banana" in done.stderr
+
+
+@linux_only
+@pytest.mark.parametrize("server", ["gunicorn"])
+def test_each_worker_process_of_gunicorn_pins_itself(server, tmp_path):
+    """``serve --server NAME``: the master is left alone, the worker runs every thread on the
+    pid mod n-th allowed CPU once it has loaded the pipeline (several workers spread by pid:
+    see the test of ``choose``; two would need Redis for their shared limits)."""
+    import importlib.util
+
+    if importlib.util.find_spec(server) is None:
+        pytest.skip(f"{server} is not installed (an optional extra)")
+    allowed = sorted(os.sched_getaffinity(0))
+    log = tmp_path / "gateway.log"
+    port = free_port()
+    with log.open("wb") as sink:
+        master = subprocess.Popen(
+            [sys.executable, "-m", "meetinity_gateway", "serve", "--server", server,
+             "--workers", "1", "--threads", "2", "--listen", f"127.0.0.1:{port}"],
+            env=dict(os.environ, JWT_SECRET=TEST_JWT_SECRET, LOG_LEVEL="INFO",
+                     USER_SERVICE_URL="http://127.0.0.1:9"),
+            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=sink)
+        try:
+            wait_for_port("127.0.0.1", port, timeout=30, process=master)
+            wait_until(lambda: "server threads on CPU" in log.read_text(errors="replace")
+                       or len(allowed) < 2, timeout=30, what="the worker pinned")
+            lines = [json.loads(line) for line in log.read_text().splitlines()
+                     if "server threads on CPU" in line]
+            if len(allowed) < 2:
+                assert lines == []
+                return
+            assert len(lines) == 1, lines
+            for line in lines:
+                pid = int(line["message"].rsplit("pid ", 1)[1].rstrip(")"))
+                assert pid != master.pid
+                expected = str(allowed[pid % len(allowed)])
+                assert set(threads_cpus(pid).values()) == {expected}
+            ours = threads_cpus(os.getpid())[os.getpid()]
+            assert set(threads_cpus(master.pid).values()) == {ours}  # the master: left alone
+        finally:
+            master.terminate()
+            try:
+                master.wait(30)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait(10)
+
+
+@linux_only
+def test_granian_is_left_where_the_system_puts_it(tmp_path):
+    """Pinned, granian's worker exits at a stop before the access line of a request that
+    finished during the drain is written (test_server_recipes): not pinned, by design."""
+    pytest.importorskip("granian")
+    log = tmp_path / "gateway.log"
+    port = free_port()
+    with log.open("wb") as sink:
+        master = subprocess.Popen(
+            [sys.executable, "-m", "meetinity_gateway", "serve", "--server", "granian",
+             "--threads", "2", "--listen", f"127.0.0.1:{port}"],
+            env=dict(os.environ, JWT_SECRET=TEST_JWT_SECRET, LOG_LEVEL="INFO",
+                     USER_SERVICE_URL="http://127.0.0.1:9"),
+            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=sink)
+        try:
+            wait_for_port("127.0.0.1", port, timeout=30, process=master)
+            assert session().get(f"http://127.0.0.1:{port}/health/live",
+                                 timeout=10).status_code == 200
+            ours = threads_cpus(os.getpid())[os.getpid()]
+            workers = [int(pid) for pid in subprocess.run(
+                ["pgrep", "-P", str(master.pid)], capture_output=True, text=True
+            ).stdout.split()] if Path("/usr/bin/pgrep").exists() else []
+            for pid in [master.pid, *workers]:
+                assert set(threads_cpus(pid).values()) == {ours}
+            assert "server threads on CPU" not in log.read_text(errors="replace")
+        finally:
+            master.terminate()
+            try:
+                master.wait(30)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait(10)

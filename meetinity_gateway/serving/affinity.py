@@ -1,22 +1,28 @@
-"""One CPU for the waitress process: ``[server:main] cpu_affinity``.
+"""One CPU per serving process: ``[server:main] cpu_affinity``.
 
-waitress hands every request from its I/O thread to a worker thread and back, and only the
-thread holding the GIL runs Python. When those threads sit on different CPUs, each hand-off
-wakes a CPU from idle and moves the interpreter's state between caches; measured under load
-(``bench/README.md``, 2-core VM, ``wrk -c16``), the gateway served about 1,500 req/s spread
-over both CPUs and about 2,600 with every thread of its process on one, where wrk and the
-upstream still had the other. The GIL lets one thread run Python at a time anyway, so one CPU
-costs the process no parallelism it had; the kernel's own work for the sockets then runs on
-that CPU too.
+waitress hands every request from its I/O thread to a worker thread and back, gunicorn's
+``gthread`` worker from its poller to its pool, granian from its Rust I/O threads to its
+blocking threads; only the thread holding the GIL runs Python. When those threads sit on
+different CPUs, each hand-off wakes a CPU from idle and moves the interpreter's state between
+caches. Measured under load (``bench/README.md``: 2-core VM, ``wrk -c16``, nginx upstream,
+8 threads), the shipped gateway served 1.0–1.7 thousand req/s on waitress with its threads
+spread over both CPUs and 2.3–2.7 thousand with them on one (wrk and the upstream still had
+the other); gunicorn 1.3 against 2.1–2.3 thousand (granian 2.6 against 3.0–3.3 thousand:
+see below). The
+GIL lets one thread run Python at a time anyway, so one CPU costs a process no parallelism
+it had; several processes (``workers``) each take their own CPU.
 
 ``cpu_affinity``:
 
-* ``auto`` (the default): under waitress, when the process may run on two CPUs or more, every
-  thread of it on one of them — the ``pid mod n``-th of the CPUs it may use, so that several
-  gateways on one host spread out. Nothing under granian or gunicorn (granian's I/O runs
-  outside the GIL and uses the other CPUs; gunicorn's workers are separate processes).
+* ``auto`` (the default): when the process may run on two CPUs or more, every thread of it
+  on one of them — the ``pid mod n``-th of the CPUs it may use, so that the workers of one
+  server, or several gateways on one host, spread out. Under waitress the serving process
+  pins itself once its threads exist; under gunicorn each worker process does, once it has
+  loaded the pipeline (the master is left alone). granian is left alone: pinned, its
+  worker's exit at a stop outran the access line of a request that finished during the
+  drain, every time (``tests/test_server_recipes.py``), a loss not worth its 17 %.
 * ``off``: the operating system places the threads.
-* a CPU list (``0``, ``2,3``, ``0-3``): exactly those CPUs, under waitress.
+* a CPU list (``0``, ``2,3``, ``0-3``): exactly those CPUs.
 
 Linux pins every thread present (``/proc/self/task``); threads started later inherit it.
 Windows sets the process's affinity mask (``SetProcessAffinityMask``). Elsewhere (macOS has
@@ -47,10 +53,10 @@ def allowed_cpus() -> frozenset[int] | None:
     return None
 
 
-def choose(setting: Affinity, allowed: t.AbstractSet[int] | None, server: str,
+def choose(setting: Affinity, allowed: t.AbstractSet[int] | None,
            pid: int) -> frozenset[int] | None:
     """The CPUs to pin to, or ``None`` for no pin."""
-    if server != "waitress" or setting == "off" or allowed is None:
+    if setting == "off" or allowed is None:
         return None
     if setting == "auto":
         if len(allowed) < 2:
@@ -90,19 +96,16 @@ def pin(cpus: t.AbstractSet[int]) -> int:
     raise NotImplementedError("this platform has no CPU affinity call")
 
 
-def apply(setting: Affinity, server: str) -> frozenset[int] | None:
+def apply(setting: Affinity) -> frozenset[int] | None:
     """Pin the serving process as ``setting`` says (after the server's threads exist);
     the CPUs pinned to, or ``None``. Logs what it did; never raises."""
     try:
-        cpus = choose(setting, allowed_cpus(), server, os.getpid())
+        cpus = choose(setting, allowed_cpus(), os.getpid())
     except OSError as exc:
         log.warning("cpu_affinity: the CPUs this process may use are unknown (%s); not "
                     "pinned", exc)
         return None
     if cpus is None:
-        if setting not in ("auto", "off") and server != "waitress":
-            log.warning("cpu_affinity = %s is for waitress; %s places its own threads",
-                        ",".join(map(str, sorted(setting))), server)
         return None
     listed = ",".join(map(str, sorted(cpus)))
     try:
@@ -114,7 +117,7 @@ def apply(setting: Affinity, server: str) -> frozenset[int] | None:
         log.warning("cpu_affinity: could not pin the server to CPU %s (%s); threads left "
                     "where the system puts them", listed, exc)
         return None
-    log.info("server threads on CPU %s (cpu_affinity = %s: waitress' thread hand-offs "
-             "stay on one CPU; %d threads)", listed,
-             "auto" if setting == "auto" else listed, threads)
+    log.info("server threads on CPU %s (cpu_affinity = %s: the thread hand-offs stay on "
+             "one CPU; %d threads, pid %d)", listed,
+             "auto" if setting == "auto" else listed, threads, os.getpid())
     return cpus

@@ -139,14 +139,22 @@ def _end_tracing() -> None:
         current.processor.shutdown()
 
 
-def worker_app(target: str | None = None):
+def worker_app(target: str | None = None, pin: bool = False):
     """The pipeline of ``GATEWAY_CONFIG``, loaded in a worker process (granian's and
-    gunicorn's loader)."""
+    gunicorn's loader). ``pin``: the worker's threads on one CPU as ``cpu_affinity`` says
+    (gunicorn's; granian's worker is not pinned: on one CPU its exit at a stop outran the
+    access line of a request finishing during the drain, every time)."""
     from meetinity_gateway.reload import serving_app
+    from meetinity_gateway.serving import affinity
+    from meetinity_gateway.settings import read_settings
 
     worker_logging()
+    config = Path(os.environ.get("GATEWAY_CONFIG") or "gateway.ini")
     # With RELOAD on, each worker watches the files itself (a thread does not survive fork).
-    return serving_app(Path(os.environ.get("GATEWAY_CONFIG") or "gateway.ini"))[1]
+    app = serving_app(config)[1]
+    if pin:  # each worker process on its own CPU (serving/affinity.py)
+        affinity.apply(read_settings(config)["cpu_affinity"])
+    return app
 
 
 def serve_gunicorn(settings: t.Mapping[str, t.Any], file: str | None) -> int:
@@ -165,7 +173,7 @@ def serve_gunicorn(settings: t.Mapping[str, t.Any], file: str | None) -> int:
                 self.cfg.set(key, value)
 
         def load(self):
-            return worker_app()
+            return worker_app(pin=True)
 
     GatewayGunicorn().run()
     return 0
